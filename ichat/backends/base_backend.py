@@ -1,0 +1,360 @@
+"""``BaseBackend``: the one lifecycle every engine shares.
+
+``run()`` only sequences the phases; each engine supplies hooks::
+
+    startup   parse_args (in __init__) -> bind_socket -> start_engine -> build_app
+              -> uvicorn on the pre-bound socket (signal handlers off)
+    ready     probe_ready until healthy (fast, then backing off) -> warmup -> ready event
+    serve     health monitor (check_engine_alive) started only now;
+              first of {server, monitor} to end stops the other
+    shutdown  should_exit -> drain -> close the engine -> cleanup() (idempotent)
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import enum
+import errno
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import psutil
+
+from ichat import processes
+from ichat.config import WorkerConfig
+from ichat.errors import (
+    EngineDiedError,
+    IChatError,
+    PortInUseError,
+    ReadinessTimeoutError,
+    StartupError,
+)
+from ichat.monitor import HealthMonitor
+from ichat.readiness import Backoff, wait_until_ready
+
+if TYPE_CHECKING:
+    import httpx
+
+    from ichat.http_server import NoSignalServer
+
+logger = logging.getLogger("ichat.backend")
+
+
+class BackendState(str, enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class BaseBackend(abc.ABC):
+    """Run one engine in this process and serve its HTTP app until stopped."""
+
+    engine_name: ClassVar[str]
+
+    def __init__(
+        self,
+        framework_args: WorkerConfig,
+        backend_argv: Sequence[str],
+        backend_ready_event: asyncio.Event | None = None,
+    ) -> None:
+        self.framework_args = framework_args
+        self.backend_argv = list(backend_argv)
+        self.backend_ready_event = backend_ready_event or asyncio.Event()
+        self.state = BackendState.CREATED
+        self.failure: BaseException | None = None
+        self.monitor: HealthMonitor | None = None
+        self.phase_seconds: dict[str, float] = {}
+        self._backend_args = self.parse_args(framework_args, self.backend_argv)
+        self._sock: socket.socket | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._server: NoSignalServer | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._startup_task: asyncio.Task[None] | None = None
+        self._children_before: set[int] | None = None
+        self._engine_procs: list[psutil.Process] = []
+        self._stop_requested = False
+        self._finished = asyncio.Event()
+        self._ran = False
+
+    # ------------------------------------------------------------------ interface
+
+    def get_backend_args(self) -> Any:
+        """The engine's final, parsed argument object."""
+        return self._backend_args
+
+    async def run(self) -> None:
+        """Start, serve until stopped, always clean up.
+
+        Returns normally after ``request_stop()``. Raises ``StartupError`` when the
+        backend never became ready and ``EngineDiedError`` when the engine died after
+        it was ready (the caller may then start a fresh backend).
+        """
+        if self._ran:
+            raise RuntimeError("a backend runs once; create a new one to start again")
+        self._ran = True
+        self.state = BackendState.STARTING
+        try:
+            self._startup_task = asyncio.ensure_future(self._start_and_become_ready())
+            try:
+                await self._startup_task
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._stop_requested and not (task and task.cancelling()):
+                    logger.info("stop requested during start-up")
+                    return
+                raise
+            await self._serve_until_stopped()
+        except BaseException as exc:
+            self.failure = exc
+            raise
+        finally:
+            self.state = BackendState.STOPPING
+            t0 = time.monotonic()
+            try:
+                await self._shutdown()
+            finally:
+                self.cleanup()
+                self.phase_seconds["shutdown"] = time.monotonic() - t0
+                logger.info("backend stopped in %.2f s", self.phase_seconds["shutdown"])
+                self.state = BackendState.FAILED if self.failure else BackendState.STOPPED
+                self._finished.set()
+
+    async def wait_for_server_ready(self, timeout: float | None = None) -> None:
+        """Return once ready; raise at once if the backend stopped before that."""
+        ready = asyncio.ensure_future(self.backend_ready_event.wait())
+        finished = asyncio.ensure_future(self._finished.wait())
+        try:
+            await asyncio.wait(
+                {ready, finished}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+            finished.cancel()
+        if self.backend_ready_event.is_set():
+            return
+        if self._finished.is_set():
+            raise StartupError(
+                f"the {self.engine_name} backend stopped before it became ready: {self.failure}"
+            ) from self.failure
+        raise ReadinessTimeoutError(f"the backend was not ready within {timeout:g} s")
+
+    def request_stop(self, *, force: bool = False) -> None:
+        """Ask ``run()`` to stop: drain in-flight requests, or close them (``force``)."""
+        self._stop_requested = True
+        if self._startup_task is not None and not self._startup_task.done():
+            self._startup_task.cancel()
+        if self._server is not None:
+            self._server.should_exit = True
+            if force:
+                self._server.force_exit = True
+
+    def cleanup(self) -> None:
+        """Release everything; idempotent and safe after a half-finished start."""
+        if self._server is not None:
+            self._server.should_exit = True
+        for task in (self._startup_task, self._monitor_task, self._server_task):
+            if task is not None and not task.done():
+                task.cancel()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+        procs = processes.with_descendants([*self._engine_procs, *self._new_children()])
+        self._engine_procs = []
+        self._children_before = None
+        if procs:
+            survivors = processes.terminate(procs)
+            if survivors:
+                logger.error("could not stop processes: %s", [p.pid for p in survivors])
+        self.kill_engine_processes()
+
+    # ---------------------------------------------------------------------- hooks
+
+    @classmethod
+    @abc.abstractmethod
+    def engine_help(cls) -> str:
+        """The engine's own ``--help`` text (imports the engine)."""
+
+    @abc.abstractmethod
+    def parse_args(self, config: WorkerConfig, argv: list[str]) -> Any:
+        """Parse ``argv`` with the engine's own parser; merge the framework settings."""
+
+    def bind_socket(self) -> socket.socket:
+        """Create and bind the listening socket before the engine starts."""
+        host, port = self.framework_args.host, self.framework_args.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @abc.abstractmethod
+    async def start_engine(self, stack: contextlib.AsyncExitStack) -> None:
+        """Start the engine; register its shutdown on ``stack``."""
+
+    @abc.abstractmethod
+    async def build_app(self) -> Any:
+        """The engine's ASGI app, its state initialised."""
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """Extra ``uvicorn.Config`` settings the engine's own server would use."""
+        return {}
+
+    def on_server_created(self, server: NoSignalServer) -> None:
+        """Called once the uvicorn server exists, before it starts serving."""
+        return None
+
+    async def probe_ready(self, client: httpx.AsyncClient) -> bool:
+        """True once the engine's health endpoint answers 200."""
+        import httpx
+
+        try:
+            response = await client.get("/health")
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200
+
+    @abc.abstractmethod
+    async def warmup(self, client: httpx.AsyncClient) -> None:
+        """Send one small real request through the HTTP app."""
+
+    @abc.abstractmethod
+    async def check_engine_alive(self) -> None:
+        """Cheap liveness check; raise ``EngineDiedError`` when the engine is dead."""
+
+    def kill_engine_processes(self) -> None:
+        """Engine-specific last line of defence against orphans (default: nothing)."""
+        return None
+
+    # --------------------------------------------------------------------- phases
+
+    async def _start_and_become_ready(self) -> None:
+        try:
+            await self._startup()
+            await self._become_ready()
+        except IChatError:
+            raise
+        except Exception as exc:
+            raise StartupError(f"the {self.engine_name} engine failed to start: {exc}") from exc
+
+    async def _startup(self) -> None:
+        from ichat.http_server import make_server
+
+        config = self.framework_args
+        try:
+            self._sock = self.bind_socket()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(config.host, config.port, exc) from exc
+            raise
+        self._children_before = {p.pid for p in processes.children()}
+        self._stack = contextlib.AsyncExitStack()
+        t0 = time.monotonic()
+        await self.start_engine(self._stack)
+        self._engine_procs = self._new_children()
+        self.phase_seconds["engine_start"] = time.monotonic() - t0
+        logger.info(
+            "%s engine started in %.2f s (processes %s)",
+            self.engine_name,
+            self.phase_seconds["engine_start"],
+            [p.pid for p in self._engine_procs],
+        )
+        app = await self.build_app()
+        options = self.uvicorn_options()
+        options.setdefault("log_level", config.log_level or "info")
+        self._server = make_server(app, drain_timeout=config.drain_timeout, **options)
+        self.on_server_created(self._server)
+        self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+
+    async def _become_ready(self) -> None:
+        import httpx
+
+        config = self.framework_args
+        async with httpx.AsyncClient(base_url=config.base_url, timeout=60.0) as client:
+            waited = await wait_until_ready(
+                lambda: self.probe_ready(client),
+                timeout=config.ready_timeout,
+                check_alive=self._raise_if_stopped,
+                backoff=Backoff(),
+            )
+            self.phase_seconds["ready"] = waited
+            if config.warmup:
+                t0 = time.monotonic()
+                await self.warmup(client)
+                self.phase_seconds["warmup"] = time.monotonic() - t0
+                logger.info("warmup request took %.3f s", self.phase_seconds["warmup"])
+        self.state = BackendState.READY
+        self.backend_ready_event.set()
+        logger.info("%s backend ready on %s", self.engine_name, config.base_url)
+
+    def _raise_if_stopped(self) -> None:
+        task = self._server_task
+        if task is not None and task.done():
+            exc = None if task.cancelled() else task.exception()
+            raise StartupError(f"the HTTP server stopped during start-up: {exc}") from exc
+
+    async def _serve_until_stopped(self) -> None:
+        config = self.framework_args
+        assert self._server_task is not None
+        self.monitor = HealthMonitor(
+            self.check_engine_alive,
+            interval=config.health_interval,
+            probe_timeout=config.health_probe_timeout,
+        )
+        self._monitor_task = asyncio.create_task(self.monitor.run())
+        done, _ = await asyncio.wait(
+            {self._server_task, self._monitor_task}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self._monitor_task in done:
+            self._monitor_task.result()  # raises EngineDiedError
+            raise AssertionError("the health monitor returned without a verdict")
+        self._server_task.result()  # a server crash propagates here
+        if self._stop_requested:
+            return
+        # The engine's own handler may stop the server when it sees the engine dead.
+        await self.check_engine_alive()
+        raise EngineDiedError("the HTTP server stopped although no stop was requested")
+
+    async def _shutdown(self) -> None:
+        config = self.framework_args
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._monitor_task
+        if self._server is not None and self._server_task is not None:
+            self._server.should_exit = True
+            done, _ = await asyncio.wait({self._server_task}, timeout=config.drain_timeout + 5)
+            if not done:
+                logger.warning(
+                    "HTTP server still draining after %.0f s; forcing", config.drain_timeout + 5
+                )
+                self._server.force_exit = True
+                self._server_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._server_task
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            try:
+                await asyncio.wait_for(stack.aclose(), timeout=30)
+            except Exception as exc:  # the engine may already be dead; cleanup() kills it
+                logger.warning("engine shutdown raised %r; killing its processes", exc)
+
+    def _new_children(self) -> list[psutil.Process]:
+        """Our processes that appeared since the engine started ([] before that)."""
+        before = self._children_before
+        if before is None:
+            return []
+        return [p for p in processes.children() if p.pid not in before]

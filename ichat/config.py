@@ -1,0 +1,46 @@
+"""The worker's typed configuration: what ``ichat serve`` parsed for itself.
+
+The CLI builds this object; backends and the supervisor read it. Nothing here reads
+the environment or ``sys.argv``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Framework settings of one worker (everything else goes to the engine)."""
+
+    backend: str = "vllm"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # None: iChat logs at info, the engine keeps its own default level.
+    log_level: str | None = None
+    # Readiness: give up on a backend that is not healthy after this many seconds.
+    ready_timeout: float = 1800.0
+    # Send one tiny request before declaring the backend ready.
+    warmup: bool = True
+    # Health monitor: how often the engine's liveness is checked, and how long a
+    # probe may take before it is logged as slow (slow is never taken for dead).
+    health_interval: float = 0.1
+    health_probe_timeout: float = 5.0
+    # Graceful stop: in-flight requests get this long before connections are closed.
+    drain_timeout: float = 30.0
+
+    @property
+    def client_host(self) -> str:
+        """The address a local client uses to reach the listening socket."""
+        if self.host in ("", "0.0.0.0"):
+            return "127.0.0.1"
+        if self.host == "::":
+            return "::1"
+        return self.host
+
+    @property
+    def base_url(self) -> str:
+        host = self.client_host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"

@@ -1,0 +1,70 @@
+"""The one exception hierarchy of iChat.
+
+    IChatError                      exit 1
+    ├── ConfigError                 exit 2  bad flags, missing model, engine not installed
+    │   ├── EngineNotInstalledError
+    │   └── ModelNotFoundError
+    ├── StartupError                exit 3  the backend never became ready (boot failure)
+    │   ├── PortInUseError
+    │   └── ReadinessTimeoutError
+    └── EngineDiedError             exit 4  the engine died after it was ready
+
+Engine exceptions are translated into these at the backend boundary with
+``raise X(...) from exc``; only the CLI turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class IChatError(Exception):
+    """Base of every error iChat raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(IChatError):
+    """The command line or the environment cannot work; nothing was started."""
+
+    exit_code = 2
+
+
+class EngineNotInstalledError(ConfigError):
+    """The engine chosen with ``--backend`` cannot be imported."""
+
+    def __init__(self, engine: str, install: str) -> None:
+        super().__init__(f"the {engine} engine is not installed; install it with: {install}")
+        self.engine = engine
+        self.install = install
+
+
+class ModelNotFoundError(ConfigError):
+    """The model path given does not exist."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"model path does not exist: {path}")
+        self.path = path
+
+
+class StartupError(IChatError):
+    """The backend never became ready: a boot failure, not a crash; do not restart."""
+
+    exit_code = 3
+
+
+class PortInUseError(StartupError):
+    """The listening address is taken; found before the engine starts."""
+
+    def __init__(self, host: str, port: int, cause: BaseException | None = None) -> None:
+        super().__init__(f"port {port} on {host or '0.0.0.0'} is already in use ({cause})")
+        self.host = host
+        self.port = port
+
+
+class ReadinessTimeoutError(StartupError):
+    """The engine did not become healthy within the readiness timeout."""
+
+
+class EngineDiedError(IChatError):
+    """The engine died after it had been ready; the caller may start a fresh backend."""
+
+    exit_code = 4

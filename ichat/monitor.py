@@ -1,0 +1,67 @@
+"""The health monitor: notice a dead engine fast, never mistake a busy one for dead.
+
+The probe is engine-specific and cheap (vLLM: ``engine_client.errored``, SGLang:
+are the engine processes alive). It raises ``EngineDiedError`` when the engine is
+dead. A probe that takes longer than ``probe_timeout`` is logged as slow and the
+monitor goes on: slowness under load is not death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from ichat.errors import EngineDiedError
+
+logger = logging.getLogger("ichat.monitor")
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        probe: Callable[[], Awaitable[None]],
+        *,
+        interval: float,
+        probe_timeout: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._probe = probe
+        self._interval = interval
+        self._probe_timeout = probe_timeout
+        self._sleep = sleep
+        self._clock = clock
+        self.checks = 0
+        self.slow_probes = 0
+        self.detected_at: float | None = None
+
+    async def run(self) -> None:
+        """Probe until the engine is found dead; then raise ``EngineDiedError``."""
+        while True:
+            await self._check_once()
+            await self._sleep(self._interval)
+
+    async def _check_once(self) -> None:
+        self.checks += 1
+        probe = asyncio.ensure_future(self._probe())
+        started = self._clock()
+        try:
+            try:
+                # shield: a slow probe keeps running; only the wait for it times out.
+                await asyncio.wait_for(asyncio.shield(probe), self._probe_timeout)
+            except asyncio.TimeoutError:
+                self.slow_probes += 1
+                logger.warning(
+                    "engine health probe is slow (> %.1f s): busy, not dead; waiting on",
+                    self._probe_timeout,
+                )
+                await probe
+        except EngineDiedError:
+            self.detected_at = self._clock()
+            logger.error(
+                "engine death detected (probe started %.3f s earlier)",
+                self.detected_at - started,
+            )
+            raise

@@ -1,0 +1,94 @@
+"""Process-tree helpers: find our children, kill a tree and verify, check a port."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Iterable
+
+import psutil
+
+logger = logging.getLogger("ichat.processes")
+
+
+def children(pid: int | None = None) -> list[psutil.Process]:
+    """Every live descendant of ``pid`` (default: this process)."""
+    try:
+        found: list[psutil.Process] = psutil.Process(pid or os.getpid()).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return found
+
+
+def with_descendants(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """``procs`` and everything below them, each once, parents first."""
+    seen: dict[int, psutil.Process] = {}
+    for proc in procs:
+        seen.setdefault(proc.pid, proc)
+        try:
+            for child in proc.children(recursive=True):
+                seen.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            continue
+    return list(seen.values())
+
+
+# Python's own helper processes: they ignore SIGTERM, exit by themselves when this
+# process exits, and the resource tracker must outlive the engine to unlink what the
+# engine leaked (shared memory, semaphores). Never ours to kill.
+PYTHON_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def is_python_helper(proc: psutil.Process) -> bool:
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return any(helper in cmdline for helper in PYTHON_HELPERS)
+
+
+def terminate(procs: Iterable[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
+    """SIGTERM ``procs`` and their descendants, SIGKILL what is left after ``timeout``.
+
+    Python's multiprocessing helpers are left alone (see ``PYTHON_HELPERS``).
+    Returns the processes still alive after the kill (should be none).
+    """
+    targets = [
+        p for p in with_descendants(procs) if p.pid != os.getpid() and not is_python_helper(p)
+    ]
+    if not targets:
+        return []
+    for proc in targets:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.terminate()
+    _, alive = psutil.wait_procs(targets, timeout=timeout)
+    for proc in alive:
+        logger.warning("process %d did not stop on SIGTERM; killing it", proc.pid)
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
+    _, survivors = psutil.wait_procs(alive, timeout=timeout)
+    return list(survivors)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when nothing listens on ``host:port`` (a bind succeeds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

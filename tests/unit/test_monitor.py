@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ichat.errors import EngineDiedError
+from ichat.monitor import HealthMonitor
+
+
+class Stop(Exception):
+    pass
+
+
+def run_monitor(probe, *, rounds: int, probe_timeout: float = 5.0) -> HealthMonitor:  # type: ignore[no-untyped-def]
+    """Run the monitor with a fake sleep that ends the loop after ``rounds`` sleeps."""
+    slept = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) >= rounds:
+            raise Stop
+
+    monitor = HealthMonitor(probe, interval=0.1, probe_timeout=probe_timeout, sleep=sleep)
+
+    async def main() -> None:
+        await monitor.run()
+
+    with pytest.raises(Stop):
+        asyncio.run(main())
+    assert slept == [0.1] * rounds
+    return monitor
+
+
+def test_healthy_engine_is_checked_every_interval_and_never_declared_dead() -> None:
+    async def alive() -> None:
+        return None
+
+    monitor = run_monitor(alive, rounds=50)
+    assert monitor.checks == 50 and monitor.detected_at is None
+
+
+def test_a_slow_probe_is_busy_not_dead() -> None:
+    async def slow() -> None:
+        await asyncio.sleep(0.05)  # longer than the probe timeout below
+
+    monitor = run_monitor(slow, rounds=3, probe_timeout=0.01)
+    assert monitor.slow_probes == 3
+    assert monitor.detected_at is None
+
+
+def test_death_is_raised_with_its_detection_time() -> None:
+    n = 0
+
+    async def dies_on_third_check() -> None:
+        nonlocal n
+        n += 1
+        if n == 3:
+            raise EngineDiedError("gone")
+
+    monitor = HealthMonitor(dies_on_third_check, interval=0.0, probe_timeout=1.0)
+    with pytest.raises(EngineDiedError, match="gone"):
+        asyncio.run(monitor.run())
+    assert monitor.checks == 3 and monitor.detected_at is not None
+
+
+def test_death_reported_by_a_slow_probe_still_counts() -> None:
+    async def slow_then_dead() -> None:
+        await asyncio.sleep(0.03)
+        raise EngineDiedError("gone late")
+
+    monitor = HealthMonitor(slow_then_dead, interval=0.0, probe_timeout=0.01)
+    with pytest.raises(EngineDiedError, match="gone late"):
+        asyncio.run(monitor.run())
+    assert monitor.slow_probes == 1 and monitor.detected_at is not None

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ichat.backends.base_backend import BackendState
+from ichat.config import WorkerConfig
+from ichat.errors import EngineDiedError, IChatError
+from ichat.processes import free_port
+from ichat.serve import serve
+
+from .fake_backend import FakeBackend
+
+
+def test_sigterm_stops_the_worker_and_restores_handlers() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    backend = FakeBackend(WorkerConfig(port=free_port(), health_interval=0.05))
+
+    async def main() -> None:
+        task = asyncio.create_task(serve(backend))
+        await backend.wait_for_server_ready(timeout=30)
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded by the handler, acted on by the loop
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    assert backend.state is BackendState.STOPPED
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_engine_death_propagates_out_of_serve() -> None:
+    backend = FakeBackend(WorkerConfig(port=free_port(), health_interval=0.05))
+
+    async def main() -> None:
+        task = asyncio.create_task(serve(backend))
+        await backend.wait_for_server_ready(timeout=30)
+        backend.dead = True
+        await asyncio.wait_for(task, 10)
+
+    with pytest.raises(EngineDiedError) as info:
+        asyncio.run(main())
+    assert info.value.exit_code == 4
+
+
+def test_exit_codes_are_distinct_per_error_kind() -> None:
+    from ichat.errors import ConfigError, StartupError
+
+    codes = [
+        IChatError.exit_code,
+        ConfigError.exit_code,
+        StartupError.exit_code,
+        EngineDiedError.exit_code,
+    ]
+    assert codes == [1, 2, 3, 4]
+
+
+def run_cli(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    code = (
+        "import sys, ichat.cli; rc = ichat.cli.main(sys.argv[1:]); "
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('vllm', 'sglang', "
+        "'torch')], 'an engine was imported'; sys.exit(rc)"
+    )
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
+    )
+    return proc, time.monotonic() - t0
+
+
+def test_ichat_help_imports_no_engine_and_is_fast() -> None:
+    proc, seconds = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "serve" in proc.stdout and "make-test-model" in proc.stdout
+    assert seconds < 5  # a fresh interpreter; measured ~0.1 s
+
+
+def test_serve_help_without_backend_lists_framework_flags_only() -> None:
+    proc, seconds = run_cli("serve", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--backend", "--host", "--port", "--drain-timeout", "--ready-timeout"):
+        assert flag in proc.stdout
+    assert seconds < 5
+
+
+def test_unknown_backend_is_a_usage_error() -> None:
+    proc, _ = run_cli("serve", "--backend", "nonexistent")
+    assert proc.returncode == 2 and "invalid choice: 'nonexistent'" in proc.stderr
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    proc, _ = run_cli("frobnicate")
+    assert proc.returncode == 2 and "unknown command 'frobnicate'" in proc.stderr

@@ -6,7 +6,9 @@ the environment or ``sys.argv``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ichat.restart_policy import RestartPolicy
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class WorkerConfig:
     health_probe_timeout: float = 5.0
     # Graceful stop: in-flight requests get this long before connections are closed.
     drain_timeout: float = 30.0
+    # Supervision: start a fresh backend when the engine dies after being ready.
+    restart: bool = True
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
     @property
     def client_host(self) -> str:

@@ -7,7 +7,8 @@
     ├── StartupError                exit 3  the backend never became ready (boot failure)
     │   ├── PortInUseError
     │   └── ReadinessTimeoutError
-    └── EngineDiedError             exit 4  the engine died after it was ready
+    ├── EngineDiedError             exit 4  the engine died after it was ready
+    └── CrashLoopError              exit 5  it kept dying: the supervisor gave up
 
 Engine exceptions are translated into these at the backend boundary with
 ``raise X(...) from exc``; only the CLI turns them into exit codes.
@@ -68,3 +69,9 @@ class EngineDiedError(IChatError):
     """The engine died after it had been ready; the caller may start a fresh backend."""
 
     exit_code = 4
+
+
+class CrashLoopError(IChatError):
+    """The engine kept dying; the supervisor stopped restarting it."""
+
+    exit_code = 5

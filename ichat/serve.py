@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from ichat import metrics, reaper
 from ichat.backends import BACKENDS, backend_class
 from ichat.backends.base_backend import BaseBackend
 from ichat.config import WorkerConfig
 from ichat.errors import IChatError
 from ichat.signals import captured_signals
+from ichat.supervisor import Supervisor
 
 logger = logging.getLogger("ichat.serve")
 
@@ -82,6 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-warmup", action="store_true", help="skip the warmup request before declaring ready"
     )
+    policy = defaults.restart_policy
+    parser.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="exit (code 4) when the engine dies instead of restarting it",
+    )
+    parser.add_argument(
+        "--restart-max-delay",
+        type=float,
+        default=policy.maximum,
+        help="cap of the exponential restart back-off in seconds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--crash-loop-max",
+        type=int,
+        default=policy.max_crashes,
+        help="give up (exit 5) after more engine deaths than this within "
+        "--crash-loop-window (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--crash-loop-window",
+        type=float,
+        default=policy.crash_window,
+        help="seconds (default: %(default)s)",
+    )
     return parser
 
 
@@ -102,12 +130,19 @@ def parse_args(argv: Sequence[str]) -> tuple[WorkerConfig, list[str], str | None
         health_interval=ns.health_interval,
         drain_timeout=ns.drain_timeout,
         warmup=not ns.no_warmup,
+        restart=not ns.no_restart,
+        restart_policy=dataclasses.replace(
+            WorkerConfig().restart_policy,
+            maximum=ns.restart_max_delay,
+            max_crashes=ns.crash_loop_max,
+            crash_window=ns.crash_loop_window,
+        ),
     )
     return config, engine_argv, help_mode
 
 
-async def serve(backend: BaseBackend) -> None:
-    """Run ``backend`` until it stops; SIGTERM/SIGINT drain, a second one forces."""
+async def serve(supervisor: Supervisor) -> None:
+    """Run the supervised worker until it stops; SIGTERM/SIGINT drain, a second forces."""
     loop = asyncio.get_running_loop()
     received: asyncio.Queue[signal.Signals] = asyncio.Queue()
 
@@ -118,19 +153,19 @@ async def serve(backend: BaseBackend) -> None:
             count += 1
             if count == 1:
                 logger.info(
-                    "%s received: stopping (draining up to %.0f s; send it again to force)",
+                    "%s received: stopping (in-flight requests may finish within "
+                    "the drain timeout; send it again to force)",
                     sig.name,
-                    backend.framework_args.drain_timeout,
                 )
-                backend.request_stop()
+                supervisor.request_stop()
             else:
                 logger.warning("%s received again: forcing the stop", sig.name)
-                backend.request_stop(force=True)
+                supervisor.request_stop(force=True)
 
-    with captured_signals(loop, received):
+    with captured_signals(loop, received), metrics.registered(supervisor.stats):
         watcher = asyncio.create_task(act_on_signals())
         try:
-            await backend.run()
+            await supervisor.run()
         finally:
             watcher.cancel()
 
@@ -177,4 +212,11 @@ def main(argv: Sequence[str]) -> int:
 
 
 async def _serve_new(cls: type[BaseBackend], config: WorkerConfig, argv: list[str]) -> None:
-    await serve(cls(config, argv))
+    first = cls(config, argv)  # parses the engine's flags: a bad one fails before any start
+    fresh = iter([first])
+
+    def make_backend() -> BaseBackend:
+        return next(fresh, None) or cls(config, argv)
+
+    with reaper.guarded():  # engine processes die with this process, even on SIGKILL
+        await serve(Supervisor(make_backend, config.restart_policy, restart=config.restart))

@@ -14,6 +14,7 @@ from ichat.config import WorkerConfig
 from ichat.errors import EngineDiedError, IChatError
 from ichat.processes import free_port
 from ichat.serve import serve
+from ichat.supervisor import Supervisor
 
 from .fake_backend import FakeBackend
 
@@ -23,7 +24,7 @@ def test_sigterm_stops_the_worker_and_restores_handlers() -> None:
     backend = FakeBackend(WorkerConfig(port=free_port(), health_interval=0.05))
 
     async def main() -> None:
-        task = asyncio.create_task(serve(backend))
+        task = asyncio.create_task(serve(Supervisor(lambda: backend)))
         await backend.wait_for_server_ready(timeout=30)
         os.kill(os.getpid(), signal.SIGTERM)  # recorded by the handler, acted on by the loop
         await asyncio.wait_for(task, 10)
@@ -33,11 +34,11 @@ def test_sigterm_stops_the_worker_and_restores_handlers() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_engine_death_propagates_out_of_serve() -> None:
+def test_engine_death_propagates_out_of_serve_without_restart() -> None:
     backend = FakeBackend(WorkerConfig(port=free_port(), health_interval=0.05))
 
     async def main() -> None:
-        task = asyncio.create_task(serve(backend))
+        task = asyncio.create_task(serve(Supervisor(lambda: backend, restart=False)))
         await backend.wait_for_server_ready(timeout=30)
         backend.dead = True
         await asyncio.wait_for(task, 10)

@@ -1,0 +1,266 @@
+"""In-process `ichat serve` vs vLLM's own server, side by side in one run.
+
+Each round starts the native server and `ichat serve` on the same model (alternating
+which goes first), measures time to ready (/health 200 from process start), the RSS of
+the whole process tree, and throughput under the same load (C concurrent chats, each
+generating exactly N tokens), then stops it. Writes JSON and a PNG.
+
+    python bench/bench_vllm.py --model-path .cache/tiny-model --rounds 3
+
+Performance is never asserted in tests: read the ratios here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from ichat.processes import free_port
+
+MODEL_NAME = "bench-model"
+
+
+def native_cmd(model: str, port: int, extra: list[str]) -> list[str]:
+    """vLLM's own OpenAI server (same main as `vllm serve`)."""
+    module = "vllm.entrypoints.launchers.api_server.entry"
+    if importlib.util.find_spec("vllm.entrypoints.launchers") is None:  # vLLM 0.26
+        module = "vllm.entrypoints.openai.api_server"
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--served-model-name",
+        MODEL_NAME,
+        *extra,
+    ]
+
+
+def ichat_cmd(model: str, port: int, extra: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "ichat",
+        "serve",
+        "--backend",
+        "vllm",
+        "--port",
+        str(port),
+        "--model-path",
+        model,
+        "--served-model-name",
+        MODEL_NAME,
+        *extra,
+    ]
+
+
+def tree_rss_mib(pid: int) -> float:
+    proc = psutil.Process(pid)
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total / 2**20
+
+
+def wait_health(proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(0.02)
+    raise TimeoutError("server not ready")
+
+
+async def load(url: str, requests: int, concurrency: int, max_tokens: int) -> dict[str, float]:
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "Write a long story about a model."}],
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        sem = asyncio.Semaphore(concurrency)
+        tokens: list[int] = []
+
+        async def one() -> None:
+            async with sem:
+                r = await client.post("/v1/chat/completions", json=body)
+                r.raise_for_status()
+                tokens.append(r.json()["usage"]["completion_tokens"])
+
+        await asyncio.gather(*(one() for _ in range(min(concurrency, requests))))  # warm
+        tokens.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(requests)))
+        seconds = time.perf_counter() - t0
+    return {
+        "seconds": seconds,
+        "req_per_s": requests / seconds,
+        "out_tok_per_s": sum(tokens) / seconds,
+        "tokens_per_request": tokens[0],
+    }
+
+
+def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    build = native_cmd if kind == "native" else ichat_cmd
+    log = open(args.out / f"{kind}-{port}.log", "w")  # noqa: SIM115 - closed below
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        build(args.model_path, port, args.engine_args),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_health(proc, url, timeout=900)
+        ready_s = time.monotonic() - t0
+        result = asyncio.run(load(url, args.requests, args.concurrency, args.max_tokens))
+        result.update(kind=kind, ready_s=ready_s, rss_mib=tree_rss_mib(proc.pid))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    print(
+        f"  {kind:6s} ready {result['ready_s']:6.1f} s  {result['req_per_s']:7.2f} req/s  "
+        f"{result['out_tok_per_s']:8.0f} tok/s  RSS {result['rss_mib']:6.0f} MiB",
+        flush=True,
+    )
+    return result
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def values(kind: str, key: str) -> list[float]:
+        return [r[key] for r in runs if r["kind"] == kind]
+
+    ratios = [
+        i / n
+        for i, n in zip(values("ichat", "req_per_s"), values("native", "req_per_s"), strict=True)
+    ]
+    ready_delta = [
+        i - n for i, n in zip(values("ichat", "ready_s"), values("native", "ready_s"), strict=True)
+    ]
+    rss_delta = [
+        i - n for i, n in zip(values("ichat", "rss_mib"), values("native", "rss_mib"), strict=True)
+    ]
+
+    def stats(xs: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs)}
+
+    return {
+        "throughput_ratio_ichat_over_native": stats(ratios),
+        "ready_s_ichat_minus_native": stats(ready_delta),
+        "rss_mib_ichat_minus_native": stats(rss_delta),
+        "goals": {"throughput_ratio_min": 0.99, "ready_s_delta_max": 0.5, "rss_mib_delta_max": 50},
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, label in zip(
+        axes,
+        ("req_per_s", "ready_s", "rss_mib"),
+        ("throughput (req/s)", "time to ready (s)", "RSS of tree (MiB)"),
+        strict=True,
+    ):
+        for i, kind in enumerate(("native", "ichat")):
+            ys = [r[key] for r in runs if r["kind"] == kind]
+            xs = [j + (i - 0.5) * 0.35 for j in range(len(ys))]
+            ax.bar(xs, ys, width=0.35, label=kind)
+        ax.set_title(label)
+        ax.set_xlabel("round")
+        ax.set_xticks(range(len(runs) // 2))
+    axes[0].legend()
+    ratio = report["summary"]["throughput_ratio_ichat_over_native"]
+    fig.suptitle(
+        f"ichat serve vs native vLLM {report['vllm']} on {report['machine']}: "
+        f"throughput ratio {ratio['mean']:.3f} (min {ratio['min']:.3f})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tag", default=platform.node() or "machine")
+    parser.add_argument("engine_args", nargs="*", help="extra engine flags, after --")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
+    runs = []
+    for round_ in range(args.rounds):
+        order = ("native", "ichat") if round_ % 2 == 0 else ("ichat", "native")
+        print(f"round {round_ + 1}/{args.rounds}", flush=True)
+        for kind in order:
+            runs.append({"round": round_, **measure(kind, args, env)})
+    import vllm
+
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "vllm": vllm.__version__,
+        "load": {
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+        },
+        "engine_args": args.engine_args,
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    stem = args.out / f"vllm-inprocess-vs-native-{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, stem.with_suffix(".png"))
+    print(json.dumps(report["summary"], indent=2))
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

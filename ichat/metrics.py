@@ -1,0 +1,84 @@
+"""The worker's own Prometheus metrics, served on the engine's ``/metrics``.
+
+A custom collector reads the supervisor's stats at scrape time: no metric objects
+live at module level. It is registered in prometheus_client's default registry,
+which vLLM's ``/metrics`` serves (unless PROMETHEUS_MULTIPROC_DIR is set), so the
+worker's lines sit next to the engine's. Names start with ``ichat_``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from ichat.supervisor import WorkerState, WorkerStats
+
+
+class WorkerCollector:
+    def __init__(self, stats: WorkerStats) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Any]:
+        return []  # collected lazily; nothing to pre-declare
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self._stats
+        yield CounterMetricFamily(
+            "ichat_worker_restarts",
+            "Backends started again after an engine death.",
+            value=s.restarts,
+        )
+        yield CounterMetricFamily(
+            "ichat_worker_engine_deaths",
+            "Engine deaths detected by the health monitor.",
+            value=s.engine_deaths,
+        )
+        state = GaugeMetricFamily(
+            "ichat_worker_state", "1 for the worker's current state.", labels=["state"]
+        )
+        for member in WorkerState:
+            state.add_metric([member.value], 1.0 if s.state is member else 0.0)
+        yield state
+        for name, value, text in (
+            (
+                "ichat_worker_last_ready_timestamp_seconds",
+                s.last_ready_unix,
+                "Unix time the backend last became ready.",
+            ),
+            (
+                "ichat_worker_last_death_detected_timestamp_seconds",
+                s.last_death_detected_unix,
+                "Unix time an engine death was last detected.",
+            ),
+            (
+                "ichat_worker_last_restart_to_ready_seconds",
+                s.last_restart_to_ready_s,
+                "Seconds from the last engine death to serving again.",
+            ),
+        ):
+            if value is not None:
+                yield GaugeMetricFamily(name, text, value=value)
+        phases = GaugeMetricFamily(
+            "ichat_worker_phase_seconds",
+            "Duration of the last run of each lifecycle phase.",
+            labels=["phase"],
+        )
+        for phase, seconds in sorted(s.phase_seconds.items()):
+            phases.add_metric([phase], seconds)
+        yield phases
+
+
+@contextlib.contextmanager
+def registered(stats: WorkerStats) -> Iterator[WorkerCollector]:
+    """Register the worker's collector in the default registry while inside."""
+    from prometheus_client import REGISTRY
+
+    collector = WorkerCollector(stats)
+    REGISTRY.register(collector)  # type: ignore[arg-type]
+    try:
+        yield collector
+    finally:
+        REGISTRY.unregister(collector)  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""Orphan guard: engine processes die with their worker, even on SIGKILL.
+
+vLLM's engine process outlives an API server killed with SIGKILL (seen on the H200:
+123 GB of GPU memory held until killed by hand). The worker starts this small watcher
+process with a pipe on its stdin. While the worker lives, the watcher snapshots the
+worker's descendants every ``interval`` seconds. When the pipe reaches EOF (the kernel
+closes it however the worker dies), the watcher kills the last snapshot and their
+descendants: the owner is gone, nobody is left to drain for. Each process is matched
+by pid *and* create time, so a reused pid is never hit. A clean stop says ``bye``
+first; the watcher then exits without killing anything.
+
+Limit: a child started in the last ``interval`` before the worker died is found only
+if it is below a process of the snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psutil
+
+from ichat.processes import is_python_helper
+
+BYE = b"bye\n"
+
+
+def snapshot(owner: int) -> dict[int, float]:
+    """pid -> create time of the owner's descendants (not this watcher, not helpers)."""
+    found: dict[int, float] = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for proc in psutil.Process(owner).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if proc.pid != os.getpid() and not is_python_helper(proc):
+                    found[proc.pid] = proc.create_time()
+    return found
+
+
+def kill_snapshot(seen: dict[int, float]) -> list[int]:
+    """SIGKILL every process of ``seen`` still alive (same create time) and its tree."""
+    targets: list[psutil.Process] = []
+    for pid, created in seen.items():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc = psutil.Process(pid)
+            if proc.create_time() == created:
+                targets.append(proc)
+                targets.extend(proc.children(recursive=True))
+    killed = []
+    for proc in targets:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
+            killed.append(proc.pid)
+    psutil.wait_procs(targets, timeout=5)
+    return killed
+
+
+def watch(owner: int, interval: float) -> int:
+    """The watcher's loop: returns once the owner said bye or died."""
+    seen: dict[int, float] = {}
+    stdin = sys.stdin.fileno()
+    while True:
+        readable, _, _ = select.select([stdin], [], [], interval)
+        if readable:
+            data = os.read(stdin, 64)
+            if data.startswith(BYE):
+                return 0
+            if not data:  # EOF: the owner died without saying bye
+                killed = kill_snapshot(seen)
+                if killed:
+                    print(
+                        f"ichat reaper: worker {owner} died; killed {killed}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                return 0
+        seen = snapshot(owner) or seen
+
+
+class Reaper:
+    """The worker's handle on its watcher process."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ichat.reaper", str(os.getpid()), str(self.interval)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # not in our process group
+        )
+
+    def stop(self) -> None:
+        """A clean stop: the watcher exits without killing anything."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(BrokenPipeError, OSError):
+            proc.stdin.write(BYE)
+            proc.stdin.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def guarded(interval: float = 0.25) -> Iterator[Reaper]:
+    reaper = Reaper(interval)
+    reaper.start()
+    try:
+        yield reaper
+    finally:
+        reaper.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(watch(int(sys.argv[1]), float(sys.argv[2])))

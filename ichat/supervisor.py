@@ -1,0 +1,150 @@
+"""The supervisor: keep a worker's engine serving; restart it when it dies.
+
+It wraps backends and the backends never import it (model: uvicorn ``main.run``
+choosing a supervisor around ``server.run``).
+
+- a backend that never became ready on the first start is a *boot failure*: raise it
+  (bad flag, model that cannot load, port in use); no restart loop;
+- an engine that died after it was ready is restarted after ``RestartPolicy``'s delay;
+  a fresh start that fails to boot counts as one more crash;
+- too many crashes within the window: ``CrashLoopError``;
+- ``request_stop()`` during a backoff wait ends it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ichat.backends.base_backend import BaseBackend
+from ichat.errors import CrashLoopError, EngineDiedError, StartupError
+from ichat.restart_policy import CrashHistory, GiveUp, Restart, RestartPolicy
+
+logger = logging.getLogger("ichat.supervisor")
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class WorkerStats:
+    """What the supervisor has seen; read by the metrics collector."""
+
+    state: WorkerState = WorkerState.STARTING
+    restarts: int = 0
+    engine_deaths: int = 0
+    last_ready_unix: float | None = None
+    last_death_detected_unix: float | None = None
+    last_restart_to_ready_s: float | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        make_backend: Callable[[], BaseBackend],
+        policy: RestartPolicy | None = None,
+        *,
+        restart: bool = True,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._make_backend = make_backend
+        self.policy = policy or RestartPolicy()
+        self.restart = restart
+        self._sleep = sleep
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rand = rand
+        self.stats = WorkerStats()
+        self.backend: BaseBackend | None = None
+        self._stop = asyncio.Event()
+        self._ever_ready = False
+
+    def request_stop(self, *, force: bool = False) -> None:
+        """Stop the running backend (drain, or ``force``) and restart no more."""
+        self._stop.set()
+        if self.stats.state is not WorkerState.STOPPED:
+            self.stats.state = WorkerState.STOPPING
+        if self.backend is not None:
+            self.backend.request_stop(force=force)
+
+    async def run(self) -> None:
+        """Serve until stopped; raise on boot failure or crash loop."""
+        history = CrashHistory(self.policy)
+        died_at: float | None = None
+        while not self._stop.is_set():
+            backend = self._make_backend()
+            self.backend = backend
+            ready_at: list[float] = []
+            watcher = asyncio.create_task(self._on_ready(backend, ready_at, died_at))
+            try:
+                await backend.run()
+                break
+            except StartupError:
+                if not self._ever_ready or not self.restart:
+                    self.stats.state = WorkerState.FAILED
+                    raise
+                logger.error("restart %d failed to boot", self.stats.restarts)
+                uptime = 0.0
+            except EngineDiedError:
+                self.stats.engine_deaths += 1
+                self.stats.last_death_detected_unix = self._wall_clock()
+                if not self.restart:
+                    self.stats.state = WorkerState.FAILED
+                    raise
+                uptime = self._clock() - ready_at[0] if ready_at else 0.0
+            finally:
+                watcher.cancel()
+                self.stats.phase_seconds.update(backend.phase_seconds)
+            if self._stop.is_set():
+                break
+            died_at = self._clock()
+            await self._backoff(history.record(died_at, uptime, self._rand()))
+        self.stats.state = WorkerState.STOPPED
+
+    async def _on_ready(
+        self, backend: BaseBackend, ready_at: list[float], died_at: float | None
+    ) -> None:
+        await backend.backend_ready_event.wait()
+        now = self._clock()
+        ready_at.append(now)
+        self._ever_ready = True
+        self.stats.state = WorkerState.READY
+        self.stats.last_ready_unix = self._wall_clock()
+        if died_at is not None:
+            self.stats.last_restart_to_ready_s = now - died_at
+            logger.info("serving again %.2f s after the engine death was detected", now - died_at)
+
+    async def _backoff(self, decision: Restart | GiveUp) -> None:
+        if isinstance(decision, GiveUp):
+            self.stats.state = WorkerState.FAILED
+            raise CrashLoopError(
+                f"the engine died {decision.crashes} times within {decision.window:g} s; "
+                "not restarting it again (crash loop)"
+            )
+        self.stats.state = WorkerState.RESTARTING
+        logger.warning("engine died; restart %d in %.2f s", self.stats.restarts + 1, decision.delay)
+        sleeper = asyncio.ensure_future(self._sleep(decision.delay))
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
+        if not self._stop.is_set():
+            self.stats.restarts += 1
+            self.stats.state = WorkerState.STARTING

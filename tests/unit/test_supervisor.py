@@ -1,0 +1,206 @@
+"""Every branch of the supervisor with scripted backends: no engine, no real sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from ichat.errors import CrashLoopError, EngineDiedError, StartupError
+from ichat.restart_policy import RestartPolicy
+from ichat.supervisor import Supervisor, WorkerState
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class ScriptedBackend:
+    """Does what its script says: 'boot-fail', 'die', 'serve' (until stopped), 'hang'."""
+
+    def __init__(self, script: str, clock: FakeClock, uptime: float = 1.0) -> None:
+        self.script = script
+        self.clock = clock
+        self.uptime = uptime
+        self.backend_ready_event = asyncio.Event()
+        self.phase_seconds = {"engine_start": 1.0}
+        self._stopped = asyncio.Event()
+        self.stop_calls: list[bool] = []
+
+    async def run(self) -> None:
+        if self.script == "boot-fail":
+            raise StartupError("model cannot load")
+        if self.script == "hang":
+            await self._stopped.wait()
+            return
+        self.backend_ready_event.set()
+        await asyncio.sleep(0)  # let the supervisor see the ready event
+        self.clock.now += self.uptime
+        if self.script == "die":
+            raise EngineDiedError("engine died")
+        await self._stopped.wait()
+
+    def request_stop(self, *, force: bool = False) -> None:
+        self.stop_calls.append(force)
+        self._stopped.set()
+
+
+def supervise(
+    scripts: list[str],
+    policy: RestartPolicy | None = None,
+    *,
+    restart: bool = True,
+    uptime: float = 1.0,
+    after_last: Any = None,
+) -> tuple[Supervisor, FakeClock, list[ScriptedBackend]]:
+    clock = FakeClock()
+    made: list[ScriptedBackend] = []
+
+    def make() -> Any:
+        backend = ScriptedBackend(scripts[len(made)], clock, uptime)
+        made.append(backend)
+        return backend
+
+    supervisor = Supervisor(
+        make,
+        policy or RestartPolicy(jitter=0.1),
+        restart=restart,
+        sleep=clock.sleep,
+        clock=clock,
+        wall_clock=clock,
+        rand=lambda: 0.5,
+    )
+
+    def last_one_is_serving() -> bool:
+        if len(made) < len(scripts):
+            return False
+        last = made[-1]
+        return last.script == "hang" or (
+            last.script == "serve" and last.backend_ready_event.is_set()
+        )
+
+    async def main() -> None:
+        task = asyncio.create_task(supervisor.run())
+        while not task.done() and not last_one_is_serving():
+            await asyncio.sleep(0)
+        if not task.done():
+            supervisor.request_stop()
+        await task
+
+    try:
+        asyncio.run(main())
+    except BaseException as exc:
+        if after_last is None:
+            raise
+        assert isinstance(exc, after_last)
+    return supervisor, clock, made
+
+
+def test_boot_failure_of_the_first_start_is_raised_without_restart() -> None:
+    with pytest.raises(StartupError, match="model cannot load"):
+        supervise(["boot-fail"])
+
+
+def test_boot_failure_state_is_failed_and_nothing_slept() -> None:
+    sup, clock, made = supervise(["boot-fail"], after_last=StartupError)
+    assert len(made) == 1 and clock.sleeps == [] and sup.stats.state is WorkerState.FAILED
+
+
+def test_deaths_after_ready_restart_with_growing_backoff() -> None:
+    sup, clock, made = supervise(
+        ["die", "die", "serve"], RestartPolicy(initial=1, factor=2, jitter=0.1)
+    )
+    assert clock.sleeps == [1.0, 2.0]
+    assert sup.stats.restarts == 2 and sup.stats.engine_deaths == 2
+    assert sup.stats.state is WorkerState.STOPPED
+    assert sup.stats.last_restart_to_ready_s is not None
+    assert made[-1].stop_calls == [False]
+
+
+def test_a_restart_that_fails_to_boot_counts_as_a_crash_and_is_retried() -> None:
+    sup, clock, _ = supervise(
+        ["die", "boot-fail", "serve"], RestartPolicy(initial=1, factor=2, jitter=0)
+    )
+    assert clock.sleeps == [1.0, 2.0] and sup.stats.restarts == 2
+    assert sup.stats.state is WorkerState.STOPPED
+
+
+def test_crash_loop_gives_up_with_a_clear_error() -> None:
+    policy = RestartPolicy(initial=1, factor=2, max_crashes=3, crash_window=600)
+    with pytest.raises(CrashLoopError, match="died 4 times within 600 s"):
+        supervise(["die"] * 4, policy)
+
+
+def test_crash_loop_leaves_state_failed_after_exactly_max_restarts() -> None:
+    policy = RestartPolicy(initial=1, factor=2, jitter=0, max_crashes=3, crash_window=600)
+    sup, clock, made = supervise(["die"] * 4, policy, after_last=CrashLoopError)
+    assert len(made) == 4 and clock.sleeps == [1, 2, 4]
+    assert sup.stats.state is WorkerState.FAILED
+
+
+def test_stable_uptime_resets_the_backoff() -> None:
+    policy = RestartPolicy(initial=1, factor=2, jitter=0, stable_after=60)
+    _, clock, _ = supervise(["die", "die", "die", "serve"], policy, uptime=61)
+    assert clock.sleeps == [1, 1, 1]
+
+
+def test_without_restart_an_engine_death_is_raised() -> None:
+    with pytest.raises(EngineDiedError):
+        supervise(["die"], restart=False)
+
+
+def test_stop_during_backoff_ends_at_once_and_starts_nothing_more() -> None:
+    made: list[ScriptedBackend] = []
+    clock = FakeClock()
+    never = asyncio.Event()
+
+    async def sleep_forever(_: float) -> None:
+        await never.wait()
+
+    def make() -> Any:
+        made.append(ScriptedBackend("die", clock))
+        return made[-1]
+
+    sup = Supervisor(make, RestartPolicy(), sleep=sleep_forever, clock=clock, rand=lambda: 0.5)
+
+    async def main() -> None:
+        task = asyncio.create_task(sup.run())
+        while sup.stats.state is not WorkerState.RESTARTING:
+            await asyncio.sleep(0)
+        sup.request_stop()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert len(made) == 1 and sup.stats.state is WorkerState.STOPPED
+    assert sup.stats.restarts == 0
+
+
+def test_stop_while_hanging_at_start_returns_cleanly() -> None:
+    sup, _, made = supervise(["hang"])
+    assert made[0].stop_calls == [False] and sup.stats.state is WorkerState.STOPPED
+
+
+def test_force_stop_is_passed_to_the_backend() -> None:
+    clock = FakeClock()
+    backend = ScriptedBackend("serve", clock)
+    sup = Supervisor(lambda: backend, sleep=clock.sleep, clock=clock)  # type: ignore[arg-type,return-value]
+
+    async def main() -> None:
+        task = asyncio.create_task(sup.run())
+        await backend.backend_ready_event.wait()
+        sup.request_stop()
+        sup.request_stop(force=True)
+        await task
+
+    asyncio.run(main())
+    assert backend.stop_calls == [False, True]

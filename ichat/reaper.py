@@ -42,19 +42,19 @@ def snapshot(owner: int) -> dict[int, float]:
 
 def kill_snapshot(seen: dict[int, float]) -> list[int]:
     """SIGKILL every process of ``seen`` still alive (same create time) and its tree."""
-    targets: list[psutil.Process] = []
+    targets: dict[int, psutil.Process] = {}
     for pid, created in seen.items():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc = psutil.Process(pid)
             if proc.create_time() == created:
-                targets.append(proc)
-                targets.extend(proc.children(recursive=True))
+                targets[pid] = proc
+                targets.update((c.pid, c) for c in proc.children(recursive=True))
     killed = []
-    for proc in targets:
+    for proc in targets.values():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.kill()
             killed.append(proc.pid)
-    psutil.wait_procs(targets, timeout=5)
+    psutil.wait_procs(list(targets.values()), timeout=5)
     return killed
 
 

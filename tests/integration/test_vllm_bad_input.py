@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from .conftest import ichat_cmd, our_processes, reap_zombies
+from tests.support import ichat_cmd, our_processes, reap_zombies
 
 
 def run_ichat(

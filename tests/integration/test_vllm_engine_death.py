@@ -21,8 +21,7 @@ from ichat.backends.vllm_backend import VLLMBackend
 from ichat.config import WorkerConfig
 from ichat.errors import EngineDiedError
 from ichat.processes import free_port, is_python_helper, port_is_free
-
-from .conftest import MODEL_NAME
+from tests.support import MODEL_NAME
 
 
 def engine_core(procs: list[psutil.Process]) -> psutil.Process:

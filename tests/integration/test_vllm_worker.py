@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 import time
 from collections.abc import Iterator
@@ -13,8 +14,14 @@ import psutil
 import pytest
 
 from ichat.processes import port_is_free
-
-from .conftest import CONTEXT_LENGTH, MODEL_NAME, Worker, our_processes, start_worker
+from tests.support import (
+    CONTEXT_LENGTH,
+    MODEL_NAME,
+    Worker,
+    our_processes,
+    start_worker,
+    stream_once,
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +97,18 @@ def test_engine_runs_inside_our_process(worker: Worker) -> None:
         assert "ichat" not in title.split()[0:3], title  # no second ichat/vLLM CLI
 
 
-def test_sigterm_exits_0_leaves_no_child_and_frees_the_port(worker: Worker) -> None:
+def test_sigterm_drains_in_flight_streams_exits_0_no_child_port_free(worker: Worker) -> None:
     # Last in this module: it stops the shared worker.
     children = psutil.Process(worker.proc.pid).children(recursive=True)
     assert children
-    t0 = time.monotonic()
-    worker.proc.send_signal(signal.SIGTERM)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(stream_once, worker.url, 800) for _ in range(4)]
+        time.sleep(1.0)
+        assert not any(s.done() for s in streams), "streams should still be running"
+        t0 = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        outcomes = [s.result(timeout=60) for s in streams]
+    assert outcomes == ["finished"] * 4  # in-flight requests completed during the drain
     assert worker.proc.wait(60) == 0, worker.output()[-3000:]
     elapsed = time.monotonic() - t0
     _, alive = psutil.wait_procs(children, timeout=10)
@@ -103,4 +116,4 @@ def test_sigterm_exits_0_leaves_no_child_and_frees_the_port(worker: Worker) -> N
     assert port_is_free("127.0.0.1", worker.port)
     assert not our_processes()
     assert "backend stopped" in worker.output()
-    print(f"SIGTERM to exit: {elapsed:.2f} s")
+    print(f"SIGTERM with 4 streams in flight: all finished, exit 0 after {elapsed:.2f} s")

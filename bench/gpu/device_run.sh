@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
+# /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
+#   bash bench/gpu/device_run.sh tests|tp|bench OUT_DIR
+set -uo pipefail
+MODE=$1 OUT=$2
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+export ICHAT_GPU_MODEL=/tmp/llama-1b
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+if [ ! -f $ICHAT_GPU_MODEL/config.json ]; then
+  /usr/bin/time -f "model made in %e s" python3 -m ichat make-test-model $ICHAT_GPU_MODEL --size 1b
+fi
+case $MODE in
+  tests) ICHAT_RESULTS=$OUT/gpu-results.json python3 -m pytest tests/gpu/test_gpu_vllm.py \
+           -v -s -p no:cacheprovider 2>&1 | grep -v "Route:" > $OUT/gpu-tests.log
+         tail -n 30 $OUT/gpu-tests.log ;;
+  tp)    ICHAT_RESULTS_TP=$OUT/gpu-tp-results.json python3 -m pytest \
+           tests/gpu/test_gpu_tensor_parallel.py -v -s -p no:cacheprovider 2>&1 \
+           | grep -v "Route:" > $OUT/gpu-tp.log
+         tail -n 30 $OUT/gpu-tp.log ;;
+  bench) python3 bench/bench_vllm.py --model-path $ICHAT_GPU_MODEL --rounds ${ROUNDS:-2} \
+           --concurrency 256 --requests 1024 --max-tokens 128 --out $OUT --tag h200 \
+           -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 | tee $OUT/bench.log \
+           | grep -v "^(" | tail -n 40 ;;
+esac

@@ -1,0 +1,106 @@
+"""Start/stop cycles of an in-process VLLMBackend in one process: leaks show here.
+
+Each cycle: start the backend, wait until ready, send one chat, stop it. After each
+stop it records this process's RSS, the engine processes left (must be 0) and whether
+the port is free (must be). RSS is compared with the level after the first cycle
+(the first start loads torch, vLLM and compiled kernels once per process).
+
+    python bench/leak_check.py --model-path .cache/tiny-model --cycles 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from ichat.backends.vllm_backend import VLLMBackend
+from ichat.config import WorkerConfig
+from ichat.processes import free_port, is_python_helper, port_is_free
+
+
+async def one_cycle(model: str, port: int) -> dict[str, Any]:
+    config = WorkerConfig(port=port)
+    backend = VLLMBackend(config, ["--model-path", model, "--served-model-name", "m"])
+    t0 = time.monotonic()
+    task = asyncio.create_task(backend.run())
+    await backend.wait_for_server_ready(timeout=600)
+    ready_s = time.monotonic() - t0
+    async with httpx.AsyncClient(base_url=config.base_url, timeout=60) as client:
+        r = await client.post("/v1/chat/completions", json={
+            "model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        r.raise_for_status()
+    t1 = time.monotonic()
+    backend.request_stop()
+    await task
+    stop_s = time.monotonic() - t1
+    me = psutil.Process()
+    left = [p.pid for p in me.children(recursive=True) if not is_python_helper(p)]
+    return {"ready_s": ready_s, "stop_s": stop_s, "rss_mib": me.memory_info().rss / 2**20,
+            "engine_processes_left": len(left), "port_free": port_is_free("127.0.0.1", port)}
+
+
+def run_cycles(model: str, cycles: int) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    port = free_port()
+    results = []
+    for i in range(cycles):
+        result = asyncio.run(one_cycle(model, port))
+        results.append(result)
+        print(f"cycle {i + 1}/{cycles}: ready {result['ready_s']:.1f} s, stop "
+              f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB, "
+              f"left {result['engine_processes_left']}, port free {result['port_free']}",
+              flush=True)
+    baseline = results[0]["rss_mib"]
+    return {
+        "cycles": results,
+        "rss_baseline_mib": baseline,
+        "rss_growth_mib": results[-1]["rss_mib"] - baseline,
+        "engine_processes_left_total": sum(r["engine_processes_left"] for r in results),
+        "port_not_free_count": sum(not r["port_free"] for r in results),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=None, help="JSON (and PNG beside it)")
+    args = parser.parse_args()
+    report = run_cycles(args.model_path, args.cycles)
+    print(json.dumps({k: v for k, v in report.items() if k != "cycles"}, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        plot(report, args.out.with_suffix(".png"))
+    return 0
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rss = [c["rss_mib"] for c in report["cycles"]]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(1, len(rss) + 1), rss, marker="o")
+    ax.set_xlabel("start/stop cycle")
+    ax.set_ylabel("RSS of the ichat process (MiB)")
+    ax.set_title(f"{len(rss)} in-process cycles: growth {report['rss_growth_mib']:+.0f} MiB, "
+                 f"{report['engine_processes_left_total']} processes left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""What CI cannot check: vLLM's GPU release (0.26 on the H200) through iChat.
+
+One supervised worker on a generated ~1B model: the compat module's paths for the
+installed release, chat and streaming with the openai client, kill -9 of the engine
+(detected within 1 s, serving again), and no GPU memory held after the stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from tests.support import (
+    MODEL_NAME,
+    Worker,
+    chat_ok,
+    engine_core,
+    metric,
+    start_worker,
+    stream_once,
+)
+
+RESULTS: dict[str, object] = {}
+
+
+def gpu_memory_used_mib() -> tuple[int, list[str]]:
+    used = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    apps = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(int(x) for x in used.split()), [a for a in apps.splitlines() if a.strip()]
+
+
+@pytest.fixture(scope="module")
+def worker(gpu_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    t0 = time.monotonic()
+    with start_worker(
+        tmp_path_factory.mktemp("gpu"),
+        "--model-path",
+        str(gpu_model_dir),
+        "--served-model-name",
+        MODEL_NAME,
+        "--max-model-len",
+        "2048",
+        "--gpu-memory-utilization",
+        "0.85",
+    ) as w:
+        w.wait_ready(timeout=900)
+        RESULTS["ready_s"] = time.monotonic() - t0
+        yield w
+    out = os.environ.get("ICHAT_RESULTS")
+    if out:
+        Path(out).write_text(json.dumps(RESULTS, indent=2) + "\n")
+
+
+def test_compat_finds_the_installed_releases_functions() -> None:
+    from ichat.backends import vllm_compat
+
+    api = vllm_compat.load()
+    RESULTS["vllm"] = api.version
+    RESULTS["compat_modules"] = {
+        name: getattr(api, name).__module__
+        for name in (
+            "make_arg_parser",
+            "setup_server",
+            "build_app",
+            "init_app_state",
+            "build_async_engine_client",
+        )
+    }
+    if api.version.startswith("0.26"):
+        assert api.build_app.__module__ == "vllm.entrypoints.openai.api_server"
+        assert api.make_arg_parser.__module__ == "vllm.entrypoints.openai.cli_args"
+
+
+def test_chat_and_stream_through_openai(worker: Worker) -> None:
+    client = openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=16
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens >= 1
+    assert stream_once(worker.url, 64) == "finished"
+
+
+def test_kill_9_of_the_engine_is_detected_within_1s_and_serves_again(worker: Worker) -> None:
+    core = engine_core(worker.proc.pid)
+    t_kill, wall_kill = time.monotonic(), time.time()
+    os.kill(core.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 600
+    while not chat_ok(worker.url):
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    RESULTS["kill_to_serving_again_s"] = time.monotonic() - t_kill
+    detected = metric(worker, "ichat_worker_last_death_detected_timestamp_seconds") - wall_kill
+    RESULTS["kill_to_detection_s"] = detected
+    assert 0 <= detected <= 1.0
+    assert metric(worker, "ichat_worker_restarts_total") == 1
+
+
+def test_sigterm_exits_0_and_frees_the_gpu(worker: Worker) -> None:
+    children = psutil.Process(worker.proc.pid).children(recursive=True)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(120) == 0, worker.output()[-3000:]
+    psutil.wait_procs(children, timeout=30)
+    time.sleep(1)
+    used, apps = gpu_memory_used_mib()
+    RESULTS["gpu_memory_used_after_stop_mib"] = used
+    RESULTS["gpu_processes_after_stop"] = apps
+    assert apps == []

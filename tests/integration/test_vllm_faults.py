@@ -1,0 +1,135 @@
+"""Fault injection on a supervised `ichat serve` worker (real vLLM on CPU).
+
+One worker for the module: kill -9 of the engine while streams run (restart), a
+saturating load (no false verdict), then SIGKILL of the whole worker (no orphan).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.support import (
+    MODEL_NAME,
+    Worker,
+    engine_core,
+    metric,
+    our_processes,
+    reap_zombies,
+    start_worker,
+    stream_once,
+)
+
+
+def chat_ok(url: str) -> bool:
+    try:
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=30,
+            json={
+                "model": MODEL_NAME,
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
+    except httpx.TransportError:
+        return False
+    return r.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    with start_worker(
+        tmp_path_factory.mktemp("faults"),
+        "--model-path",
+        str(model_dir),
+        "--served-model-name",
+        MODEL_NAME,
+        "--drain-timeout",
+        "20",
+    ) as w:
+        w.wait_ready()
+        yield w
+
+
+def test_worker_metrics_are_served_next_to_the_engines(worker: Worker) -> None:
+    text = httpx.get(f"{worker.url}/metrics", timeout=10).text
+    assert "vllm:" in text  # the engine's own
+    assert 'ichat_worker_state{state="ready"} 1.0' in text
+    assert metric(worker, "ichat_worker_restarts_total") == 0
+
+
+def test_kill_9_engine_while_streaming_restarts_and_serves_again(worker: Worker) -> None:
+    old_engine = [p for p in psutil.Process(worker.proc.pid).children(recursive=True)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        streams = [pool.submit(stream_once, worker.url, 2000) for _ in range(8)]
+        time.sleep(1.5)  # the streams are running
+        core = engine_core(worker.proc.pid)
+        t_kill, wall_kill = time.monotonic(), time.time()
+        os.kill(core.pid, signal.SIGKILL)
+        outcomes = [f.result(timeout=60) for f in streams]  # no stream hangs
+        t_streams_ended = time.monotonic() - t_kill
+    assert all(o != "finished" for o in outcomes), outcomes
+    deadline = time.monotonic() + 300
+    while not chat_ok(worker.url):
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        assert time.monotonic() < deadline, "worker did not serve again"
+        time.sleep(0.1)
+    t_serving = time.monotonic() - t_kill
+    assert worker.proc.poll() is None  # the same worker process, restarted inside
+    assert metric(worker, "ichat_worker_restarts_total") == 1
+    assert metric(worker, "ichat_worker_engine_deaths_total") == 1
+    detected = metric(worker, "ichat_worker_last_death_detected_timestamp_seconds") - wall_kill
+    assert 0 <= detected <= 1.0
+    _, alive = psutil.wait_procs(
+        [
+            p
+            for p in old_engine
+            if p.pid != core.pid and "resource_tracker" not in " ".join(p.cmdline())
+        ],
+        timeout=10,
+    )
+    assert not alive, f"old engine processes left: {alive}"
+    print(
+        f"kill -9 EngineCore: streams ended after {t_streams_ended:.2f} s "
+        f"({outcomes}); serving again after {t_serving:.1f} s"
+    )
+
+
+def test_saturating_load_gives_no_false_death(worker: Worker) -> None:
+    deaths = metric(worker, "ichat_worker_engine_deaths_total")
+    restarts = metric(worker, "ichat_worker_restarts_total")
+    t_end = time.monotonic() + 20
+    done = 0
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        while time.monotonic() < t_end:
+            results = list(pool.map(lambda _: stream_once(worker.url, 64), range(64)))
+            assert results == ["finished"] * 64, results
+            done += 64
+    assert metric(worker, "ichat_worker_engine_deaths_total") == deaths
+    assert metric(worker, "ichat_worker_restarts_total") == restarts
+    print(f"saturating load: {done} streams, 0 deaths, 0 restarts")
+
+
+def test_sigkill_of_the_worker_leaves_no_orphan(worker: Worker) -> None:
+    # Last: it kills the shared worker. The test process is a subreaper, so an
+    # orphan would become our child and show in our_processes().
+    engine = [p for p in psutil.Process(worker.proc.pid).children(recursive=True)]
+    assert any("EngineCore" in p.name() for p in engine)
+    t0 = time.monotonic()
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait(10)
+    _, alive = psutil.wait_procs(engine, timeout=10)
+    elapsed = time.monotonic() - t0
+    reap_zombies()
+    assert not alive, f"orphans: {alive}"
+    assert not our_processes()
+    print(f"SIGKILL of the worker: every engine process gone after {elapsed:.2f} s")

@@ -1,0 +1,161 @@
+"""Helpers shared by the integration (CPU) and GPU suites: real workers as users run them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+
+from ichat.processes import free_port, is_python_helper
+
+MODEL_NAME = "tiny-chat"
+CONTEXT_LENGTH = 1024
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphans of our workers become this process's children (Linux), so tests see them."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def engine_env_set(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def our_processes() -> list[psutil.Process]:
+    """Live (non-zombie) descendants of this test process, but for Python's own
+    multiprocessing helpers (this process's resource tracker lives as long as it)."""
+    alive = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.status() != psutil.STATUS_ZOMBIE and not is_python_helper(proc):
+                alive.append(proc)
+    return alive
+
+
+def reap_zombies() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] != 0:
+            pass
+
+
+def ichat_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ichat", *args]
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[str]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        """Handshake on /health; fail at once if the worker exits meanwhile."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"worker exited with {self.proc.returncode}:\n{self.output()[-4000:]}"
+                )
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        raise TimeoutError(f"worker not ready in {timeout} s:\n{self.output()[-4000:]}")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def start_worker(tmp_path: Path, *args: str) -> Iterator[Worker]:
+    port = free_port()
+    log = tmp_path / f"worker-{port}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ichat_cmd("serve", "--backend", "vllm", "--port", str(port), *args),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    worker = Worker(proc, port, log)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        for leftover in our_processes():  # never leave an engine behind for the next test
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leftover.kill()
+        reap_zombies()
+
+
+def engine_core(worker_pid: int) -> psutil.Process:
+    for proc in psutil.Process(worker_pid).children(recursive=True):
+        if "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline()):
+            return proc
+    raise AssertionError("no EngineCore process under the worker")
+
+
+def metric(worker: Worker, name: str) -> float:
+    for line in httpx.get(f"{worker.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def stream_once(url: str, max_tokens: int) -> str:
+    """Stream one chat; return 'finished' or the error type (never hang)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        stream = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": "go on"}],
+            max_tokens=max_tokens,
+            stream=True,
+            extra_body={"ignore_eos": True, "min_tokens": max_tokens},
+        )
+        finish = None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+        return "finished" if finish == "length" else f"ended:{finish}"
+    except Exception as exc:  # the point: every stream ends, one way or the other
+        return type(exc).__name__

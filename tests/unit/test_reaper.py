@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+# A stand-in worker: starts the orphan guard, then an "engine" tree (child and
+# grandchild), prints their pids and waits to be killed.
+WORKER = """
+import subprocess, sys, time
+from ichat import reaper
+guard = reaper.Reaper(interval=0.05)
+guard.start()
+engine = subprocess.Popen([sys.executable, "-c",
+    "import subprocess, sys, time; "
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+    "print(p.pid, flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+grandchild = int(engine.stdout.readline())
+print(guard.proc.pid, engine.pid, grandchild, flush=True)
+if sys.argv[1] == "clean":
+    engine.kill(); engine.wait()
+    guard.stop()
+    print("stopped", flush=True)
+time.sleep(300)
+"""
+
+
+def running(*pids: int) -> list[int]:
+    """Those of ``pids`` still running (a zombie has ended: only its parent must reap it)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def start_worker(mode: str) -> tuple[subprocess.Popen[str], list[int]]:
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, mode], stdout=subprocess.PIPE, text=True
+    )
+    assert worker.stdout is not None
+    pids = [int(x) for x in worker.stdout.readline().split()]
+    time.sleep(0.3)  # a few snapshot intervals
+    return worker, pids
+
+
+def test_sigkill_of_the_worker_kills_its_engine_tree() -> None:
+    worker, (guard, engine, grandchild) = start_worker("kill")
+    try:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(5)
+        t0 = time.monotonic()
+        while running(engine, grandchild, guard) and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert not running(engine, grandchild, guard)
+        assert time.monotonic() - t0 < 2
+    finally:
+        for pid in (engine, grandchild, guard):
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()
+
+
+def test_a_clean_stop_kills_nothing_and_the_guard_exits() -> None:
+    worker, (guard, engine, grandchild) = start_worker("clean")
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "stopped"
+        assert not running(guard)
+        # the grandchild was orphaned by the worker's own kill of its parent, on
+        # purpose: a clean stop leaves process policy to the worker, so it lives on
+        assert psutil.pid_exists(grandchild)
+    finally:
+        worker.kill()
+        worker.wait()
+        for pid in (engine, grandchild):
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()

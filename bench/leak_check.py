@@ -34,8 +34,10 @@ async def one_cycle(model: str, port: int) -> dict[str, Any]:
     await backend.wait_for_server_ready(timeout=600)
     ready_s = time.monotonic() - t0
     async with httpx.AsyncClient(base_url=config.base_url, timeout=60) as client:
-        r = await client.post("/v1/chat/completions", json={
-            "model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        r = await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+        )
         r.raise_for_status()
     t1 = time.monotonic()
     backend.request_stop()
@@ -43,8 +45,13 @@ async def one_cycle(model: str, port: int) -> dict[str, Any]:
     stop_s = time.monotonic() - t1
     me = psutil.Process()
     left = [p.pid for p in me.children(recursive=True) if not is_python_helper(p)]
-    return {"ready_s": ready_s, "stop_s": stop_s, "rss_mib": me.memory_info().rss / 2**20,
-            "engine_processes_left": len(left), "port_free": port_is_free("127.0.0.1", port)}
+    return {
+        "ready_s": ready_s,
+        "stop_s": stop_s,
+        "rss_mib": me.memory_info().rss / 2**20,
+        "engine_processes_left": len(left),
+        "port_free": port_is_free("127.0.0.1", port),
+    }
 
 
 def run_cycles(model: str, cycles: int) -> dict[str, Any]:
@@ -55,10 +62,12 @@ def run_cycles(model: str, cycles: int) -> dict[str, Any]:
     for i in range(cycles):
         result = asyncio.run(one_cycle(model, port))
         results.append(result)
-        print(f"cycle {i + 1}/{cycles}: ready {result['ready_s']:.1f} s, stop "
-              f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB, "
-              f"left {result['engine_processes_left']}, port free {result['port_free']}",
-              flush=True)
+        print(
+            f"cycle {i + 1}/{cycles}: ready {result['ready_s']:.1f} s, stop "
+            f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB, "
+            f"left {result['engine_processes_left']}, port free {result['port_free']}",
+            flush=True,
+        )
     baseline = results[0]["rss_mib"]
     return {
         "cycles": results,
@@ -70,8 +79,9 @@ def run_cycles(model: str, cycles: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None, help="JSON (and PNG beside it)")
@@ -96,8 +106,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.plot(range(1, len(rss) + 1), rss, marker="o")
     ax.set_xlabel("start/stop cycle")
     ax.set_ylabel("RSS of the ichat process (MiB)")
-    ax.set_title(f"{len(rss)} in-process cycles: growth {report['rss_growth_mib']:+.0f} MiB, "
-                 f"{report['engine_processes_left_total']} processes left")
+    ax.set_title(
+        f"{len(rss)} in-process cycles: growth {report['rss_growth_mib']:+.0f} MiB, "
+        f"{report['engine_processes_left_total']} processes left"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

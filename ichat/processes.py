@@ -50,6 +50,26 @@ def is_python_helper(proc: psutil.Process) -> bool:
     return any(helper in cmdline for helper in PYTHON_HELPERS)
 
 
+def not_running(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` that exited (zombies included: they only await reaping)."""
+    dead = []
+    for proc in procs:
+        try:
+            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                dead.append(proc)
+        except psutil.NoSuchProcess:
+            dead.append(proc)
+    return dead
+
+
+def title(proc: psutil.Process) -> str:
+    """Name and command line (where setproctitle names engine processes), or ''."""
+    try:
+        return f"{proc.name()} {' '.join(proc.cmdline())}"
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
 def terminate(procs: Iterable[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
     """SIGTERM ``procs`` and their descendants, SIGKILL what is left after ``timeout``.
 

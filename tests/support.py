@@ -159,3 +159,19 @@ def stream_once(url: str, max_tokens: int) -> str:
         return "finished" if finish == "length" else f"ended:{finish}"
     except Exception as exc:  # the point: every stream ends, one way or the other
         return type(exc).__name__
+
+
+def chat_ok(url: str) -> bool:
+    try:
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=30,
+            json={
+                "model": MODEL_NAME,
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
+    except httpx.TransportError:
+        return False
+    return r.status_code == 200

@@ -87,6 +87,11 @@ class BaseBackend(abc.ABC):
 
     # ------------------------------------------------------------------ interface
 
+    @property
+    def engine_processes(self) -> list[psutil.Process]:
+        """The processes that appeared while the engine started (recorded once)."""
+        return list(self._engine_procs)
+
     def get_backend_args(self) -> Any:
         """The engine's final, parsed argument object."""
         return self._backend_args

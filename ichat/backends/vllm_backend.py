@@ -14,11 +14,14 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import psutil
+
 from ichat.argmap import rename_flags
 from ichat.backends import vllm_compat
 from ichat.backends.base_backend import BaseBackend
 from ichat.config import WorkerConfig
 from ichat.errors import ConfigError, EngineDiedError, ModelNotFoundError, StartupError
+from ichat.processes import not_running, title
 
 if TYPE_CHECKING:
     import httpx
@@ -49,6 +52,7 @@ class VLLMBackend(BaseBackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._engine_client: Any = None
+        self._watched: list[psutil.Process] | None = None
         self._app: Any = None
         self._supported_tasks: tuple[str, ...] = ()
         super().__init__(*args, **kwargs)
@@ -196,6 +200,13 @@ class VLLMBackend(BaseBackend):
         client = self._engine_client
         if client is None:
             return
+        if self._watched is None:  # vLLM names its processes VLLM::EngineCore, ::Worker_TP1...
+            self._watched = [p for p in self.engine_processes if "VLLM::" in title(p)]
+            logger.info("watching engine processes %s", [p.pid for p in self._watched])
+        dead = not_running(self._watched)
+        if dead:
+            # vLLM itself may take seconds to notice a dead tensor-parallel worker.
+            raise EngineDiedError(f"vLLM engine process {dead[0].pid} exited")
         if client.errored:
             raise EngineDiedError("the vLLM engine is dead (engine_client.errored)")
         try:

@@ -20,6 +20,7 @@ import pytest
 from tests.support import (
     MODEL_NAME,
     Worker,
+    chat_ok,
     engine_core,
     metric,
     our_processes,
@@ -27,22 +28,6 @@ from tests.support import (
     start_worker,
     stream_once,
 )
-
-
-def chat_ok(url: str) -> bool:
-    try:
-        r = httpx.post(
-            f"{url}/v1/chat/completions",
-            timeout=30,
-            json={
-                "model": MODEL_NAME,
-                "max_tokens": 2,
-                "messages": [{"role": "user", "content": "hi"}],
-            },
-        )
-    except httpx.TransportError:
-        return False
-    return r.status_code == 200
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
+from ichat.probe import wait_healthy
 from ichat.processes import free_port
 
 MODEL_NAME = "bench-model"
@@ -81,18 +81,6 @@ def tree_rss_mib(pid: int) -> float:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
     return total / 2**20
-
-
-def wait_health(proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        time.sleep(0.02)
-    raise TimeoutError("server not ready")
 
 
 async def load(url: str, requests: int, concurrency: int, max_tokens: int) -> dict[str, float]:
@@ -153,7 +141,7 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_health(proc, url, timeout=900)
+        wait_healthy(url, proc, timeout=900)
         ready_s = time.monotonic() - t0
         result = run_load(url, args.requests, args.concurrency, args.max_tokens)
         result.update(kind=kind, ready_s=ready_s, rss_mib=tree_rss_mib(proc.pid))

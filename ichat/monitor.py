@@ -27,15 +27,18 @@ class HealthMonitor:
         probe_timeout: float,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._probe = probe
         self._interval = interval
         self._probe_timeout = probe_timeout
         self._sleep = sleep
         self._clock = clock
+        self._wall_clock = wall_clock
         self.checks = 0
         self.slow_probes = 0
-        self.detected_at: float | None = None
+        self.detected_at: float | None = None  # monotonic
+        self.detected_unix: float | None = None  # wall clock, for metrics
 
     async def run(self) -> None:
         """Probe until the engine is found dead; then raise ``EngineDiedError``."""
@@ -60,6 +63,7 @@ class HealthMonitor:
                 await probe
         except EngineDiedError:
             self.detected_at = self._clock()
+            self.detected_unix = self._wall_clock()
             logger.error(
                 "engine death detected (probe started %.3f s earlier)",
                 self.detected_at - started,

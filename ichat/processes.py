@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterable
 
 import psutil
@@ -84,13 +85,29 @@ def terminate(procs: Iterable[psutil.Process], timeout: float = 5.0) -> list[psu
     for proc in targets:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.terminate()
-    _, alive = psutil.wait_procs(targets, timeout=timeout)
+    alive = wait_stopped(targets, timeout)
     for proc in alive:
         logger.warning("process %d did not stop on SIGTERM; killing it", proc.pid)
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.kill()
-    _, survivors = psutil.wait_procs(alive, timeout=timeout)
-    return list(survivors)
+    return wait_stopped(alive, timeout)
+
+
+def wait_stopped(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each of ``procs`` exited; return those still running at ``timeout``.
+
+    A zombie has exited: only its parent can reap it (our own children are reaped
+    here), so it is never waited for. Where PID 1 does not reap orphans (some
+    containers), waiting for zombies to vanish would stall every stop.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        psutil.wait_procs(procs, timeout=0)  # reaps those that are our children
+        stopped = set(not_running(procs))
+        running = [p for p in procs if p not in stopped]
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.02)
 
 
 def port_is_free(host: str, port: int) -> bool:

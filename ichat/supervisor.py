@@ -102,7 +102,8 @@ class Supervisor:
                 uptime = 0.0
             except EngineDiedError:
                 self.stats.engine_deaths += 1
-                self.stats.last_death_detected_unix = self._wall_clock()
+                detected = backend.monitor.detected_unix if backend.monitor else None
+                self.stats.last_death_detected_unix = detected or self._wall_clock()
                 if not self.restart:
                     self.stats.state = WorkerState.FAILED
                     raise

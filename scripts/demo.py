@@ -7,28 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 
+from ichat.probe import wait_healthy
 from ichat.processes import free_port
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float) -> float:
-    t0 = time.monotonic()
-    delay = 0.05
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"the worker exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return time.monotonic() - t0
-        except httpx.TransportError:
-            pass
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
-    raise SystemExit(f"the worker was not ready within {timeout:.0f} s")
 
 
 def main() -> int:
@@ -59,7 +42,7 @@ def main() -> int:
     print("starting:", " ".join(cmd), flush=True)
     worker = subprocess.Popen(cmd, env=env)
     try:
-        ready = wait_ready(worker, url, timeout=900)
+        ready = wait_healthy(url, worker, timeout=900)
         print(f"\nworker ready after {ready:.1f} s at {url}/v1", flush=True)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         reply = client.chat.completions.create(

@@ -7,4 +7,4 @@ PY=${ICHAT_VENV:-.venv}/bin/python
 "$PY" -m ruff check ichat tests bench scripts
 "$PY" -m mypy
 "$PY" -m pytest tests/unit -q -p no:cacheprovider
-"$PY" -m pytest tests/integration -v -p no:cacheprovider --durations=15 "$@"
+"$PY" -m pytest tests/integration -v -p no:cacheprovider --durations=15 -m "not slow" "$@"

@@ -16,6 +16,7 @@ import httpx
 import openai
 import psutil
 
+from ichat.probe import wait_healthy
 from ichat.processes import free_port, is_python_helper
 
 MODEL_NAME = "tiny-chat"
@@ -79,20 +80,11 @@ class Worker:
         return self.log.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 600) -> None:
-        """Handshake on /health; fail at once if the worker exits meanwhile."""
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited with {self.proc.returncode}:\n{self.output()[-4000:]}"
-                )
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
-        raise TimeoutError(f"worker not ready in {timeout} s:\n{self.output()[-4000:]}")
+        """Handshake on /health; fail at once (with the log) if the worker exits."""
+        try:
+            wait_healthy(self.url, self.proc, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}:\n{self.output()[-4000:]}") from exc
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -175,3 +167,22 @@ def chat_ok(url: str) -> bool:
     except httpx.TransportError:
         return False
     return r.status_code == 200
+
+
+@dataclass(frozen=True)
+class KillResult:
+    detected_s: float  # from the worker's own metric
+    serving_again_s: float
+
+
+def kill_and_wait_serving(worker: Worker, pid: int, timeout: float = 600) -> KillResult:
+    """SIGKILL ``pid`` (an engine process of ``worker``); wait until it serves again."""
+    t_kill, wall_kill = time.monotonic(), time.time()
+    os.kill(pid, signal.SIGKILL)
+    while not chat_ok(worker.url):
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        assert time.monotonic() - t_kill < timeout, "the worker did not serve again"
+        time.sleep(0.1)
+    serving = time.monotonic() - t_kill
+    detected = metric(worker, "ichat_worker_last_death_detected_timestamp_seconds") - wall_kill
+    return KillResult(detected, serving)

@@ -58,10 +58,13 @@ def test_death_is_raised_with_its_detection_time() -> None:
         if n == 3:
             raise EngineDiedError("gone")
 
-    monitor = HealthMonitor(dies_on_third_check, interval=0.0, probe_timeout=1.0)
+    monitor = HealthMonitor(
+        dies_on_third_check, interval=0.0, probe_timeout=1.0, wall_clock=lambda: 1234.5
+    )
     with pytest.raises(EngineDiedError, match="gone"):
         asyncio.run(monitor.run())
     assert monitor.checks == 3 and monitor.detected_at is not None
+    assert monitor.detected_unix == 1234.5
 
 
 def test_death_reported_by_a_slow_probe_still_counts() -> None:

@@ -34,6 +34,7 @@ class ScriptedBackend:
         self.uptime = uptime
         self.backend_ready_event = asyncio.Event()
         self.phase_seconds = {"engine_start": 1.0}
+        self.monitor = None
         self._stopped = asyncio.Event()
         self.stop_calls: list[bool] = []
 

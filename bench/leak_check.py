@@ -23,7 +23,7 @@ import psutil
 
 from ichat.backends.vllm_backend import VLLMBackend
 from ichat.config import WorkerConfig
-from ichat.processes import free_port, is_python_helper, port_is_free
+from ichat.processes import free_port, is_python_helper, port_is_free, title
 
 
 async def one_cycle(model: str, port: int) -> dict[str, Any]:
@@ -44,7 +44,10 @@ async def one_cycle(model: str, port: int) -> dict[str, Any]:
     await task
     stop_s = time.monotonic() - t1
     me = psutil.Process()
-    left = [p.pid for p in me.children(recursive=True) if not is_python_helper(p)]
+    left = [f"{p.pid}:{title(p)[:60]}:{p.status()}" for p in me.children(recursive=True)
+            if not is_python_helper(p)]
+    if left:
+        print("left:", left, flush=True)
     return {
         "ready_s": ready_s,
         "stop_s": stop_s,

@@ -102,12 +102,26 @@ def wait_stopped(procs: list[psutil.Process], timeout: float) -> list[psutil.Pro
     """
     deadline = time.monotonic() + timeout
     while True:
-        psutil.wait_procs(procs, timeout=0)  # reaps those that are our children
         stopped = set(not_running(procs))
         running = [p for p in procs if p not in stopped]
         if not running or time.monotonic() >= deadline:
+            reap(stopped)
             return running
         time.sleep(0.02)
+
+
+def reap(procs: Iterable[psutil.Process], timeout: float = 2.0) -> None:
+    """Collect the exit status of those of ``procs`` that are our exited children.
+
+    A multi-threaded process shows as a zombie while its other threads still exit;
+    waitpid() returns it only after that, so each of ours is waited for briefly.
+    """
+    me = os.getpid()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if proc.ppid() == me:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -303,7 +303,12 @@ class BaseBackend(abc.ABC):
                 logger.info("warmup request took %.3f s", self.phase_seconds["warmup"])
         self.state = BackendState.READY
         self.backend_ready_event.set()
-        logger.info("%s backend ready on %s", self.engine_name, config.base_url)
+        logger.info(
+            "%s backend ready on %s (healthy %.3f s after the engine started)",
+            self.engine_name,
+            config.base_url,
+            self.phase_seconds["ready"],
+        )
 
     def _raise_if_stopped(self) -> None:
         task = self._server_task
@@ -341,6 +346,7 @@ class BaseBackend(abc.ABC):
                 await self._monitor_task
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
+            t0 = time.monotonic()
             done, _ = await asyncio.wait({self._server_task}, timeout=config.drain_timeout + 5)
             if not done:
                 logger.warning(
@@ -350,12 +356,19 @@ class BaseBackend(abc.ABC):
                 self._server_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._server_task
+            self._log_phase("drain", t0, "HTTP server drained and closed")
         if self._stack is not None:
             stack, self._stack = self._stack, None
+            t0 = time.monotonic()
             try:
                 await asyncio.wait_for(stack.aclose(), timeout=30)
             except Exception as exc:  # the engine may already be dead; cleanup() kills it
                 logger.warning("engine shutdown raised %r; killing its processes", exc)
+            self._log_phase("engine_shutdown", t0, "engine shut down")
+
+    def _log_phase(self, phase: str, started: float, what: str) -> None:
+        self.phase_seconds[phase] = time.monotonic() - started
+        logger.info("%s in %.2f s", what, self.phase_seconds[phase])
 
     def _new_children(self) -> list[psutil.Process]:
         """Our processes that appeared since the engine started ([] before that)."""

@@ -48,7 +48,7 @@ def check(report: dict[str, object]) -> None:
 
 
 def test_start_stop_cycles_leave_nothing(model_dir: Path, tmp_path: Path) -> None:
-    check(run_cycles(model_dir, int(os.environ.get("ICHAT_CI_CYCLES", "3")), tmp_path))
+    check(run_cycles(model_dir, int(os.environ.get("ICHAT_CI_CYCLES", "20")), tmp_path))
 
 
 @pytest.mark.slow

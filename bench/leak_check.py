@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import gc
 import json
 import os
 import time
@@ -24,6 +26,9 @@ import psutil
 from ichat.backends.vllm_backend import VLLMBackend
 from ichat.config import WorkerConfig
 from ichat.processes import free_port, is_python_helper, port_is_free, title
+
+# What one start builds in this process; none of it may outlive its stop.
+ENGINE_OBJECTS = ("VLLMBackend", "AsyncLLM", "FastAPI", "NoSignalServer", "VllmConfig")
 
 
 async def one_cycle(model: str, port: int) -> dict[str, Any]:
@@ -44,8 +49,11 @@ async def one_cycle(model: str, port: int) -> dict[str, Any]:
     await task
     stop_s = time.monotonic() - t1
     me = psutil.Process()
-    left = [f"{p.pid}:{title(p)[:60]}:{p.status()}" for p in me.children(recursive=True)
-            if not is_python_helper(p)]
+    left = [
+        f"{p.pid}:{title(p)[:60]}:{p.status()}"
+        for p in me.children(recursive=True)
+        if not is_python_helper(p)
+    ]
     if left:
         print("left:", left, flush=True)
     return {
@@ -72,10 +80,14 @@ def run_cycles(model: str, cycles: int) -> dict[str, Any]:
             flush=True,
         )
     baseline = results[0]["rss_mib"]
+    gc.collect()
+    alive = collections.Counter(type(o).__name__ for o in gc.get_objects())
     return {
+        "engine_objects_alive": {name: alive[name] for name in ENGINE_OBJECTS},
         "cycles": results,
         "rss_baseline_mib": baseline,
         "rss_growth_mib": results[-1]["rss_mib"] - baseline,
+        "rss_growth_per_cycle_mib": (results[-1]["rss_mib"] - baseline) / max(cycles - 1, 1),
         "engine_processes_left_total": sum(r["engine_processes_left"] for r in results),
         "port_not_free_count": sum(not r["port_free"] for r in results),
     }

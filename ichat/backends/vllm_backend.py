@@ -85,7 +85,7 @@ class VLLMBackend(BaseBackend):
         if config.log_level is not None and api.configure_logging_from_args is not None:
             level = "debug" if config.log_level == "trace" else config.log_level
             args.log_level = level.upper()  # vLLM >= 0.32 has --log-level of its own
-        self._reject_multi_server(args)
+        self._reject_unsupported_modes(args)
         check_model_path(args.model)
         try:
             api.validate_parsed_serve_args(args)
@@ -96,8 +96,10 @@ class VLLMBackend(BaseBackend):
         return args
 
     @staticmethod
-    def _reject_multi_server(args: Any) -> None:
-        """iChat serves one API server in its own process; these modes need several."""
+    def _reject_unsupported_modes(args: Any) -> None:
+        """iChat serves one HTTP API server on host:port in its own process."""
+        if getattr(args, "uds", None):
+            raise ConfigError("--uds is not supported by ichat serve; use --host and --port")
         for flag in ("headless", "grpc"):
             if getattr(args, flag, False):
                 raise ConfigError(f"--{flag} is not supported in-process by ichat serve")

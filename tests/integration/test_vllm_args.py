@@ -77,6 +77,8 @@ def test_several_api_servers_are_refused_with_a_reason(model_dir: Path) -> None:
         parse(["--model-path", str(model_dir), "--api-server-count", "2"])
     with pytest.raises(ConfigError, match="--headless"):
         parse(["--model-path", str(model_dir), "--headless"])
+    with pytest.raises(ConfigError, match="--uds is not supported"):
+        parse(["--model-path", str(model_dir), "--uds", "/tmp/ichat.sock"])
 
 
 def test_vllms_own_validation_runs_before_any_start(model_dir: Path) -> None:

@@ -17,7 +17,7 @@ import openai
 import psutil
 
 from ichat.probe import wait_healthy
-from ichat.processes import free_port, is_python_helper
+from ichat.processes import free_port, is_python_helper, title
 
 MODEL_NAME = "tiny-chat"
 CONTEXT_LENGTH = 1024
@@ -119,9 +119,18 @@ def start_worker(tmp_path: Path, *args: str) -> Iterator[Worker]:
         reap_zombies()
 
 
-def engine_core(worker_pid: int) -> psutil.Process:
-    for proc in psutil.Process(worker_pid).children(recursive=True):
-        if "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline()):
+def vllm_processes(root_pid: int | None = None) -> list[psutil.Process]:
+    """vLLM's own live processes (VLLM::EngineCore, VLLM::Worker...) under ``root_pid``.
+
+    Zombies are skipped: this test process is a subreaper and adopts the exited
+    grandchildren of earlier workers until it reaps them.
+    """
+    return [p for p in psutil.Process(root_pid).children(recursive=True) if "VLLM::" in title(p)]
+
+
+def engine_core(worker_pid: int | None = None) -> psutil.Process:
+    for proc in vllm_processes(worker_pid):
+        if "EngineCore" in title(proc):
             return proc
     raise AssertionError("no EngineCore process under the worker")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ichat.processes import title
 from tests.support import (
     MODEL_NAME,
     Worker,
@@ -25,6 +26,7 @@ from tests.support import (
     kill_and_wait_serving,
     start_worker,
     stream_once,
+    vllm_processes,
 )
 
 from .test_gpu_vllm import gpu_memory_used_mib
@@ -66,11 +68,7 @@ def tp_worker(gpu_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def tp_workers(worker_pid: int) -> list[psutil.Process]:
-    return [
-        p
-        for p in psutil.Process(worker_pid).children(recursive=True)
-        if "Worker_TP" in p.name() or "Worker_TP" in " ".join(p.cmdline())
-    ]
+    return [p for p in vllm_processes(worker_pid) if "Worker_TP" in title(p)]
 
 
 def test_tp2_serves_chat_and_stream(tp_worker: Worker) -> None:

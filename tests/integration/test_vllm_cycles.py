@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import our_processes, reap_zombies
+
 LEAK_CHECK = Path(__file__).resolve().parents[2] / "bench" / "leak_check.py"
 # Measured: +4.2 MiB a cycle over 10 cycles (allocator and native caches; no engine
 # object survives its stop). A retained engine (client, app, config, tokenizer) would
@@ -36,7 +38,9 @@ def run_cycles(model_dir: Path, cycles: int, tmp_path: Path) -> dict[str, object
         text=True,
         timeout=120 * cycles + 300,
     )
+    reap_zombies()  # the cycles' exited model workers were adopted by this subreaper
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not our_processes()
     print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("cycle")))
     report: dict[str, object] = json.loads(out.read_text())
     return report

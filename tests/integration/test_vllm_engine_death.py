@@ -20,15 +20,8 @@ from ichat.backends.base_backend import BackendState
 from ichat.backends.vllm_backend import VLLMBackend
 from ichat.config import WorkerConfig
 from ichat.errors import EngineDiedError
-from ichat.processes import free_port, is_python_helper, port_is_free
-from tests.support import MODEL_NAME
-
-
-def engine_core(procs: list[psutil.Process]) -> psutil.Process:
-    for proc in procs:
-        if "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline()):
-            return proc
-    raise AssertionError(f"no EngineCore among {[p.name() for p in procs]}")
+from ichat.processes import free_port, port_is_free
+from tests.support import MODEL_NAME, engine_core, vllm_processes
 
 
 def test_kill_9_of_engine_core_is_detected_within_1s_and_run_ends(model_dir: Path) -> None:
@@ -47,11 +40,9 @@ def test_kill_9_of_engine_core_is_detected_within_1s_and_run_ends(model_dir: Pat
                 "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 4}
             )
             assert ok.status_code == 200
-        engine_procs = [
-            p for p in psutil.Process().children(recursive=True) if not is_python_helper(p)
-        ]
+        engine_procs = vllm_processes()
         result["engine_procs"] = len(engine_procs)
-        core = engine_core(engine_procs)
+        core = engine_core()
         t0 = time.monotonic()
         os.kill(core.pid, signal.SIGKILL)
         with pytest.raises(EngineDiedError):

@@ -28,6 +28,7 @@ from tests.support import (
     reap_zombies,
     start_worker,
     stream_once,
+    vllm_processes,
 )
 
 
@@ -54,9 +55,7 @@ def test_worker_metrics_are_served_next_to_the_engines(worker: Worker) -> None:
 
 
 def test_kill_9_engine_while_streaming_restarts_and_serves_again(worker: Worker) -> None:
-    old_engine = [
-        p for p in psutil.Process(worker.proc.pid).children(recursive=True) if "VLLM::" in title(p)
-    ]
+    old_engine = vllm_processes(worker.proc.pid)
     assert len(old_engine) >= 2  # EngineCore and its model worker
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         streams = [pool.submit(stream_once, worker.url, 2000) for _ in range(8)]
@@ -105,8 +104,8 @@ def test_saturating_load_gives_no_false_death(worker: Worker) -> None:
 def test_sigkill_of_the_worker_leaves_no_orphan(worker: Worker) -> None:
     # Last: it kills the shared worker. The test process is a subreaper, so an
     # orphan would become our child and show in our_processes().
-    engine = [p for p in psutil.Process(worker.proc.pid).children(recursive=True)]
-    assert any("EngineCore" in p.name() for p in engine)
+    engine = vllm_processes(worker.proc.pid)
+    assert any("EngineCore" in title(p) for p in engine)
     t0 = time.monotonic()
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait(10)

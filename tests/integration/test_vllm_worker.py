@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from ichat.processes import port_is_free
+from ichat.processes import port_is_free, title
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,
@@ -90,11 +90,11 @@ def test_engine_runs_inside_our_process(worker: Worker) -> None:
     ]
     assert listening, "the ichat process itself must hold the listening socket"
     children = me.children(recursive=True)
-    titles = [" ".join(p.cmdline()) + " " + p.name() for p in children]
+    titles = [title(p) for p in children]
     assert any("EngineCore" in t for t in titles), titles
-    for title in titles:
-        assert "vllm serve" not in title and "api_server" not in title, title
-        assert "ichat" not in title.split()[0:3], title  # no second ichat/vLLM CLI
+    for t in titles:
+        assert "vllm serve" not in t and "api_server" not in t, t  # no vLLM CLI child
+        assert "ichat serve" not in t, t  # and no second worker
 
 
 def test_sigterm_drains_in_flight_streams_exits_0_no_child_port_free(worker: Worker) -> None:

@@ -104,14 +104,19 @@ def test_saturating_load_gives_no_false_death(worker: Worker) -> None:
 def test_sigkill_of_the_worker_leaves_no_orphan(worker: Worker) -> None:
     # Last: it kills the shared worker. The test process is a subreaper, so an
     # orphan would become our child and show in our_processes().
+    # Every descendant counts (vLLM's, and e.g. torch's compile workers under them).
     engine = vllm_processes(worker.proc.pid)
     assert any("EngineCore" in title(p) for p in engine)
     t0 = time.monotonic()
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait(10)
     _, alive = psutil.wait_procs(engine, timeout=10)
-    elapsed = time.monotonic() - t0
-    reap_zombies()
     assert not alive, f"orphans: {alive}"
-    assert not our_processes()
-    print(f"SIGKILL of the worker: every engine process gone after {elapsed:.2f} s")
+    left = our_processes()
+    while left and time.monotonic() - t0 < 10:  # SIGKILLed ones may take a moment to exit
+        reap_zombies()
+        time.sleep(0.05)
+        left = our_processes()
+    elapsed = time.monotonic() - t0
+    assert not left, f"orphans: {[(p.pid, title(p)) for p in left]}"
+    print(f"SIGKILL of the worker: every process below it gone after {elapsed:.2f} s")

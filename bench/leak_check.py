@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import faulthandler
 import gc
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 import psutil
 
+from ichat import reaper
 from ichat.backends.vllm_backend import VLLMBackend
 from ichat.config import WorkerConfig
 from ichat.processes import free_port, is_python_helper, port_is_free, title
@@ -31,7 +33,7 @@ from ichat.processes import free_port, is_python_helper, port_is_free, title
 ENGINE_OBJECTS = ("VLLMBackend", "AsyncLLM", "FastAPI", "NoSignalServer", "VllmConfig")
 
 
-async def one_cycle(model: str, port: int) -> dict[str, Any]:
+async def one_cycle(model: str, port: int, guard_pid: int) -> dict[str, Any]:
     config = WorkerConfig(port=port)
     backend = VLLMBackend(config, ["--model-path", model, "--served-model-name", "m"])
     t0 = time.monotonic()
@@ -52,7 +54,7 @@ async def one_cycle(model: str, port: int) -> dict[str, Any]:
     left = [
         f"{p.pid}:{title(p)[:60]}:{p.status()}"
         for p in me.children(recursive=True)
-        if not is_python_helper(p)
+        if not is_python_helper(p) and p.pid != guard_pid
     ]
     if left:
         print("left:", left, flush=True)
@@ -70,15 +72,20 @@ def run_cycles(model: str, cycles: int) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     port = free_port()
     results = []
-    for i in range(cycles):
-        result = asyncio.run(one_cycle(model, port))
-        results.append(result)
-        print(
-            f"cycle {i + 1}/{cycles}: ready {result['ready_s']:.1f} s, stop "
-            f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB, "
-            f"left {result['engine_processes_left']}, port free {result['port_free']}",
-            flush=True,
-        )
+    with reaper.guarded() as guard:  # killed midway (a test's timeout): no orphan engine
+        assert guard.proc is not None
+        for i in range(cycles):
+            # a cycle stuck for 5 min prints every thread's stack (then goes on waiting)
+            faulthandler.dump_traceback_later(300, exit=False)
+            result = asyncio.run(one_cycle(model, port, guard.proc.pid))
+            faulthandler.cancel_dump_traceback_later()
+            results.append(result)
+            print(
+                f"cycle {i + 1}/{cycles}: ready {result['ready_s']:.1f} s, stop "
+                f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB, "
+                f"left {result['engine_processes_left']}, port free {result['port_free']}",
+                flush=True,
+            )
     baseline = results[0]["rss_mib"]
     gc.collect()
     alive = collections.Counter(type(o).__name__ for o in gc.get_objects())

@@ -15,9 +15,12 @@ USAGE = f"""usage: ichat COMMAND [ARGS...]
 iChat {__version__}: run vLLM in-process behind one small interface.
 
 commands:
+  up                start a gateway and N workers, wait until the model is routable,
+                    stop everything on Ctrl-C (`ichat up --help`)
   serve             run a worker: an engine in this process serving the OpenAI API
                     (`ichat serve --help`; `ichat serve --backend vllm --help` adds the
                     engine's own flags)
+  gateway           run the Shepherd Model Gateway (SMG) with iChat's defaults
   make-test-model   write a tiny random-weight Llama and a trained BPE tokenizer to a
                     folder (no download needed)
 """
@@ -36,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ichat import serve
 
         return serve.main(rest)
+    if command == "up":
+        from ichat import up
+
+        return up.main(rest)
+    if command == "gateway":
+        from ichat import gateway
+
+        return gateway.main(rest)
     if command == "make-test-model":
         from ichat import testmodel
 

@@ -33,6 +33,13 @@ class WorkerConfig:
     # Supervision: start a fresh backend when the engine dies after being ready.
     restart: bool = True
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    # Gateway (SMG): register once ready, leave at once on death or stop.
+    gateway_url: str | None = None
+    gateway_api_key: str | None = None
+    # The URL the gateway uses to reach this worker (default: base_url).
+    advertise_url: str | None = None
+    # On SIGTERM: at most this long to leave the gateway before draining starts.
+    gateway_leave_timeout: float = 3.0
 
     @property
     def client_host(self) -> str:

@@ -8,7 +8,9 @@
     │   ├── PortInUseError
     │   └── ReadinessTimeoutError
     ├── EngineDiedError             exit 4  the engine died after it was ready
-    └── CrashLoopError              exit 5  it kept dying: the supervisor gave up
+    ├── CrashLoopError              exit 5  it kept dying: the supervisor gave up
+    └── GatewayError                exit 6  the gateway (SMG) cannot start or answers wrong
+        └── GatewayRefused                  a control-plane call got an unexpected status
 
 Engine exceptions are translated into these at the backend boundary with
 ``raise X(...) from exc``; only the CLI turns them into exit codes.
@@ -75,3 +77,19 @@ class CrashLoopError(IChatError):
     """The engine kept dying; the supervisor stopped restarting it."""
 
     exit_code = 5
+
+
+class GatewayError(IChatError):
+    """The gateway cannot be started, or it answered a control-plane call wrongly.
+
+    A worker never stops for it: registration retries and the worker keeps serving."""
+
+    exit_code = 6
+
+
+class GatewayRefused(GatewayError):
+    """The gateway answered a control-plane call with an unexpected status."""
+
+    def __init__(self, call: str, status: int, text: str) -> None:
+        super().__init__(f"{call} -> HTTP {status} {text[:200]}")
+        self.status = status

@@ -3,7 +3,9 @@
 The probe is engine-specific and cheap (vLLM: ``engine_client.errored``, SGLang:
 are the engine processes alive). It raises ``EngineDiedError`` when the engine is
 dead. A probe that takes longer than ``probe_timeout`` is logged as slow and the
-monitor goes on: slowness under load is not death.
+monitor goes on: slowness under load is not death. While a slow probe is pending,
+the synchronous ``liveness`` check (no I/O: are the engine processes there?) still
+runs every ``interval``, so a probe stuck on a dead engine never hides the death.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class HealthMonitor:
         *,
         interval: float,
         probe_timeout: float,
+        liveness: Callable[[], None] = lambda: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -32,6 +35,7 @@ class HealthMonitor:
         self._probe = probe
         self._interval = interval
         self._probe_timeout = probe_timeout
+        self._liveness = liveness
         self._sleep = sleep
         self._clock = clock
         self._wall_clock = wall_clock
@@ -60,7 +64,7 @@ class HealthMonitor:
                     "engine health probe is slow (> %.1f s): busy, not dead; waiting on",
                     self._probe_timeout,
                 )
-                await probe
+                await self._wait_slow_probe(probe)
         except EngineDiedError:
             self.detected_at = self._clock()
             self.detected_unix = self._wall_clock()
@@ -69,3 +73,13 @@ class HealthMonitor:
                 self.detected_at - started,
             )
             raise
+
+    async def _wait_slow_probe(self, probe: asyncio.Future[None]) -> None:
+        try:
+            while not probe.done():
+                self._liveness()
+                await asyncio.wait({probe}, timeout=max(self._interval, 0.01))
+        except BaseException:  # dead by liveness, or the monitor itself cancelled
+            probe.cancel()
+            raise
+        probe.result()

@@ -9,14 +9,16 @@ descendants: the owner is gone, nobody is left to drain for. Each process is mat
 by pid *and* create time, so a reused pid is never hit. A clean stop says ``bye``
 first; the watcher then exits without killing anything.
 
-Limit: a child started in the last ``interval`` before the worker died is found only
-if it is below a process of the snapshot.
+A child started after the last snapshot is found too: the worker puts a random token
+in its environment before it starts the engine, every engine process inherits it, and
+on EOF the watcher also kills every process of this user that carries the token.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import select
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import psutil
 from ichat.processes import is_python_helper
 
 BYE = b"bye\n"
+TOKEN_ENV = "ICHAT_REAPER_TOKEN"
 
 
 def snapshot(owner: int) -> dict[int, float]:
@@ -37,6 +40,20 @@ def snapshot(owner: int) -> dict[int, float]:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 if proc.pid != os.getpid() and not is_python_helper(proc):
                     found[proc.pid] = proc.create_time()
+    return found
+
+
+def marked(token: str) -> dict[int, float]:
+    """pid -> create time of every process that inherited the worker's token."""
+    found: dict[int, float] = {}
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if (
+                proc.pid != os.getpid()
+                and proc.environ().get(TOKEN_ENV) == token
+                and not is_python_helper(proc)
+            ):
+                found[proc.pid] = proc.create_time()
     return found
 
 
@@ -58,7 +75,7 @@ def kill_snapshot(seen: dict[int, float]) -> list[int]:
     return killed
 
 
-def watch(owner: int, interval: float) -> int:
+def watch(owner: int, interval: float, token: str) -> int:
     """The watcher's loop: returns once the owner said bye or died."""
     seen: dict[int, float] = {}
     stdin = sys.stdin.fileno()
@@ -69,7 +86,7 @@ def watch(owner: int, interval: float) -> int:
             if data.startswith(BYE):
                 return 0
             if not data:  # EOF: the owner died without saying bye
-                killed = kill_snapshot(seen)
+                killed = kill_snapshot(seen | marked(token))
                 if killed:
                     print(
                         f"ichat reaper: worker {owner} died; killed {killed}",
@@ -86,17 +103,28 @@ class Reaper:
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
         self.proc: subprocess.Popen[bytes] | None = None
+        self.token = secrets.token_hex(16)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ichat.reaper", str(os.getpid()), str(self.interval)],
+            [
+                sys.executable,
+                "-m",
+                "ichat.reaper",
+                str(os.getpid()),
+                str(self.interval),
+                self.token,
+            ],
             stdin=subprocess.PIPE,
             start_new_session=True,  # not in our process group
         )
+        os.environ[TOKEN_ENV] = self.token  # inherited by every process started from now on
 
     def stop(self) -> None:
         """A clean stop: the watcher exits without killing anything."""
         proc, self.proc = self.proc, None
+        if os.environ.get(TOKEN_ENV) == self.token:
+            del os.environ[TOKEN_ENV]
         if proc is None or proc.stdin is None:
             return
         with contextlib.suppress(BrokenPipeError, OSError):
@@ -120,4 +148,4 @@ def guarded(interval: float = 0.25) -> Iterator[Reaper]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(watch(int(sys.argv[1]), float(sys.argv[2])))
+    raise SystemExit(watch(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]))

@@ -20,6 +20,7 @@ from ichat.backends import BACKENDS, backend_class
 from ichat.backends.base_backend import BaseBackend
 from ichat.config import WorkerConfig
 from ichat.errors import IChatError
+from ichat.registration import GatewayRegistration, GatewaySettings
 from ichat.signals import captured_signals
 from ichat.supervisor import Supervisor
 
@@ -110,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=policy.crash_window,
         help="seconds (default: %(default)s)",
     )
+    parser.add_argument(
+        "--gateway-url",
+        default=None,
+        help="register with this gateway (SMG) once ready; leave it at once when the "
+        "engine dies or the worker stops (default: no gateway)",
+    )
+    parser.add_argument(
+        "--gateway-api-key", default=None, help="the gateway's control-plane key (Bearer)"
+    )
+    parser.add_argument(
+        "--advertise-url",
+        default=None,
+        help="the URL the gateway uses to reach this worker (default: http://HOST:PORT)",
+    )
     return parser
 
 
@@ -137,12 +152,23 @@ def parse_args(argv: Sequence[str]) -> tuple[WorkerConfig, list[str], str | None
             max_crashes=ns.crash_loop_max,
             crash_window=ns.crash_loop_window,
         ),
+        gateway_url=ns.gateway_url,
+        gateway_api_key=ns.gateway_api_key,
+        advertise_url=ns.advertise_url,
     )
     return config, engine_argv, help_mode
 
 
-async def serve(supervisor: Supervisor) -> None:
-    """Run the supervised worker until it stops; SIGTERM/SIGINT drain, a second forces."""
+async def serve(
+    supervisor: Supervisor,
+    registration: GatewayRegistration | None = None,
+    leave_timeout: float = 3.0,
+) -> None:
+    """Run the supervised worker until it stops; SIGTERM/SIGINT drain, a second forces.
+
+    With a gateway, the first signal takes the worker out of the gateway (bounded by
+    ``leave_timeout``) before draining starts, so no new request is routed here.
+    """
     loop = asyncio.get_running_loop()
     received: asyncio.Queue[signal.Signals] = asyncio.Queue()
 
@@ -157,6 +183,9 @@ async def serve(supervisor: Supervisor) -> None:
                     "the drain timeout; send it again to force)",
                     sig.name,
                 )
+                if registration is not None:
+                    registration.leave()
+                    await registration.wait_settled(leave_timeout)
                 supervisor.request_stop()
             else:
                 logger.warning("%s received again: forcing the stop", sig.name)
@@ -164,10 +193,15 @@ async def serve(supervisor: Supervisor) -> None:
 
     with captured_signals(loop, received), metrics.registered(supervisor.stats):
         watcher = asyncio.create_task(act_on_signals())
+        membership = None if registration is None else asyncio.create_task(registration.run())
         try:
             await supervisor.run()
         finally:
             watcher.cancel()
+            if registration is not None and membership is not None:
+                registration.leave()  # a worker that gives up leaves the gateway too
+                await registration.wait_settled(leave_timeout)
+                membership.cancel()
 
 
 def configure_logging(level: str) -> None:
@@ -218,5 +252,18 @@ async def _serve_new(cls: type[BaseBackend], config: WorkerConfig, argv: list[st
     def make_backend() -> BaseBackend:
         return next(fresh, None) or cls(config, argv)
 
+    registration = None
+    if config.gateway_url:
+        registration = GatewayRegistration(
+            GatewaySettings(
+                url=config.gateway_url.rstrip("/"),
+                worker_url=config.advertise_url or config.base_url,
+                model=first.served_model_name(),
+                api_key=config.gateway_api_key,
+            )
+        )
+    supervisor = Supervisor(
+        make_backend, config.restart_policy, restart=config.restart, membership=registration
+    )
     with reaper.guarded():  # engine processes die with this process, even on SIGKILL
-        await serve(Supervisor(make_backend, config.restart_policy, restart=config.restart))
+        await serve(supervisor, registration, config.gateway_leave_timeout)

@@ -8,7 +8,9 @@ choosing a supervisor around ``server.run``).
 - an engine that died after it was ready is restarted after ``RestartPolicy``'s delay;
   a fresh start that fails to boot counts as one more crash;
 - too many crashes within the window: ``CrashLoopError``;
-- ``request_stop()`` during a backoff wait ends it at once.
+- ``request_stop()`` during a backoff wait ends it at once;
+- a ``Membership`` (the gateway registration) is told to join when a backend is
+  ready and to leave the moment its engine is found dead or a stop is requested.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ichat.backends.base_backend import BaseBackend
 from ichat.errors import CrashLoopError, EngineDiedError, StartupError
@@ -50,6 +53,14 @@ class WorkerStats:
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
+class Membership(Protocol):
+    """Where the worker is announced (a gateway); both calls return at once."""
+
+    def join(self) -> None: ...
+
+    def leave(self) -> None: ...
+
+
 class Supervisor:
     def __init__(
         self,
@@ -57,6 +68,7 @@ class Supervisor:
         policy: RestartPolicy | None = None,
         *,
         restart: bool = True,
+        membership: Membership | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -65,6 +77,7 @@ class Supervisor:
         self._make_backend = make_backend
         self.policy = policy or RestartPolicy()
         self.restart = restart
+        self.membership = membership
         self._sleep = sleep
         self._clock = clock
         self._wall_clock = wall_clock
@@ -77,6 +90,8 @@ class Supervisor:
     def request_stop(self, *, force: bool = False) -> None:
         """Stop the running backend (drain, or ``force``) and restart no more."""
         self._stop.set()
+        if self.membership is not None:
+            self.membership.leave()
         if self.stats.state is not WorkerState.STOPPED:
             self.stats.state = WorkerState.STOPPING
         if self.backend is not None:
@@ -110,6 +125,8 @@ class Supervisor:
                 uptime = self._clock() - ready_at[0] if ready_at else 0.0
             finally:
                 watcher.cancel()
+                if self.membership is not None:
+                    self.membership.leave()
                 self.stats.phase_seconds.update(backend.phase_seconds)
             if self._stop.is_set():
                 break
@@ -129,6 +146,12 @@ class Supervisor:
         if died_at is not None:
             self.stats.last_restart_to_ready_s = now - died_at
             logger.info("serving again %.2f s after the engine death was detected", now - died_at)
+        if self.membership is None:
+            return
+        if not self._stop.is_set():
+            self.membership.join()
+        await backend.engine_dead_event.wait()
+        self.membership.leave()  # at detection, before the backend's cleanup
 
     async def _backoff(self, decision: Restart | GiveUp) -> None:
         if isinstance(decision, GiveUp):

@@ -1,4 +1,5 @@
-"""Start `ichat serve` on a model, send one chat completion with `openai`, stop cleanly."""
+"""Start `ichat up` (gateway + one worker) on a model, send one chat completion with
+the official `openai` client through the gateway, stop everything with Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
@@ -10,28 +11,34 @@ import sys
 
 import openai
 
-from ichat.probe import wait_healthy
+from ichat.probe import OutputFollower
 from ichat.processes import free_port
+
+READY_MARKER = "OpenAI endpoint:"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-path", required=True)
-    parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--prompt", default="Hello! Who are you?")
     args = parser.parse_args()
-    port = args.port or free_port()
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
+    key = "sk-ichat-demo"
     env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
     cmd = [
         sys.executable,
         "-m",
         "ichat",
-        "serve",
-        "--backend",
-        "vllm",
+        "up",
+        "--workers",
+        str(args.workers),
         "--port",
         str(port),
+        "--worker-port",
+        str(free_port()),
+        "--api-key",
+        key,
         "--model-path",
         args.model_path,
         "--served-model-name",
@@ -40,11 +47,13 @@ def main() -> int:
         "2048",
     ]
     print("starting:", " ".join(cmd), flush=True)
-    worker = subprocess.Popen(cmd, env=env)
+    up = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    follower = OutputFollower(up, READY_MARKER, sys.stdout)
     try:
-        ready = wait_healthy(url, worker, timeout=900)
-        print(f"\nworker ready after {ready:.1f} s at {url}/v1", flush=True)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        ready = follower.wait(timeout=900)
+        url = f"http://127.0.0.1:{port}/v1"
+        print(f"\nready after {ready:.1f} s; asking through the gateway at {url}", flush=True)
+        client = openai.OpenAI(base_url=url, api_key=key)
         reply = client.chat.completions.create(
             model="tiny-chat",
             messages=[{"role": "user", "content": args.prompt}],
@@ -56,10 +65,10 @@ def main() -> int:
         print(f"answer: {reply.choices[0].message.content!r}")
         print(f"usage:  {reply.usage}\n", flush=True)
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-        code = worker.wait(120)
-    print(f"worker stopped with exit code {code}")
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)  # Ctrl-C
+        code = up.wait(180)
+    print(f"ichat up stopped with exit code {code}")
     return code
 
 

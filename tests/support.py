@@ -142,6 +142,18 @@ def metric(worker: Worker, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def metric_total(worker: Worker, name: str) -> float:
+    """The sum over every label set of ``name`` (vLLM labels by model, reason, engine)."""
+    text = httpx.get(f"{worker.url}/metrics", timeout=10).text
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    ]
+    assert values, f"{name} not in /metrics"
+    return sum(values)
+
+
 def stream_once(url: str, max_tokens: int) -> str:
     """Stream one chat; return 'finished' or the error type (never hang)."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -68,6 +68,9 @@ class BaseBackend(abc.ABC):
         self.framework_args = framework_args
         self.backend_argv = list(backend_argv)
         self.backend_ready_event = backend_ready_event or asyncio.Event()
+        # set the moment the engine is found dead, before the slow cleanup: a gateway
+        # must stop routing here at once
+        self.engine_dead_event = asyncio.Event()
         self.state = BackendState.CREATED
         self.failure: BaseException | None = None
         self.monitor: HealthMonitor | None = None
@@ -193,6 +196,10 @@ class BaseBackend(abc.ABC):
     def parse_args(self, config: WorkerConfig, argv: list[str]) -> Any:
         """Parse ``argv`` with the engine's own parser; merge the framework settings."""
 
+    @abc.abstractmethod
+    def served_model_name(self) -> str:
+        """The model name clients send (what the gateway routes by)."""
+
     def bind_socket(self) -> socket.socket:
         """Create and bind the listening socket before the engine starts."""
         host, port = self.framework_args.host, self.framework_args.port
@@ -239,6 +246,13 @@ class BaseBackend(abc.ABC):
     @abc.abstractmethod
     async def check_engine_alive(self) -> None:
         """Cheap liveness check; raise ``EngineDiedError`` when the engine is dead."""
+
+    def check_engine_processes(self) -> None:
+        """Synchronous, no I/O: raise ``EngineDiedError`` when an engine process is gone.
+
+        The monitor keeps calling it while a ``check_engine_alive`` probe is slow, so
+        a probe stuck on a dead engine cannot hide the death (default: nothing)."""
+        return None
 
     def kill_engine_processes(self) -> None:
         """Engine-specific last line of defence against orphans (default: nothing)."""
@@ -323,20 +337,25 @@ class BaseBackend(abc.ABC):
             self.check_engine_alive,
             interval=config.health_interval,
             probe_timeout=config.health_probe_timeout,
+            liveness=self.check_engine_processes,
         )
         self._monitor_task = asyncio.create_task(self.monitor.run())
         done, _ = await asyncio.wait(
             {self._server_task, self._monitor_task}, return_when=asyncio.FIRST_COMPLETED
         )
-        if self._monitor_task in done:
-            self._monitor_task.result()  # raises EngineDiedError
-            raise AssertionError("the health monitor returned without a verdict")
-        self._server_task.result()  # a server crash propagates here
-        if self._stop_requested:
-            return
-        # The engine's own handler may stop the server when it sees the engine dead.
-        await self.check_engine_alive()
-        raise EngineDiedError("the HTTP server stopped although no stop was requested")
+        try:
+            if self._monitor_task in done:
+                self._monitor_task.result()  # raises EngineDiedError
+                raise AssertionError("the health monitor returned without a verdict")
+            self._server_task.result()  # a server crash propagates here
+            if self._stop_requested:
+                return
+            # The engine's own handler may stop the server when it sees the engine dead.
+            await self.check_engine_alive()
+            raise EngineDiedError("the HTTP server stopped although no stop was requested")
+        except EngineDiedError:
+            self.engine_dead_event.set()
+            raise
 
     async def _shutdown(self) -> None:
         config = self.framework_args

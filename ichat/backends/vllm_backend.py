@@ -175,10 +175,14 @@ class VLLMBackend(BaseBackend):
         if count is not None:
             server.config.h11_max_header_count = count
 
-    async def warmup(self, client: httpx.AsyncClient) -> None:
+    def served_model_name(self) -> str:
         args = self._backend_args
         names = args.served_model_name or [args.model]
-        model = names[0] if isinstance(names, list) else names
+        return str(names[0] if isinstance(names, list) else names)
+
+    async def warmup(self, client: httpx.AsyncClient) -> None:
+        args = self._backend_args
+        model = self.served_model_name()
         headers = {}
         api_key = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
         if api_key:
@@ -198,9 +202,8 @@ class VLLMBackend(BaseBackend):
                 f"warmup request {path} failed: HTTP {response.status_code} {response.text[:500]}"
             )
 
-    async def check_engine_alive(self) -> None:
-        client = self._engine_client
-        if client is None:
+    def check_engine_processes(self) -> None:
+        if self._engine_client is None:
             return
         if self._watched is None:  # vLLM names its processes VLLM::EngineCore, ::Worker_TP1...
             self._watched = [p for p in self.engine_processes if "VLLM::" in title(p)]
@@ -209,6 +212,12 @@ class VLLMBackend(BaseBackend):
         if dead:
             # vLLM itself may take seconds to notice a dead tensor-parallel worker.
             raise EngineDiedError(f"vLLM engine process {dead[0].pid} exited")
+
+    async def check_engine_alive(self) -> None:
+        client = self._engine_client
+        if client is None:
+            return
+        self.check_engine_processes()
         if client.errored:
             raise EngineDiedError("the vLLM engine is dead (engine_client.errored)")
         try:

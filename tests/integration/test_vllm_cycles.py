@@ -1,6 +1,7 @@
 """Start/stop cycles of an in-process backend in one fresh process (bench/leak_check.py):
 no engine process left and the port free after every stop, RSS back near its level
-after the first cycle. CI runs a few cycles; `-m slow` runs fifty."""
+after the first cycle. CI runs eight cycles (about 40 s each on 2 cores);
+`-m slow` runs fifty."""
 
 from __future__ import annotations
 
@@ -21,23 +22,20 @@ LEAK_CHECK = Path(__file__).resolve().parents[2] / "bench" / "leak_check.py"
 RSS_PER_CYCLE_SLACK_MIB = 16
 
 
+def cycle_timeout(cycles: int) -> int:
+    return 120 * cycles + 300
+
+
 def run_cycles(model_dir: Path, cycles: int, tmp_path: Path) -> dict[str, object]:
     out = tmp_path / "leak.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(LEAK_CHECK),
-            "--model-path",
-            str(model_dir),
-            "--cycles",
-            str(cycles),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120 * cycles + 300,
-    )
+    cmd = [sys.executable, str(LEAK_CHECK), "--model-path", str(model_dir)]
+    cmd += ["--cycles", str(cycles), "--out", str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cycle_timeout(cycles))
+    except subprocess.TimeoutExpired as exc:  # killed; its orphan guard kills its engine
+        reap_zombies()
+        output = (exc.stdout or b"")[-6000:] + (exc.stderr or b"")[-6000:]
+        raise AssertionError(f"leak check timed out:\n{output.decode(errors='replace')}") from None
     reap_zombies()  # the cycles' exited model workers were adopted by this subreaper
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not our_processes()
@@ -54,10 +52,17 @@ def check(report: dict[str, object]) -> None:
     assert float(report["rss_growth_per_cycle_mib"]) < RSS_PER_CYCLE_SLACK_MIB  # type: ignore[arg-type]
 
 
+CI_CYCLES = int(os.environ.get("ICHAT_CI_CYCLES", "8"))
+
+
+# pytest's own timeout comes after the subprocess's: a stuck cycle then fails with
+# the leak check's output (and the stacks it dumps after 300 s) instead of nothing
+@pytest.mark.timeout(cycle_timeout(CI_CYCLES) + 120)
 def test_start_stop_cycles_leave_nothing(model_dir: Path, tmp_path: Path) -> None:
-    check(run_cycles(model_dir, int(os.environ.get("ICHAT_CI_CYCLES", "20")), tmp_path))
+    check(run_cycles(model_dir, CI_CYCLES, tmp_path))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(cycle_timeout(50) + 120)
 def test_fifty_start_stop_cycles_leave_nothing(model_dir: Path, tmp_path: Path) -> None:
     check(run_cycles(model_dir, 50, tmp_path))

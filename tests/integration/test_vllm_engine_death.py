@@ -20,8 +20,8 @@ from ichat.backends.base_backend import BackendState
 from ichat.backends.vllm_backend import VLLMBackend
 from ichat.config import WorkerConfig
 from ichat.errors import EngineDiedError
-from ichat.processes import free_port, port_is_free
-from tests.support import MODEL_NAME, engine_core, vllm_processes
+from ichat.processes import free_port, port_is_free, title
+from tests.support import MODEL_NAME
 
 
 def test_kill_9_of_engine_core_is_detected_within_1s_and_run_ends(model_dir: Path) -> None:
@@ -40,9 +40,10 @@ def test_kill_9_of_engine_core_is_detected_within_1s_and_run_ends(model_dir: Pat
                 "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 4}
             )
             assert ok.status_code == 200
-        engine_procs = vllm_processes()
+        # this backend's own processes: never one adopted from an earlier test
+        engine_procs = [p for p in backend.engine_processes if "VLLM::" in title(p)]
         result["engine_procs"] = len(engine_procs)
-        core = engine_core()
+        core = next(p for p in engine_procs if "EngineCore" in title(p))
         t0 = time.monotonic()
         os.kill(core.pid, signal.SIGKILL)
         with pytest.raises(EngineDiedError):

@@ -46,6 +46,9 @@ class FakeBackend(BaseBackend):
     def parse_args(self, config: WorkerConfig, argv: list[str]) -> Any:
         return {"argv": argv}
 
+    def served_model_name(self) -> str:
+        return "fake-model"
+
     async def start_engine(self, stack: contextlib.AsyncExitStack) -> None:
         self.started_engine = True
         self.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

@@ -76,3 +76,36 @@ def test_death_reported_by_a_slow_probe_still_counts() -> None:
     with pytest.raises(EngineDiedError, match="gone late"):
         asyncio.run(monitor.run())
     assert monitor.slow_probes == 1 and monitor.detected_at is not None
+
+
+def test_a_probe_stuck_on_a_dead_engine_does_not_hide_the_death() -> None:
+    cancelled = asyncio.Event()
+    liveness_calls = 0
+
+    async def stuck_forever() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    def processes_gone_on_third_look() -> None:
+        nonlocal liveness_calls
+        liveness_calls += 1
+        if liveness_calls == 3:
+            raise EngineDiedError("engine process 42 exited")
+
+    monitor = HealthMonitor(
+        stuck_forever,
+        interval=0.01,
+        probe_timeout=0.01,
+        liveness=processes_gone_on_third_look,
+    )
+
+    async def main() -> None:
+        with pytest.raises(EngineDiedError, match="42 exited"):
+            await asyncio.wait_for(monitor.run(), 5)
+        await asyncio.wait_for(cancelled.wait(), 1)  # the stuck probe is not left behind
+
+    asyncio.run(main())
+    assert monitor.slow_probes == 1 and liveness_calls == 3
+    assert monitor.detected_at is not None

@@ -6,13 +6,14 @@ import sys
 import time
 
 import psutil
+import pytest
 
 # A stand-in worker: starts the orphan guard, then an "engine" tree (child and
 # grandchild), prints their pids and waits to be killed.
 WORKER = """
 import subprocess, sys, time
 from ichat import reaper
-guard = reaper.Reaper(interval=0.05)
+guard = reaper.Reaper(interval=float(sys.argv[2]))
 guard.start()
 engine = subprocess.Popen([sys.executable, "-c",
     "import subprocess, sys, time; "
@@ -40,9 +41,9 @@ def running(*pids: int) -> list[int]:
     return alive
 
 
-def start_worker(mode: str) -> tuple[subprocess.Popen[str], list[int]]:
+def start_worker(mode: str, interval: float = 0.05) -> tuple[subprocess.Popen[str], list[int]]:
     worker = subprocess.Popen(
-        [sys.executable, "-c", WORKER, mode], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WORKER, mode, str(interval)], stdout=subprocess.PIPE, text=True
     )
     assert worker.stdout is not None
     pids = [int(x) for x in worker.stdout.readline().split()]
@@ -50,8 +51,13 @@ def start_worker(mode: str) -> tuple[subprocess.Popen[str], list[int]]:
     return worker, pids
 
 
-def test_sigkill_of_the_worker_kills_its_engine_tree() -> None:
-    worker, (guard, engine, grandchild) = start_worker("kill")
+@pytest.mark.parametrize(
+    "interval",
+    [0.05, 600.0],
+    ids=["in-snapshot", "started-after-the-last-snapshot"],  # found by its inherited token
+)
+def test_sigkill_of_the_worker_kills_its_engine_tree(interval: float) -> None:
+    worker, (guard, engine, grandchild) = start_worker("kill", interval)
     try:
         worker.send_signal(signal.SIGKILL)
         worker.wait(5)

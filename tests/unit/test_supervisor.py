@@ -33,6 +33,8 @@ class ScriptedBackend:
         self.clock = clock
         self.uptime = uptime
         self.backend_ready_event = asyncio.Event()
+        self.engine_dead_event = asyncio.Event()
+        self.log: list[str] = []
         self.phase_seconds = {"engine_start": 1.0}
         self.monitor = None
         self._stopped = asyncio.Event()
@@ -48,6 +50,9 @@ class ScriptedBackend:
         await asyncio.sleep(0)  # let the supervisor see the ready event
         self.clock.now += self.uptime
         if self.script == "die":
+            self.engine_dead_event.set()  # detected...
+            await asyncio.sleep(0)
+            self.log.append("cleanup")  # ...then the slow cleanup
             raise EngineDiedError("engine died")
         await self._stopped.wait()
 
@@ -205,3 +210,49 @@ def test_force_stop_is_passed_to_the_backend() -> None:
 
     asyncio.run(main())
     assert backend.stop_calls == [False, True]
+
+
+class Membership:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.member = False
+
+    def join(self) -> None:
+        self.member = True
+        self.log.append("join")
+
+    def leave(self) -> None:
+        if self.member:  # repeated leaves are no-ops, as GatewayRegistration's
+            self.member = False
+            self.log.append("leave")
+
+
+def test_the_gateway_is_joined_when_ready_and_left_at_death_before_cleanup() -> None:
+    clock = FakeClock()
+    log: list[str] = []
+    scripts = ["die", "serve"]
+    made: list[ScriptedBackend] = []
+
+    def make() -> Any:
+        made.append(ScriptedBackend(scripts[len(made)], clock))
+        made[-1].log = log
+        return made[-1]
+
+    sup = Supervisor(
+        make,
+        RestartPolicy(jitter=0.0),
+        sleep=clock.sleep,
+        clock=clock,
+        rand=lambda: 0.5,
+        membership=Membership(log),
+    )
+
+    async def main() -> None:
+        task = asyncio.create_task(sup.run())
+        while len(made) < 2 or log[-1] != "join":
+            await asyncio.sleep(0)
+        sup.request_stop()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert log == ["join", "leave", "cleanup", "join", "leave"]

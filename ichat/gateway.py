@@ -1,0 +1,216 @@
+"""``ichat gateway``: the Shepherd Model Gateway (SMG) as a supervised child.
+
+iChat writes no proxy. It starts SMG (``python -m smg launch``) with defaults that
+suit workers which register and leave by themselves, waits until it answers, and
+stops it so that nothing is left: SIGTERM, then SIGKILL of the whole tree after the
+grace period. Every flag iChat does not know goes to SMG unchanged, and a flag the
+user gives replaces iChat's default for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import psutil
+
+from ichat import processes, reaper
+from ichat.errors import ConfigError, GatewayError, IChatError, PortInUseError
+from ichat.readiness import Backoff
+from ichat.signals import captured_signals
+
+logger = logging.getLogger("ichat.gateway")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    policy: str = "cache_aware"
+    # SMG's Prometheus listener defaults to 0.0.0.0:29000 whatever --host says:
+    # a second gateway on the host would fail; iChat uses the port after --port.
+    prometheus_port: int | None = None
+    # Workers leave by themselves within a second of a death; SMG's own probe is
+    # the backstop for a worker that vanished with its host.
+    health_check_interval: int = 5
+    health_failure_threshold: int = 2
+    shutdown_grace: int = 30
+    log_level: str = "warn"
+    extra: list[str] = field(default_factory=list)  # SMG flags, unchanged
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}"
+
+    def smg_argv(self) -> list[str]:
+        given = {arg.split("=", 1)[0] for arg in self.extra if arg.startswith("--")}
+        defaults = {
+            "--host": self.host,
+            "--port": str(self.port),
+            "--policy": self.policy,
+            "--prometheus-port": str(self.prometheus_port or self.port + 1),
+            "--health-check-interval-secs": str(self.health_check_interval),
+            "--health-failure-threshold": str(self.health_failure_threshold),
+            "--shutdown-grace-period-secs": str(self.shutdown_grace),
+            "--log-level": self.log_level,
+        }
+        if self.api_key:
+            defaults["--api-key"] = self.api_key  # clients and SMG->worker calls
+        argv = [sys.executable, "-m", "smg", "launch"]
+        for flag, value in defaults.items():
+            if flag not in given:
+                argv += [flag, value]
+        return argv + self.extra
+
+
+def check_installed() -> None:
+    if importlib.util.find_spec("smg") is None:
+        raise ConfigError(
+            "the gateway (SMG) is not installed; install it with: pip install 'ichat[gateway]'"
+        )
+
+
+class GatewayProcess:
+    """One SMG process: start, wait until it answers, stop with nothing left."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        check_installed()
+        config = self.config
+        for port in (config.port, config.prometheus_port or config.port + 1):
+            if not processes.port_is_free(config.host or "0.0.0.0", port):
+                raise PortInUseError(config.host, port)
+        argv = config.smg_argv()
+        logger.info("starting the gateway: %s", " ".join(argv))
+        self.proc = subprocess.Popen(argv)
+
+    async def wait_ready(self, timeout: float) -> float:
+        """Seconds until SMG's /health answered; raises if it exits or times out."""
+        proc = self.proc
+        assert proc is not None
+        t0 = time.monotonic()
+        async with httpx.AsyncClient(timeout=2) as client:
+            for delay in Backoff(initial=0.05, factor=1.5, maximum=0.5).delays():
+                if proc.poll() is not None:
+                    raise GatewayError(
+                        f"the gateway exited with code {proc.returncode} during start-up "
+                        "(its log above says why)"
+                    )
+                try:
+                    if (await client.get(f"{self.config.url}/health")).status_code == 200:
+                        return time.monotonic() - t0
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() - t0 > timeout:
+                    raise GatewayError(f"the gateway did not answer within {timeout:.0f} s")
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def wait_signal_or_exit(
+        self, received: asyncio.Queue[signal.Signals], poll: float = 0.2
+    ) -> signal.Signals:
+        """The first signal received; ``GatewayError`` if SMG exits first."""
+        while True:
+            self.check_running()
+            try:
+                return await asyncio.wait_for(received.get(), poll)
+            except asyncio.TimeoutError:
+                pass
+
+    def check_running(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is not None:
+            raise GatewayError(f"the gateway exited unexpectedly with code {proc.returncode}")
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL of the tree after the grace period; nothing is left."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        t0 = time.monotonic()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            left = processes.terminate(
+                [psutil.Process(proc.pid)], timeout=self.config.shutdown_grace
+            )
+            if left:
+                logger.error("gateway processes still running after SIGKILL: %s", left)
+        with contextlib.suppress(ChildProcessError):
+            proc.wait()
+        logger.info("gateway stopped in %.2f s", time.monotonic() - t0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = GatewayConfig()
+    parser = argparse.ArgumentParser(
+        prog="ichat gateway",
+        allow_abbrev=False,
+        description="Run the Shepherd Model Gateway (SMG) with iChat's defaults. Every "
+        "other argument goes to `smg launch` unchanged and wins over iChat's default.",
+    )
+    parser.add_argument("--host", default=defaults.host, help="default: %(default)s")
+    parser.add_argument("--port", type=int, default=defaults.port, help="default: %(default)s")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="key clients must send (401 otherwise); SMG also sends it to the workers",
+    )
+    parser.add_argument("--policy", default=defaults.policy, help="default: %(default)s")
+    parser.add_argument("--prometheus-port", type=int, default=None, help="default: --port + 1")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> GatewayConfig:
+    ns, extra = build_parser().parse_known_args(list(argv))
+    return GatewayConfig(
+        host=ns.host,
+        port=ns.port,
+        api_key=ns.api_key,
+        policy=ns.policy,
+        prometheus_port=ns.prometheus_port,
+        extra=extra,
+    )
+
+
+async def run_gateway(config: GatewayConfig) -> int:
+    """Start SMG, wait for SIGTERM/SIGINT or its exit, stop it; return an exit code."""
+    gateway = GatewayProcess(config)
+    received: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    with captured_signals(asyncio.get_running_loop(), received):
+        gateway.start()
+        try:
+            ready = await gateway.wait_ready(timeout=60)
+            logger.info("gateway ready after %.2f s at %s/v1", ready, config.url)
+            sig = await gateway.wait_signal_or_exit(received)
+            logger.info("%s received: stopping the gateway", sig.name)
+        finally:
+            gateway.stop()
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        config = parse_args(argv)
+        with reaper.guarded():
+            return asyncio.run(run_gateway(config))
+    except IChatError as exc:
+        print(f"ichat gateway: error: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -1,0 +1,163 @@
+"""The worker's membership in the gateway (SMG's control plane: ``/workers``).
+
+The supervisor says what it wants -- ``join()`` once the engine serves, ``leave()``
+the moment it is found dead or the worker stops -- and returns at once. One
+background task makes the gateway agree: ``POST /workers`` (with the served model
+name), ``DELETE /workers/<id>``. A gateway that is down or answers an error is
+retried with capped back-off and logged; it never stops the worker, which keeps
+serving directly. While joined, the task checks every ``recheck`` seconds that the
+gateway still knows the worker (a restarted gateway forgets it) and joins again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from ichat.errors import GatewayRefused
+
+logger = logging.getLogger("ichat.registration")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    url: str  # the gateway's base URL, e.g. http://127.0.0.1:8080
+    worker_url: str  # how the gateway reaches this worker
+    model: str  # the served model name
+    api_key: str | None = None  # the gateway's admin key (Bearer)
+    retry_initial: float = 0.2
+    retry_max: float = 5.0
+    recheck: float = 5.0
+    request_timeout: float = 2.0
+
+
+class GatewayRegistration:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.settings = settings
+        self._transport = transport
+        self._sleep = sleep
+        self._want_member = False
+        self._changed = asyncio.Event()
+        self._settled = asyncio.Event()
+        self.worker_id: str | None = None  # set while the gateway has us
+        self.joins = 0
+        self.leaves = 0
+        self.failures = 0
+
+    # ----------------------------------------------------------- what is wanted
+
+    def join(self) -> None:
+        self._want(True)
+
+    def leave(self) -> None:
+        self._want(False)
+
+    async def wait_settled(self, timeout: float) -> bool:
+        """Wait (bounded) until the gateway agrees with the last join/leave."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), timeout)
+        return self._settled.is_set()
+
+    def _want(self, member: bool) -> None:
+        self._want_member = member
+        self._settled.clear()
+        self._changed.set()
+
+    # ------------------------------------------------------------ the one task
+
+    async def run(self) -> None:
+        """Reconcile until cancelled; never raises for the gateway's sake."""
+        settings = self.settings
+        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        async with httpx.AsyncClient(
+            base_url=settings.url,
+            headers=headers,
+            timeout=settings.request_timeout,
+            transport=self._transport,
+        ) as client:
+            delay = settings.retry_initial
+            while True:
+                self._changed.clear()
+                try:
+                    await self._reconcile(client)
+                except (httpx.HTTPError, GatewayRefused) as exc:
+                    self.failures += 1
+                    logger.warning(
+                        "gateway %s: %s; retrying in %.1f s (the worker keeps serving)",
+                        settings.url,
+                        exc,
+                        delay,
+                    )
+                    await self._wait_change(delay)
+                    delay = min(delay * 2, settings.retry_max)
+                    continue
+                delay = settings.retry_initial
+                self._settled.set()
+                await self._wait_change(settings.recheck if self.worker_id else None)
+
+    async def _wait_change(self, timeout: float | None) -> None:
+        if timeout is None:
+            await self._changed.wait()
+            return
+        waiter = asyncio.ensure_future(self._changed.wait())
+        sleeper = asyncio.ensure_future(self._sleep(timeout))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
+
+    async def _reconcile(self, client: httpx.AsyncClient) -> None:
+        if self._want_member:
+            if self.worker_id is not None and await self._still_known(client, self.worker_id):
+                return
+            await self._post(client)
+        elif self.worker_id is not None:
+            await self._delete(client, self.worker_id)
+
+    async def _post(self, client: httpx.AsyncClient) -> None:
+        settings = self.settings
+        body = {"url": settings.worker_url, "models": [{"id": settings.model}]}
+        response = await client.post("/workers", json=body)
+        if response.status_code not in (200, 201, 202):
+            raise GatewayRefused("POST /workers", response.status_code, response.text)
+        self.worker_id = str(response.json().get("worker_id") or settings.worker_url)
+        self.joins += 1
+        logger.info(
+            "registered %s (model %s) with gateway %s as %s",
+            settings.worker_url,
+            settings.model,
+            settings.url,
+            self.worker_id,
+        )
+
+    async def _delete(self, client: httpx.AsyncClient, worker_id: str) -> None:
+        response = await client.delete(f"/workers/{worker_id}")
+        if response.status_code not in (200, 202, 204, 404):
+            raise GatewayRefused(
+                f"DELETE /workers/{worker_id}", response.status_code, response.text
+            )
+        self.worker_id = None
+        self.leaves += 1
+        logger.info("deregistered %s from gateway %s", self.settings.worker_url, self.settings.url)
+
+    async def _still_known(self, client: httpx.AsyncClient, worker_id: str) -> bool:
+        response = await client.get(f"/workers/{worker_id}")
+        if response.status_code == 404:
+            logger.warning("gateway %s forgot this worker; registering again", self.settings.url)
+            self.worker_id = None
+            return False
+        if response.status_code != 200:
+            raise GatewayRefused(f"GET /workers/{worker_id}", response.status_code, response.text)
+        return True

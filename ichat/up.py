@@ -1,0 +1,269 @@
+"""``ichat up``: a gateway and N workers on one machine, ready to use, stopped cleanly.
+
+    ichat up                              # the generated test model, one worker
+    ichat up --workers 2 --model-path DIR --api-key KEY [engine flags...]
+
+Order of a start: gateway (SMG) -> workers (``ichat serve --gateway-url ...``, each
+registering itself once ready) -> wait until every worker is routable through the
+gateway -> print the endpoint. Order of a stop (Ctrl-C / SIGTERM): workers first
+(each leaves the gateway, then drains), then the gateway; a second signal kills.
+A worker or the gateway that exits on its own stops the whole group with its
+error. An orphan guard kills everything if ``ichat up`` itself is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from ichat import processes, reaper
+from ichat.errors import ConfigError, IChatError, ModelNotFoundError, PortInUseError
+from ichat.gateway import GatewayConfig, GatewayProcess
+from ichat.readiness import Backoff
+from ichat.signals import captured_signals
+
+logger = logging.getLogger("ichat.up")
+
+DEFAULT_MODEL_DIR = Path.home() / ".cache" / "ichat" / "test-model"
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    workers: int = 1
+    model_path: str | None = None  # None: the generated test model
+    served_model_name: str = "ichat-test"
+    backend: str = "vllm"
+    host: str = "127.0.0.1"
+    port: int = 8080  # the gateway; workers listen on worker_port, worker_port + 1, ...
+    worker_port: int = 8100
+    api_key: str | None = None
+    ready_timeout: float = 1800.0
+    drain_timeout: float = 30.0
+    engine_argv: list[str] = field(default_factory=list)
+
+    @property
+    def gateway(self) -> GatewayConfig:
+        return GatewayConfig(host=self.host, port=self.port, api_key=self.api_key)
+
+    def worker_argv(self, index: int, model_path: str) -> list[str]:
+        argv = [sys.executable, "-m", "ichat", "serve", "--backend", self.backend]
+        argv += ["--host", "127.0.0.1", "--port", str(self.worker_port + index)]
+        argv += ["--drain-timeout", str(self.drain_timeout)]
+        argv += ["--ready-timeout", str(self.ready_timeout)]
+        argv += ["--gateway-url", self.gateway.url]
+        if self.api_key:  # the engine's own --api-key; SMG sends the same key
+            argv += ["--gateway-api-key", self.api_key, "--api-key", self.api_key]
+        argv += ["--model-path", model_path, "--served-model-name", self.served_model_name]
+        return argv + self.engine_argv
+
+
+def prepare_model(config: UpConfig) -> str:
+    if config.model_path is not None:
+        if not Path(config.model_path).exists():
+            raise ModelNotFoundError(config.model_path)
+        return config.model_path
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        logger.info("generating the test model in %s", DEFAULT_MODEL_DIR)
+        made = subprocess.run(
+            [sys.executable, "-m", "ichat", "make-test-model", str(DEFAULT_MODEL_DIR)]
+        )
+        if made.returncode != 0:
+            raise ConfigError("could not generate the test model (see above)")
+    return str(DEFAULT_MODEL_DIR)
+
+
+async def routable_workers(client: httpx.AsyncClient, model: str) -> int:
+    """How many healthy workers the gateway lists for ``model``."""
+    response = await client.get("/workers")
+    response.raise_for_status()
+    count = 0
+    for worker in response.json().get("workers", []):
+        models = {m.get("id") for m in worker.get("models", []) if isinstance(m, dict)}
+        if worker.get("is_healthy") and (model in models or worker.get("model_id") == model):
+            count += 1
+    return count
+
+
+class Group:
+    """The gateway and the worker processes of one ``ichat up``."""
+
+    def __init__(self, config: UpConfig) -> None:
+        self.config = config
+        self.gateway = GatewayProcess(config.gateway)
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def check_ports(self) -> None:
+        config = self.config
+        for i in range(config.workers):
+            if not processes.port_is_free("127.0.0.1", config.worker_port + i):
+                raise PortInUseError("127.0.0.1", config.worker_port + i)
+
+    def start_workers(self, model_path: str) -> None:
+        for i in range(self.config.workers):
+            argv = self.config.worker_argv(i, model_path)
+            logger.info("starting worker %d: %s", i, " ".join(argv))
+            self.workers.append(subprocess.Popen(argv))
+
+    def check_running(self) -> None:
+        self.gateway.check_running()
+        for i, worker in enumerate(self.workers):
+            if worker.poll() is not None:
+                raise IChatError(f"worker {i} exited with code {worker.returncode}")
+
+    async def wait_routable(self) -> float:
+        config = self.config
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        t0 = time.monotonic()
+        async with httpx.AsyncClient(base_url=config.gateway.url, headers=headers, timeout=5) as c:
+            for delay in Backoff(initial=0.1, factor=1.5, maximum=1.0).delays():
+                self.check_running()
+                with contextlib.suppress(httpx.HTTPError):
+                    if await routable_workers(c, config.served_model_name) >= config.workers:
+                        return time.monotonic() - t0
+                if time.monotonic() - t0 > config.ready_timeout:
+                    raise IChatError(f"not routable within {config.ready_timeout:.0f} s")
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def stop(self, received: asyncio.Queue[signal.Signals]) -> None:
+        """Workers first (leave, drain), then the gateway; a signal meanwhile kills."""
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.drain_timeout + 30
+        while any(w.poll() is None for w in self.workers) and time.monotonic() < deadline:
+            if not received.empty():
+                logger.warning("signal received again: killing the workers")
+                break
+            await asyncio.sleep(0.1)
+        for worker in self.workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                processes.terminate([psutil.Process(worker.pid)], timeout=5)
+            with contextlib.suppress(ChildProcessError):
+                worker.wait()
+        self.gateway.stop()
+
+
+async def run_up(config: UpConfig) -> int:
+    group = Group(config)
+    received: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    with captured_signals(asyncio.get_running_loop(), received):
+        group.check_ports()
+        model_path = prepare_model(config)
+        group.gateway.start()
+        try:
+            await group.gateway.wait_ready(timeout=60)
+            group.start_workers(model_path)
+            waiting = asyncio.ensure_future(group.wait_routable())
+            got_signal = asyncio.ensure_future(received.get())
+            await asyncio.wait({waiting, got_signal}, return_when=asyncio.FIRST_COMPLETED)
+            if got_signal.done():
+                waiting.cancel()
+                logger.info("stopping before the workers were ready")
+                return 0
+            got_signal.cancel()
+            print_endpoint(config, waiting.result())
+            while True:
+                group.check_running()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    sig = await asyncio.wait_for(received.get(), 0.2)
+                    logger.info("%s received: stopping workers, then the gateway", sig.name)
+                    return 0
+        finally:
+            await group.stop(received)
+
+
+def print_endpoint(config: UpConfig, ready_s: float) -> None:
+    key = config.api_key or "none"
+    auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
+    print(
+        f"\nichat up: {config.workers} worker(s) serving {config.served_model_name!r} "
+        f"behind the gateway (routable {ready_s:.1f} s after the workers started)\n"
+        f"  OpenAI endpoint: {config.gateway.url}/v1   (api key: {key})\n"
+        f"  try: curl {config.gateway.url}/v1/chat/completions{auth} "
+        "-H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{config.served_model_name}", "messages": '
+        '[{"role": "user", "content": "Hello"}], "max_tokens": 16}\'\n'
+        "  Ctrl-C stops everything.\n",
+        flush=True,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = UpConfig()
+    parser = argparse.ArgumentParser(
+        prog="ichat up",
+        allow_abbrev=False,
+        description="Start the gateway and N workers; every other argument goes to the "
+        "workers' engine unchanged.",
+    )
+    parser.add_argument("--workers", type=int, default=d.workers, help="default: %(default)s")
+    parser.add_argument(
+        "--model-path", default=None, help=f"default: a generated test model in {DEFAULT_MODEL_DIR}"
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="default: the model folder's name"
+    )
+    parser.add_argument("--backend", default=d.backend, help="default: %(default)s")
+    parser.add_argument("--host", default=d.host, help="gateway address (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=d.port, help="gateway port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--worker-port",
+        type=int,
+        default=d.worker_port,
+        help="first worker's port (default: %(default)s)",
+    )
+    parser.add_argument("--api-key", default=None, help="required by the gateway and the workers")
+    parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
+    parser.add_argument("--ready-timeout", type=float, default=d.ready_timeout)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> UpConfig:
+    ns, engine_argv = build_parser().parse_known_args(list(argv))
+    if ns.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    name = ns.served_model_name or (
+        Path(ns.model_path).name if ns.model_path else UpConfig.served_model_name
+    )
+    return UpConfig(
+        workers=ns.workers,
+        model_path=ns.model_path,
+        served_model_name=name,
+        backend=ns.backend,
+        host=ns.host,
+        port=ns.port,
+        worker_port=ns.worker_port,
+        api_key=ns.api_key,
+        drain_timeout=ns.drain_timeout,
+        ready_timeout=ns.ready_timeout,
+        engine_argv=engine_argv,
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        config = parse_args(argv)
+        with reaper.guarded():
+            return asyncio.run(run_up(config))
+    except IChatError as exc:
+        print(f"ichat up: error: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -1,0 +1,300 @@
+"""Two real vLLM workers behind a real SMG gateway (`ichat gateway`), one API key.
+
+The workers start *before* the gateway exists: they must serve directly, retry, and
+register once it appears. Then: the openai client through the gateway, both workers
+used, 401 without the key, kill -9 of one engine (the worker leaves the gateway
+within 1 s, the other carries the load, the dead one comes back), a client that
+disconnects mid-stream (the engine aborts the request), SIGTERM of one worker under
+load (it leaves before draining; no request fails).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from ichat.processes import free_port, port_is_free
+from tests.support import (
+    CONTEXT_LENGTH,
+    MODEL_NAME,
+    Worker,
+    engine_core,
+    ichat_cmd,
+    metric,
+    metric_total,
+    start_worker,
+)
+
+pytest.importorskip("smg", reason="the gateway tests need smg (ichat[gateway])")
+
+KEY = "sk-ichat-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@dataclass
+class Cluster:
+    gateway_url: str
+    gateway: subprocess.Popen[str]
+    workers: list[Worker]
+    direct_while_gateway_down: bool
+    registered_after_gateway_up_s: float
+
+    def listed(self) -> dict[str, dict[str, object]]:
+        """url -> the gateway's record of each worker it lists ({} while it is down)."""
+        try:
+            r = httpx.get(f"{self.gateway_url}/workers", headers=AUTH, timeout=5)
+        except httpx.TransportError:
+            return {}
+        r.raise_for_status()
+        return {w["url"]: w for w in r.json()["workers"]}
+
+    def routable(self, worker: Worker) -> bool:
+        record = self.listed().get(worker.url)
+        return bool(record and record["is_healthy"] and record["status"] == "ready")
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.gateway_url}/v1", api_key=KEY, max_retries=0, timeout=60
+        )
+
+
+def chat(client: openai.OpenAI, max_tokens: int = 2) -> str:
+    reply = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=max_tokens,
+    )
+    return reply.choices[0].finish_reason or ""
+
+
+def successes(worker: Worker) -> float:
+    return metric_total(worker, "vllm:request_success_total")
+
+
+def wait_for(check: object, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() - t0 < timeout, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("gateway")
+    port = free_port()
+    gateway_url = f"http://127.0.0.1:{port}"
+    args = [
+        "--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
+        "--context-length", str(CONTEXT_LENGTH), "--api-key", KEY,
+        "--gateway-url", gateway_url, "--gateway-api-key", KEY, "--drain-timeout", "20",
+    ]  # fmt: skip
+    with start_worker(tmp, *args) as a, start_worker(tmp, *args) as b:
+        a.wait_ready()
+        b.wait_ready()
+        # the gateway does not exist yet: both serve directly
+        direct = openai.OpenAI(base_url=f"{a.url}/v1", api_key=KEY, max_retries=0)
+        direct_ok = chat(direct) == "length"
+        log = tmp / "gateway.log"
+        with log.open("w") as out:
+            gateway = subprocess.Popen(
+                ichat_cmd(
+                    "gateway",
+                    "--port",
+                    str(port),
+                    "--api-key",
+                    KEY,
+                    "--prometheus-port",
+                    str(free_port()),
+                    "--policy",
+                    "round_robin",
+                ),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        cluster = Cluster(gateway_url, gateway, [a, b], direct_ok, 0.0)
+        try:
+            cluster.registered_after_gateway_up_s = wait_for(
+                lambda: all(cluster.routable(w) for w in (a, b)),
+                60,
+                "both workers registered once the gateway appeared",
+            )
+            yield cluster
+        finally:
+            gateway.terminate()
+            try:
+                gateway.wait(60)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+                gateway.wait()
+            assert port_is_free("127.0.0.1", port)
+
+
+def test_workers_serve_directly_while_the_gateway_is_down_and_join_when_it_appears(
+    cluster: Cluster,
+) -> None:
+    assert cluster.direct_while_gateway_down
+    for worker in cluster.workers:
+        assert "retrying" in worker.output()  # the refused registration was logged
+    # the registration back-off is capped at 5 s
+    assert cluster.registered_after_gateway_up_s < 15
+    print(f"registered {cluster.registered_after_gateway_up_s:.2f} s after the gateway started")
+
+
+def test_openai_client_through_the_gateway_reaches_both_workers(cluster: Cluster) -> None:
+    client = cluster.client()
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    before = [successes(w) for w in cluster.workers]
+    for _ in range(6):
+        assert chat(client) == "length"
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "go on"}],
+        max_tokens=8,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces)
+    after = [successes(w) for w in cluster.workers]
+    gained = [x - y for x, y in zip(after, before, strict=True)]
+    assert sum(gained) == 7 and all(g >= 2 for g in gained), gained
+
+
+def test_a_missing_or_wrong_key_gets_401_at_the_gateway_and_at_the_worker(
+    cluster: Cluster,
+) -> None:
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    for url in (cluster.gateway_url, cluster.workers[0].url):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, (url, headers, r.text)
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+        assert r.status_code == 200, (url, r.text)
+
+
+class Load:
+    """Sequential chat requests through the gateway from a thread: (start, ok) each."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.client = cluster.client()
+        self.results: list[tuple[float, bool, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.time()
+            try:
+                ok, why = chat(self.client) == "length", ""
+            except openai.APIError as exc:
+                ok, why = False, f"{type(exc).__name__}: {exc}"[:200]
+            self.results.append((t, ok, why))
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def test_kill_9_of_one_engine_the_worker_leaves_at_once_the_other_carries_then_it_returns(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.workers
+    core = engine_core(a.proc.pid)
+    with Load(cluster) as load:
+        time.sleep(1.0)
+        t_kill, wall_kill = time.monotonic(), time.time()
+        core.kill()
+        left_s = wait_for(lambda: not cluster.routable(a), 10, "the dead worker left")
+        time.sleep(3.0)  # b alone carries the load
+        b_before = successes(b)
+        time.sleep(1.0)
+        assert successes(b) > b_before
+    t_back = time.monotonic()
+    back_s = wait_for(lambda: cluster.routable(a), 300, "the restarted worker came back")
+    # a's port is closed while its engine restarts: its metrics are read once it is back
+    detected_unix = metric(a, "ichat_worker_last_death_detected_timestamp_seconds")
+    after_detection = [r for r in load.results if r[0] > detected_unix]
+    failed = [r for r in after_detection if not r[1]]
+    assert after_detection and not failed, failed[:3]
+    assert left_s <= 1.0, f"the dead worker was still routable {left_s:.2f} s after the kill"
+    print(
+        f"kill -9 EngineCore: detected {detected_unix - wall_kill:.3f} s, out of the "
+        f"gateway {left_s:.3f} s after the kill; {len(load.results)} requests, "
+        f"{sum(not r[1] for r in load.results)} failed (all before detection)"
+    )
+    a_before = successes(a)
+    client = cluster.client()
+    for _ in range(4):
+        assert chat(client) == "length"
+    assert successes(a) > a_before  # routed to again
+    print(f"back in the gateway {back_s + (t_back - t_kill):.1f} s after the kill")
+
+
+def test_a_client_that_disconnects_mid_stream_aborts_the_request_in_the_engine(
+    cluster: Cluster,
+) -> None:
+    workers = cluster.workers
+    tokens_before = sum(metric_total(w, "vllm:generation_tokens_total") for w in workers)
+    max_tokens = CONTEXT_LENGTH - 64
+    with httpx.stream(
+        "POST",
+        f"{cluster.gateway_url}/v1/chat/completions",
+        headers=AUTH,
+        timeout=60,
+        json={
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": "go on"}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+        },
+    ) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+    # the connection is closed here, after a few tokens
+    wait_for(
+        lambda: sum(metric_total(w, "vllm:num_requests_running") for w in workers) == 0,
+        10,
+        "the engine dropped the abandoned request",
+    )
+    time.sleep(1.0)
+    generated = (
+        sum(metric_total(w, "vllm:generation_tokens_total") for w in workers) - tokens_before
+    )
+    assert generated < max_tokens / 2, f"{generated} tokens generated for a closed stream"
+    print(f"closed stream: {generated:.0f} of {max_tokens} tokens generated, then aborted")
+
+
+def test_sigterm_of_one_worker_under_load_leaves_the_gateway_first_and_fails_nothing(
+    cluster: Cluster,
+) -> None:
+    b = cluster.workers[1]
+    with Load(cluster) as load:
+        time.sleep(1.0)
+        code = b.stop()
+        time.sleep(1.0)
+    assert code == 0
+    failed = [r for r in load.results if not r[1]]
+    assert load.results and not failed, failed[:3]
+    out = b.output()
+    left, drained = out.find("deregistered"), out.find("HTTP server drained")
+    assert 0 <= left < drained, "the worker must leave the gateway before it drains"
+    with contextlib.suppress(KeyError):
+        assert not cluster.routable(b)
+    print(f"{len(load.results)} requests during the SIGTERM of one worker, none failed")

@@ -1,0 +1,50 @@
+"""`ichat gateway` / `ichat up` command lines: iChat's defaults, the user's flags win."""
+
+from __future__ import annotations
+
+import pytest
+
+from ichat import gateway, up
+from ichat.errors import ConfigError
+
+
+def flag(argv: list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == name]
+
+
+def test_gateway_defaults_reach_smg() -> None:
+    argv = gateway.parse_args(["--port", "9000", "--api-key", "k"]).smg_argv()
+    assert argv[1:4] == ["-m", "smg", "launch"]
+    assert flag(argv, "--port") == ["9000"]
+    assert flag(argv, "--prometheus-port") == ["9001"]  # never SMG's shared 29000
+    assert flag(argv, "--api-key") == ["k"]
+    assert flag(argv, "--policy") == ["cache_aware"]
+    assert flag(argv, "--health-check-interval-secs") == ["5"]
+
+
+def test_a_smg_flag_given_by_the_user_replaces_the_default_and_unknown_ones_pass() -> None:
+    argv = gateway.parse_args(
+        ["--health-check-interval-secs", "1", "--upstream-http2", "--log-level=debug"]
+    ).smg_argv()
+    assert flag(argv, "--health-check-interval-secs") == ["1"]
+    assert "--upstream-http2" in argv
+    assert "--log-level=debug" in argv and "--log-level" not in argv
+
+
+def test_up_workers_get_ports_the_gateway_url_the_key_and_engine_flags() -> None:
+    config = up.parse_args(
+        ["--workers", "2", "--port", "9000", "--worker-port", "9100", "--api-key", "k",
+         "--model-path", "/m/llama", "--enable-prefix-caching"]
+    )  # fmt: skip
+    argv = config.worker_argv(1, "/m/llama")
+    assert argv[2:5] == ["ichat", "serve", "--backend"]
+    assert flag(argv, "--port") == ["9101"]
+    assert flag(argv, "--gateway-url") == ["http://127.0.0.1:9000"]
+    assert flag(argv, "--api-key") == ["k"] and flag(argv, "--gateway-api-key") == ["k"]
+    assert flag(argv, "--served-model-name") == ["llama"]  # the folder's name
+    assert argv[-1] == "--enable-prefix-caching"
+
+
+def test_up_refuses_zero_workers() -> None:
+    with pytest.raises(ConfigError):
+        up.parse_args(["--workers", "0"])

@@ -26,6 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import pyplot
+
 from tests.support import (
     MODEL_NAME,
     engine_core,
@@ -80,11 +82,7 @@ def drain(model: str, inflight: int, tmp: Path, tokens: int) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     kill_rows = report["kill"]["kills"]
     xs = range(1, len(kill_rows) + 1)

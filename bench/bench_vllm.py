@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from common import MODEL_NAME, ichat_serve_cmd, pyplot
 
 from ichat.probe import wait_healthy
 from ichat.processes import free_port
-
-MODEL_NAME = "bench-model"
 
 
 def native_cmd(model: str, port: int, extra: list[str]) -> list[str]:
@@ -50,24 +49,6 @@ def native_cmd(model: str, port: int, extra: list[str]) -> list[str]:
         str(port),
         "--host",
         "127.0.0.1",
-        "--served-model-name",
-        MODEL_NAME,
-        *extra,
-    ]
-
-
-def ichat_cmd(model: str, port: int, extra: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "ichat",
-        "serve",
-        "--backend",
-        "vllm",
-        "--port",
-        str(port),
-        "--model-path",
-        model,
         "--served-model-name",
         MODEL_NAME,
         *extra,
@@ -131,11 +112,12 @@ def run_load(*args: int | str) -> dict[str, float]:
 def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    build = native_cmd if kind == "native" else ichat_cmd
     log = open(args.out / f"{kind}-{port}.log", "w")  # noqa: SIM115 - closed below
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        build(args.model_path, port, args.engine_args),
+        native_cmd(args.model_path, port, args.engine_args)
+        if kind == "native"
+        else ichat_serve_cmd(args.model_path, port, *args.engine_args),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -188,11 +170,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = report["runs"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, label in zip(

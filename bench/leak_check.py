@@ -1,11 +1,14 @@
 """Start/stop cycles of an in-process VLLMBackend in one process: leaks show here.
 
-Each cycle: start the backend, wait until ready, send one chat, stop it. After each
+Each cycle: start the backend, wait until ready, send one chat, stop it; all cycles run
+in one event loop, as the supervisor restarts engines inside a worker. After each
 stop it records this process's RSS, the engine processes left (must be 0) and whether
 the port is free (must be). RSS is compared with the level after the first cycle
 (the first start loads torch, vLLM and compiled kernels once per process).
 
-    python bench/leak_check.py --model-path .cache/tiny-model --cycles 50
+    python bench/leak_check.py --model-path .cache/tiny-model --cycles 50 [--trace-malloc]
+
+A cycle stuck for 240 s prints where every asyncio task waits and every thread's stack.
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ import faulthandler
 import gc
 import json
 import os
+import sys
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+from common import pyplot
 
 from ichat import reaper
 from ichat.backends.vllm_backend import VLLMBackend
@@ -31,6 +38,52 @@ from ichat.processes import free_port, is_python_helper, port_is_free, title
 
 # What one start builds in this process; none of it may outlive its stop.
 ENGINE_OBJECTS = ("VLLMBackend", "AsyncLLM", "FastAPI", "NoSignalServer", "VllmConfig")
+
+
+STUCK_AFTER_S = 240.0
+
+
+def dump_tasks() -> None:
+    """Print where every asyncio task of this loop waits (runs on the loop)."""
+    print(f"cycle stuck for {STUCK_AFTER_S:.0f} s; asyncio tasks:", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        print(f"--- {task!r:.300}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
+
+
+async def all_cycles(
+    model: str, cycles: int, guard_pid: int, trace: bool
+) -> tuple[list[dict[str, Any]], tracemalloc.Snapshot | None]:
+    """All cycles in one event loop, as the supervisor restarts engines in a worker."""
+    loop = asyncio.get_running_loop()
+    port = free_port()
+    results = []
+    first = None
+    for i in range(cycles):
+        # a stuck cycle prints where every task waits, and every thread's stack
+        watchdog = threading.Timer(STUCK_AFTER_S, loop.call_soon_threadsafe, (dump_tasks,))
+        watchdog.daemon = True
+        watchdog.start()
+        faulthandler.dump_traceback_later(STUCK_AFTER_S + 10, exit=False)
+        try:
+            result = await one_cycle(model, port, guard_pid)
+        finally:
+            watchdog.cancel()
+            faulthandler.cancel_dump_traceback_later()
+        if trace and i == 0:  # after the first cycle: imports and caches are done
+            tracemalloc.start(10)
+        if trace and i == 1:
+            gc.collect()
+            first = tracemalloc.take_snapshot()
+        results.append(result)
+        print(
+            f"cycle {i + 1}/{cycles}: ready {result['ready_s']:.1f} s, stop "
+            f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB, "
+            f"left {result['engine_processes_left']}, port free {result['port_free']}",
+            flush=True,
+        )
+    return results, first
 
 
 async def one_cycle(model: str, port: int, guard_pid: int) -> dict[str, Any]:
@@ -67,30 +120,28 @@ async def one_cycle(model: str, port: int, guard_pid: int) -> dict[str, Any]:
     }
 
 
-def run_cycles(model: str, cycles: int) -> dict[str, Any]:
+def top_growth(first: tracemalloc.Snapshot, last: tracemalloc.Snapshot, n: int = 15) -> list[str]:
+    """Where Python memory grew between two snapshots (by source line)."""
+    stats = last.compare_to(first, "lineno")
+    return [str(stat) for stat in stats[:n]]
+
+
+def run_cycles(model: str, cycles: int, trace: bool = False) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    port = free_port()
-    results = []
     with reaper.guarded() as guard:  # killed midway (a test's timeout): no orphan engine
         assert guard.proc is not None
-        for i in range(cycles):
-            # a cycle stuck for 5 min prints every thread's stack (then goes on waiting)
-            faulthandler.dump_traceback_later(300, exit=False)
-            result = asyncio.run(one_cycle(model, port, guard.proc.pid))
-            faulthandler.cancel_dump_traceback_later()
-            results.append(result)
-            print(
-                f"cycle {i + 1}/{cycles}: ready {result['ready_s']:.1f} s, stop "
-                f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB, "
-                f"left {result['engine_processes_left']}, port free {result['port_free']}",
-                flush=True,
-            )
+        results, first = asyncio.run(all_cycles(model, cycles, guard.proc.pid, trace))
     baseline = results[0]["rss_mib"]
     gc.collect()
+    growth = []
+    if first is not None and cycles > 2:
+        growth = top_growth(first, tracemalloc.take_snapshot())
+        print("Python allocations grown since cycle 2:", *growth, sep="\n  ", flush=True)
     alive = collections.Counter(type(o).__name__ for o in gc.get_objects())
     return {
         "engine_objects_alive": {name: alive[name] for name in ENGINE_OBJECTS},
+        "python_allocation_growth": growth,
         "cycles": results,
         "rss_baseline_mib": baseline,
         "rss_growth_mib": results[-1]["rss_mib"] - baseline,
@@ -107,8 +158,11 @@ def main() -> int:
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None, help="JSON (and PNG beside it)")
+    parser.add_argument(
+        "--trace-malloc", action="store_true", help="report where Python memory grew (slower)"
+    )
     args = parser.parse_args()
-    report = run_cycles(args.model_path, args.cycles)
+    report = run_cycles(args.model_path, args.cycles, args.trace_malloc)
     print(json.dumps({k: v for k, v in report.items() if k != "cycles"}, indent=2))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,11 +172,7 @@ def main() -> int:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rss = [c["rss_mib"] for c in report["cycles"]]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(range(1, len(rss) + 1), rss, marker="o")

@@ -40,6 +40,10 @@ class WorkerConfig:
     advertise_url: str | None = None
     # On SIGTERM: at most this long to leave the gateway before draining starts.
     gateway_leave_timeout: float = 3.0
+    # /livez, /readyz, /status on a port of their own (None: off); /livez fails once
+    # the engine has been down (restarting) for longer than liveness_grace seconds.
+    status_port: int | None = None
+    liveness_grace: float = 600.0
 
     @property
     def client_host(self) -> str:

@@ -43,22 +43,38 @@ class HealthMonitor:
         self.slow_probes = 0
         self.detected_at: float | None = None  # monotonic
         self.detected_unix: float | None = None  # wall clock, for metrics
+        self._stopped = False
 
     async def run(self) -> None:
-        """Probe until the engine is found dead; then raise ``EngineDiedError``."""
-        while True:
+        """Probe until the engine is found dead (raise ``EngineDiedError``) or stopped.
+
+        Cancelling the task stops it too, but ``stop()`` is the reliable way: on
+        Python 3.11 a cancellation that arrives as a wait completes can be lost."""
+        self._stopped = False
+        while not self._stopped:
             await self._check_once()
             await self._sleep(self._interval)
+
+    def stop(self) -> None:
+        self._stopped = True
 
     async def _check_once(self) -> None:
         self.checks += 1
         probe = asyncio.ensure_future(self._probe())
         started = self._clock()
         try:
+            # asyncio.wait, not wait_for: it neither cancels the probe (a slow probe
+            # keeps running) nor, on Python 3.11, swallows a cancellation of this task
+            # when the probe ends at the same moment (wait_for then returns the result,
+            # and a monitor told to stop would probe on forever).
             try:
-                # shield: a slow probe keeps running; only the wait for it times out.
-                await asyncio.wait_for(asyncio.shield(probe), self._probe_timeout)
-            except asyncio.TimeoutError:
+                await asyncio.wait({probe}, timeout=self._probe_timeout)
+            except asyncio.CancelledError:
+                probe.cancel()
+                raise
+            if probe.done():
+                probe.result()
+            else:
                 self.slow_probes += 1
                 logger.warning(
                     "engine health probe is slow (> %.1f s): busy, not dead; waiting on",

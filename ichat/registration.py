@@ -12,7 +12,6 @@ gateway still knows the worker (a restarted gateway forgets it) and joins again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,8 +64,11 @@ class GatewayRegistration:
 
     async def wait_settled(self, timeout: float) -> bool:
         """Wait (bounded) until the gateway agrees with the last join/leave."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._settled.wait(), timeout)
+        waiter = asyncio.ensure_future(self._settled.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
         return self._settled.is_set()
 
     def _want(self, member: bool) -> None:
@@ -87,21 +89,29 @@ class GatewayRegistration:
             transport=self._transport,
         ) as client:
             delay = settings.retry_initial
+            failing = 0
             while True:
                 self._changed.clear()
                 try:
                     await self._reconcile(client)
                 except (httpx.HTTPError, GatewayRefused) as exc:
                     self.failures += 1
-                    logger.warning(
+                    failing += 1
+                    # the first failure and then one in ten: a gateway down for long
+                    # must not flood the log
+                    log = logger.warning if failing % 10 == 1 else logger.debug
+                    log(
                         "gateway %s: %s; retrying in %.1f s (the worker keeps serving)",
                         settings.url,
-                        exc,
+                        exc or type(exc).__name__,
                         delay,
                     )
                     await self._wait_change(delay)
                     delay = min(delay * 2, settings.retry_max)
                     continue
+                if failing:
+                    logger.info("gateway %s answers again", settings.url)
+                failing = 0
                 delay = settings.retry_initial
                 self._settled.set()
                 await self._wait_change(settings.recheck if self.worker_id else None)

@@ -19,9 +19,10 @@ from ichat import metrics, reaper
 from ichat.backends import BACKENDS, backend_class
 from ichat.backends.base_backend import BaseBackend
 from ichat.config import WorkerConfig
-from ichat.errors import IChatError
+from ichat.errors import IChatError, PortInUseError
 from ichat.registration import GatewayRegistration, GatewaySettings
 from ichat.signals import captured_signals
+from ichat.status_server import StatusServer
 from ichat.supervisor import Supervisor
 
 logger = logging.getLogger("ichat.serve")
@@ -125,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the URL the gateway uses to reach this worker (default: http://HOST:PORT)",
     )
+    parser.add_argument(
+        "--status-port",
+        type=int,
+        default=None,
+        help="serve /livez, /readyz and /status on this port, up also while the engine "
+        "restarts (Kubernetes probes; default: off)",
+    )
+    parser.add_argument(
+        "--liveness-grace",
+        type=float,
+        default=defaults.liveness_grace,
+        help="/livez fails once the engine has been down this many seconds (default: %(default)s)",
+    )
     return parser
 
 
@@ -155,6 +169,8 @@ def parse_args(argv: Sequence[str]) -> tuple[WorkerConfig, list[str], str | None
         gateway_url=ns.gateway_url,
         gateway_api_key=ns.gateway_api_key,
         advertise_url=ns.advertise_url,
+        status_port=ns.status_port,
+        liveness_grace=ns.liveness_grace,
     )
     return config, engine_argv, help_mode
 
@@ -163,6 +179,7 @@ async def serve(
     supervisor: Supervisor,
     registration: GatewayRegistration | None = None,
     leave_timeout: float = 3.0,
+    status: StatusServer | None = None,
 ) -> None:
     """Run the supervised worker until it stops; SIGTERM/SIGINT drain, a second forces.
 
@@ -191,6 +208,11 @@ async def serve(
                 logger.warning("%s received again: forcing the stop", sig.name)
                 supervisor.request_stop(force=True)
 
+    if status is not None:
+        try:
+            await status.start()
+        except OSError as exc:
+            raise PortInUseError(status.host, status.port, exc) from exc
     with captured_signals(loop, received), metrics.registered(supervisor.stats):
         watcher = asyncio.create_task(act_on_signals())
         membership = None if registration is None else asyncio.create_task(registration.run())
@@ -202,6 +224,8 @@ async def serve(
                 registration.leave()  # a worker that gives up leaves the gateway too
                 await registration.wait_settled(leave_timeout)
                 membership.cancel()
+            if status is not None:
+                await status.stop()
 
 
 def configure_logging(level: str) -> None:
@@ -265,5 +289,13 @@ async def _serve_new(cls: type[BaseBackend], config: WorkerConfig, argv: list[st
     supervisor = Supervisor(
         make_backend, config.restart_policy, restart=config.restart, membership=registration
     )
+    status = None
+    if config.status_port is not None:
+        status = StatusServer(
+            supervisor.stats,
+            config.host,
+            config.status_port,
+            liveness_grace=config.liveness_grace,
+        )
     with reaper.guarded():  # engine processes die with this process, even on SIGKILL
-        await serve(supervisor, registration, config.gateway_leave_timeout)
+        await serve(supervisor, registration, config.gateway_leave_timeout, status)

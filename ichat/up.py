@@ -49,13 +49,19 @@ class UpConfig:
     port: int = 8080  # the gateway; workers listen on worker_port, worker_port + 1, ...
     worker_port: int = 8100
     api_key: str | None = None
+    prometheus_port: int | None = None  # the gateway's (default: port + 1)
     ready_timeout: float = 1800.0
     drain_timeout: float = 30.0
     engine_argv: list[str] = field(default_factory=list)
 
     @property
     def gateway(self) -> GatewayConfig:
-        return GatewayConfig(host=self.host, port=self.port, api_key=self.api_key)
+        return GatewayConfig(
+            host=self.host,
+            port=self.port,
+            api_key=self.api_key,
+            prometheus_port=self.prometheus_port,
+        )
 
     def worker_argv(self, index: int, model_path: str) -> list[str]:
         argv = [sys.executable, "-m", "ichat", "serve", "--backend", self.backend]
@@ -228,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="first worker's port (default: %(default)s)",
     )
     parser.add_argument("--api-key", default=None, help="required by the gateway and the workers")
+    parser.add_argument(
+        "--prometheus-port",
+        type=int,
+        default=None,
+        help="the gateway's metrics (default: --port + 1)",
+    )
     parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
     parser.add_argument("--ready-timeout", type=float, default=d.ready_timeout)
     return parser
@@ -249,6 +261,7 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
         port=ns.port,
         worker_port=ns.worker_port,
         api_key=ns.api_key,
+        prometheus_port=ns.prometheus_port,
         drain_timeout=ns.drain_timeout,
         ready_timeout=ns.ready_timeout,
         engine_argv=engine_argv,

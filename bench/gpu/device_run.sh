@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|tp|bench OUT_DIR
+#   bash bench/gpu/device_run.sh tests|tp|bench|gateway OUT_DIR
+# (gateway needs smg: stage.sh vllm==0.26.0 smg==1.13.0)
 set -uo pipefail
 MODE=$1 OUT=$2
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
@@ -22,4 +23,9 @@ case $MODE in
            --concurrency 256 --requests 1024 --max-tokens 128 --out $OUT --tag h200 \
            -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 | tee $OUT/bench.log \
            | grep -v "^(" | tail -n 40 ;;
+  gateway) python3 bench/bench_gateway.py --model-path $ICHAT_GPU_MODEL --rounds ${ROUNDS:-2} \
+           --concurrency 1 256 --requests 1024 --max-tokens 128 --single 30 \
+           --configs ${CONFIGS:-smg ichat ichat+pool-idle-60s ichat+http2} --out $OUT --tag h200 \
+           -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 \
+           | tee $OUT/bench-gateway.log | grep -v "^(" | tail -n 40 ;;
 esac

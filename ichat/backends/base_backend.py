@@ -358,11 +358,14 @@ class BaseBackend(abc.ABC):
             raise
 
     async def _shutdown(self) -> None:
+        """Every step is bounded: a step that hangs is abandoned, and ``cleanup()``
+        (which always follows) kills the engine's processes."""
         config = self.framework_args
         if self._monitor_task is not None:
+            if self.monitor is not None:
+                self.monitor.stop()
             self._monitor_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._monitor_task
+            await _settle(self._monitor_task, 5, "health monitor")
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             t0 = time.monotonic()
@@ -373,16 +376,17 @@ class BaseBackend(abc.ABC):
                 )
                 self._server.force_exit = True
                 self._server_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._server_task
+            await _settle(self._server_task, 10, "HTTP server")
             self._log_phase("drain", t0, "HTTP server drained and closed")
         if self._stack is not None:
             stack, self._stack = self._stack, None
             t0 = time.monotonic()
-            try:
-                await asyncio.wait_for(stack.aclose(), timeout=30)
-            except Exception as exc:  # the engine may already be dead; cleanup() kills it
-                logger.warning("engine shutdown raised %r; killing its processes", exc)
+            closing = asyncio.ensure_future(stack.aclose())
+            if not await _settle(closing, 30, "engine shutdown", cancel_after=True):
+                logger.warning("killing the engine's processes instead")
+            elif not closing.cancelled() and closing.exception() is not None:
+                # the engine may already be dead; cleanup() kills what is left
+                logger.warning("engine shutdown raised %r", closing.exception())
             self._log_phase("engine_shutdown", t0, "engine shut down")
 
     def _log_phase(self, phase: str, started: float, what: str) -> None:
@@ -395,3 +399,22 @@ class BaseBackend(abc.ABC):
         if before is None:
             return []
         return [p for p in processes.children() if p.pid not in before]
+
+
+async def _settle(
+    task: asyncio.Future[Any], timeout: float, what: str, *, cancel_after: bool = False
+) -> bool:
+    """Wait at most ``timeout`` for ``task`` to end; never wait forever on it.
+
+    ``asyncio.wait_for`` would wait for a cancelled task without limit, so a step that
+    ignores cancellation could hang the stop; here it is abandoned and logged."""
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done and cancel_after:
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+    if not done:
+        logger.error("%s did not end within %.0f s; abandoning it", what, timeout)
+        return False
+    if not task.cancelled():
+        task.exception()  # retrieved: never "exception was never retrieved"
+    return True

@@ -298,3 +298,18 @@ def test_sigterm_of_one_worker_under_load_leaves_the_gateway_first_and_fails_not
     with contextlib.suppress(KeyError):
         assert not cluster.routable(b)
     print(f"{len(load.results)} requests during the SIGTERM of one worker, none failed")
+
+
+def test_a_worker_killed_whole_is_dropped_by_the_gateways_own_health_check(
+    cluster: Cluster,
+) -> None:
+    """The second line: SIGKILL of the worker process leaves it no chance to leave;
+    `ichat gateway`'s health checks (every 5 s, 2 failures) take it out instead of
+    SMG's default 60 s x 3 (124 s measured on the H200)."""
+    a = cluster.workers[0]
+    assert cluster.routable(a)
+    a.proc.kill()
+    a.proc.wait(10)
+    dropped_s = wait_for(lambda: not cluster.routable(a), 30, "the gateway dropped it")
+    print(f"SIGKILL of a worker: the gateway's health check dropped it after {dropped_s:.1f} s")
+    assert dropped_s <= 5 * 2 + 5

@@ -32,6 +32,8 @@ def test_ichat_up_serves_through_the_gateway_and_ctrl_c_leaves_nothing(model_dir
             str(model_dir),
             "--served-model-name",
             MODEL_NAME,
+            "--prometheus-port",
+            str(free_port()),
             "--context-length",
             str(CONTEXT_LENGTH),
         ),
@@ -41,7 +43,10 @@ def test_ichat_up_serves_through_the_gateway_and_ctrl_c_leaves_nothing(model_dir
     )
     follower = OutputFollower(up, "OpenAI endpoint:", None)
     try:
-        follower.wait(timeout=600)
+        try:
+            follower.wait(timeout=600)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}:\n{follower.output()[-4000:]}") from exc
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         reply = client.chat.completions.create(
             model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from ichat.processes import title
+from ichat.processes import free_port, title
 from tests.support import (
     MODEL_NAME,
     Worker,
@@ -33,7 +33,14 @@ from tests.support import (
 
 
 @pytest.fixture(scope="module")
-def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+def status_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def worker(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, status_port: int
+) -> Iterator[Worker]:
     with start_worker(
         tmp_path_factory.mktemp("faults"),
         "--model-path",
@@ -42,6 +49,8 @@ def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         MODEL_NAME,
         "--drain-timeout",
         "20",
+        "--status-port",
+        str(status_port),
     ) as w:
         w.wait_ready()
         yield w
@@ -54,7 +63,19 @@ def test_worker_metrics_are_served_next_to_the_engines(worker: Worker) -> None:
     assert metric(worker, "ichat_worker_restarts_total") == 0
 
 
-def test_kill_9_engine_while_streaming_restarts_and_serves_again(worker: Worker) -> None:
+def probe_codes(status_port: int) -> tuple[int, int]:
+    """(/readyz, /livez) status codes of the worker's always-on status server."""
+    base = f"http://127.0.0.1:{status_port}"
+    return (
+        httpx.get(f"{base}/readyz", timeout=5).status_code,
+        httpx.get(f"{base}/livez", timeout=5).status_code,
+    )
+
+
+def test_kill_9_engine_while_streaming_restarts_and_serves_again(
+    worker: Worker, status_port: int
+) -> None:
+    assert probe_codes(status_port) == (200, 200)
     old_engine = vllm_processes(worker.proc.pid)
     assert len(old_engine) >= 2  # EngineCore and its model worker
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -67,11 +88,16 @@ def test_kill_9_engine_while_streaming_restarts_and_serves_again(worker: Worker)
         t_streams_ended = time.monotonic() - t_kill
     assert all(o != "finished" for o in outcomes), outcomes
     deadline = time.monotonic() + 300
+    probes = set()
     while not chat_ok(worker.url):
         assert worker.proc.poll() is None, worker.output()[-3000:]
         assert time.monotonic() < deadline, "worker did not serve again"
+        probes.add(probe_codes(status_port))  # the engine's port is closed meanwhile
         time.sleep(0.1)
     t_serving = time.monotonic() - t_kill
+    # while the engine restarts: not ready (no traffic), but alive (no container restart)
+    assert (503, 200) in probes and all(live == 200 for _, live in probes), probes
+    assert probe_codes(status_port) == (200, 200)
     assert worker.proc.poll() is None  # the same worker process, restarted inside
     assert metric(worker, "ichat_worker_restarts_total") == 1
     assert metric(worker, "ichat_worker_engine_deaths_total") == 1

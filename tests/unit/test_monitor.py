@@ -109,3 +109,19 @@ def test_a_probe_stuck_on_a_dead_engine_does_not_hide_the_death() -> None:
     asyncio.run(main())
     assert monitor.slow_probes == 1 and liveness_calls == 3
     assert monitor.detected_at is not None
+
+
+def test_stop_ends_the_monitor_even_if_a_cancellation_was_lost() -> None:
+    async def alive() -> None:
+        return None
+
+    monitor = HealthMonitor(alive, interval=0.01, probe_timeout=1.0)
+
+    async def main() -> None:
+        task = asyncio.create_task(monitor.run())
+        await asyncio.sleep(0.05)
+        monitor.stop()  # no cancel() at all: the loop itself must notice
+        await asyncio.wait_for(task, 1)
+
+    asyncio.run(main())
+    assert monitor.checks >= 2 and monitor.detected_at is None

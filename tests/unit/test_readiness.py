@@ -7,21 +7,7 @@ import pytest
 
 from ichat.errors import EngineDiedError, ReadinessTimeoutError
 from ichat.readiness import Backoff, wait_until_ready
-
-
-class FakeTime:
-    """A clock that only moves when the code under test sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.unit.fakes import FakeClock
 
 
 def test_backoff_starts_fast_grows_and_is_capped() -> None:
@@ -35,7 +21,7 @@ def test_default_backoff_keeps_ready_detection_within_half_a_second() -> None:
 
 
 def test_returns_as_soon_as_the_probe_succeeds() -> None:
-    t = FakeTime()
+    t = FakeClock(start=0.0)
     answers = iter([False, False, False, True])
 
     async def probe() -> bool:
@@ -48,7 +34,7 @@ def test_returns_as_soon_as_the_probe_succeeds() -> None:
             check_alive=lambda: None,
             backoff=Backoff(0.02, 2, 1),
             sleep=t.sleep,
-            clock=t.clock,
+            clock=t,
         )
     )
     assert t.sleeps == [0.02, 0.04, 0.08]
@@ -56,7 +42,7 @@ def test_returns_as_soon_as_the_probe_succeeds() -> None:
 
 
 def test_raises_at_once_when_the_backend_died_meanwhile() -> None:
-    t = FakeTime()
+    t = FakeClock(start=0.0)
     calls = []
 
     async def probe() -> bool:
@@ -69,23 +55,19 @@ def test_raises_at_once_when_the_backend_died_meanwhile() -> None:
 
     with pytest.raises(EngineDiedError, match="engine gone"):
         asyncio.run(
-            wait_until_ready(
-                probe, timeout=1000, check_alive=check_alive, sleep=t.sleep, clock=t.clock
-            )
+            wait_until_ready(probe, timeout=1000, check_alive=check_alive, sleep=t.sleep, clock=t)
         )
     assert len(calls) == 2 and t.now < 0.1
 
 
 def test_timeout_names_the_timeout_and_never_oversleeps() -> None:
-    t = FakeTime()
+    t = FakeClock(start=0.0)
 
     async def probe() -> bool:
         return False
 
     with pytest.raises(ReadinessTimeoutError, match=r"readiness timeout of 3 s"):
         asyncio.run(
-            wait_until_ready(
-                probe, timeout=3, check_alive=lambda: None, sleep=t.sleep, clock=t.clock
-            )
+            wait_until_ready(probe, timeout=3, check_alive=lambda: None, sleep=t.sleep, clock=t)
         )
     assert t.now == pytest.approx(3.0)

@@ -10,19 +10,7 @@ import pytest
 from ichat.errors import CrashLoopError, EngineDiedError, StartupError
 from ichat.restart_policy import RestartPolicy
 from ichat.supervisor import Supervisor, WorkerState
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.unit.fakes import FakeClock
 
 
 class ScriptedBackend:

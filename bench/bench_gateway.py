@@ -1,0 +1,300 @@
+"""Direct vs through the gateway (SMG), side by side in one run, per gateway setting.
+
+One `ichat serve` worker is started once. For each gateway configuration a fresh SMG
+is started and the worker is registered with it; then, for each round (alternating
+which path goes first) and each concurrency: C concurrent streaming chats of N tokens
+(time to first token, inter-token latency, throughput) and single-token requests one at
+a time (added latency), once straight to the worker and once through the gateway.
+
+    python bench/bench_gateway.py --model-path .cache/tiny-model --rounds 2 \\
+        --concurrency 1 16 --requests 64 --max-tokens 32 --out docs/results/gateway-cpu
+
+Configurations: `smg` (SMG's own defaults), `ichat` (`ichat gateway`'s defaults), and
+`ichat` plus one candidate fix each for the streaming TTFT tail (see --configs).
+Writes JSON and a PNG; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from common import MODEL_NAME, ichat_serve_cmd, pyplot
+
+from ichat.gateway import GatewayConfig
+from ichat.probe import wait_healthy
+from ichat.processes import free_port
+
+
+def smg_defaults(port: int, metrics_port: int) -> list[str]:
+    return [sys.executable, "-m", "smg", "launch", "--host", "127.0.0.1", "--port", str(port),
+            "--prometheus-port", str(metrics_port)]  # fmt: skip
+
+
+def ichat_defaults(*extra: str) -> Callable[[int, int], list[str]]:
+    def argv(port: int, metrics_port: int) -> list[str]:
+        config = GatewayConfig(port=port, prometheus_port=metrics_port, extra=list(extra))
+        return config.smg_argv()
+
+    return argv
+
+
+CONFIGS: dict[str, Callable[[int, int], list[str]]] = {
+    "smg": smg_defaults,
+    "ichat": ichat_defaults(),
+    # keeps pooled upstream connections 60 s instead of 3 s; SMG requires it to stay
+    # below the worker's keep-alive, so the worker runs with a 75 s keep-alive (below)
+    "ichat+pool-idle-60s": ichat_defaults("--upstream-pool-idle-timeout-secs", "60"),
+    "ichat+http2": ichat_defaults("--upstream-http2"),
+}
+WORKER_KEEP_ALIVE_S = "75"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def streams(url: str, requests: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
+    """C concurrent streaming chats: TTFT, inter-token latency, throughput."""
+    import aiohttp
+
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "Write a long story about a model."}],
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    ttft: list[float] = []
+    itl: list[float] = []
+    tokens = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(record: bool) -> None:
+            nonlocal tokens
+            async with sem:
+                t0 = time.perf_counter()
+                last = None
+                async with session.post("/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.content:
+                        if not line.startswith(b"data: {") or b'"content"' not in line:
+                            continue
+                        now = time.perf_counter()
+                        if record:
+                            if last is None:
+                                ttft.append(now - t0)
+                            else:
+                                itl.append(now - last)
+                            tokens += 1
+                        last = now
+
+        await asyncio.gather(*(one(False) for _ in range(concurrency)))  # warm connections
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(True) for _ in range(requests)))
+        seconds = time.perf_counter() - t0
+    return {
+        "ttft_p50_ms": 1000 * percentile(ttft, 50),
+        "ttft_p99_ms": 1000 * percentile(ttft, 99),
+        "itl_p50_ms": 1000 * percentile(itl, 50),
+        "itl_p99_ms": 1000 * percentile(itl, 99),
+        "req_per_s": requests / seconds,
+        "out_tok_per_s": tokens / seconds,
+    }
+
+
+def single_token(url: str, count: int) -> dict[str, float]:
+    """One request at a time, one output token: the gateway's added latency shows here."""
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1, "temperature": 0}
+    times = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(count + 5):
+            t0 = time.perf_counter()
+            client.post("/v1/completions", json=body).raise_for_status()
+            if i >= 5:  # warm
+                times.append(time.perf_counter() - t0)
+    return {"p50_ms": 1000 * percentile(times, 50), "p99_ms": 1000 * percentile(times, 99)}
+
+
+def start_gateway(name: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    argv = CONFIGS[name](port, free_port())
+    print(f"[{name}] {' '.join(argv[3:])}", flush=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, timeout=60)
+    return proc, url
+
+
+def register(gateway_url: str, worker_url: str) -> None:
+    body = {"url": worker_url, "models": [{"id": MODEL_NAME}]}
+    httpx.post(f"{gateway_url}/workers", json=body, timeout=10).raise_for_status()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        workers = httpx.get(f"{gateway_url}/workers", timeout=10).json()["workers"]
+        if any(w["url"] == worker_url and w["is_healthy"] for w in workers):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the worker did not become healthy in the gateway")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure_config(name: str, worker_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    gateway, gateway_url = start_gateway(name)
+    rows = []
+    try:
+        register(gateway_url, worker_url)
+        for rnd in range(args.rounds):
+            paths = [("direct", worker_url), ("gateway", gateway_url)]
+            for path, url in paths if rnd % 2 == 0 else paths[::-1]:
+                row: dict[str, Any] = {"config": name, "round": rnd, "path": path}
+                row["single_token"] = single_token(url, args.single)
+                row["streams"] = {
+                    str(c): asyncio.run(streams(url, max(args.requests, c), c, args.max_tokens))
+                    for c in args.concurrency
+                }
+                rows.append(row)
+                top = row["streams"][str(args.concurrency[-1])]
+                print(
+                    f"[{name}] round {rnd} {path:7s}: 1-token p50 "
+                    f"{row['single_token']['p50_ms']:.2f} ms; C={args.concurrency[-1]}: TTFT "
+                    f"p50 {top['ttft_p50_ms']:.1f} p99 {top['ttft_p99_ms']:.1f} ms, "
+                    f"{top['req_per_s']:.1f} req/s",
+                    flush=True,
+                )
+    finally:
+        stop(gateway)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], concurrency: list[int]) -> dict[str, Any]:
+    """Per configuration: gateway minus direct (means over rounds), and the spread."""
+    summary: dict[str, Any] = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        by_round: dict[int, dict[str, dict[str, Any]]] = {}
+        for r in rows:
+            if r["config"] == name:
+                by_round.setdefault(r["round"], {})[r["path"]] = r
+        rounds = list(by_round.values())
+        entry: dict[str, Any] = {}
+        for key in ("p50_ms", "p99_ms"):
+            deltas = [
+                x["gateway"]["single_token"][key] - x["direct"]["single_token"][key] for x in rounds
+            ]
+            entry[f"single_token_added_{key}"] = statistics.mean(deltas)
+        for c in concurrency:
+            s = str(c)
+            for key in ("ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms"):
+                deltas = [
+                    x["gateway"]["streams"][s][key] - x["direct"]["streams"][s][key] for x in rounds
+                ]
+                entry[f"c{c}_{key}_added"] = statistics.mean(deltas)
+                entry[f"c{c}_{key}_added_range"] = [min(deltas), max(deltas)]
+            ratios = [
+                x["gateway"]["streams"][s]["req_per_s"] / x["direct"]["streams"][s]["req_per_s"]
+                for x in rounds
+            ]
+            entry[f"c{c}_throughput_ratio"] = statistics.mean(ratios)
+        summary[name] = entry
+    return summary
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    summary, conc = report["summary"], report["concurrency"]
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(conc))]
+        axes[0].bar(xs, [summary[name][f"c{c}_ttft_p99_ms_added"] for c in conc], width, label=name)
+        axes[1].bar(xs, [summary[name][f"c{c}_throughput_ratio"] for c in conc], width, label=name)
+    for ax, title in zip(
+        axes, ("TTFT p99 added by the gateway (ms)", "throughput via / direct"), strict=True
+    ):
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(conc))])
+        ax.set_xticklabels([f"{c} streams" for c in conc])
+        ax.set_title(title)
+        ax.axhline(1.0 if "via" in title else 0.0, color="grey", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{report['tag']}: direct vs through SMG ({report['rounds']} rounds, means)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--requests", type=int, default=64, help="streams per measurement")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--single", type=int, default=50, help="single-token requests")
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--out", type=Path, required=True, help="folder for JSON and PNG")
+    parser.add_argument("--tag", default=platform.node())
+    parser.add_argument("worker_args", nargs="*", help="after --: engine flags for the worker")
+    args = parser.parse_args()
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
+    env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = WORKER_KEEP_ALIVE_S
+    port = free_port()
+    worker_url = f"http://127.0.0.1:{port}"
+    cmd = ichat_serve_cmd(args.model_path, port, *args.worker_args)
+    worker = subprocess.Popen(cmd, env=env)
+    try:
+        wait_healthy(worker_url, worker, timeout=1800)
+        rows = [row for name in args.configs for row in measure_config(name, worker_url, args)]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(120)
+    report = {
+        "tag": args.tag,
+        "date": time.strftime("%Y-%m-%d"),
+        "rounds": args.rounds,
+        "concurrency": args.concurrency,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "configs": {name: CONFIGS[name](8080, 8081)[3:] for name in args.configs},
+        "worker_keep_alive_s": WORKER_KEEP_ALIVE_S,
+        "summary": summarize(rows, args.concurrency),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"bench-gateway-{args.tag}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out.with_suffix(".png"))
+    print(json.dumps(report["summary"], indent=2))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

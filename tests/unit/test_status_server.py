@@ -1,0 +1,59 @@
+"""/readyz, /livez, /status of the worker: the verdicts and the real HTTP answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from ichat.processes import free_port
+from ichat.status_server import StatusServer, liveness, readiness
+from ichat.supervisor import WorkerState, WorkerStats
+
+
+def test_ready_only_while_a_backend_serves() -> None:
+    for state in WorkerState:
+        assert readiness(WorkerStats(state=state))[0] is (state is WorkerState.READY)
+
+
+def test_alive_while_restarting_within_the_grace_then_not() -> None:
+    stats = WorkerStats(state=WorkerState.RESTARTING, last_death_detected_unix=1000.0)
+    assert liveness(stats, now_unix=1000.0 + 599, grace=600)[0]
+    ok, why = liveness(stats, now_unix=1000.0 + 601, grace=600)
+    assert not ok and "down for 601 s" in why
+
+
+def test_a_worker_that_gave_up_is_not_alive_a_first_start_is() -> None:
+    assert not liveness(WorkerStats(state=WorkerState.FAILED), 0.0, 600)[0]
+    assert liveness(WorkerStats(state=WorkerState.STARTING), 10**9, 600)[0]  # never died
+
+
+def test_the_endpoints_answer_over_http() -> None:
+    stats = WorkerStats(state=WorkerState.STARTING)
+    server = StatusServer(stats, "127.0.0.1", free_port(), wall_clock=lambda: 5000.0)
+
+    async def main() -> dict[str, int]:
+        await server.start()
+        codes = {}
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as c:
+                codes["starting /readyz"] = (await c.get("/readyz")).status_code
+                codes["starting /livez"] = (await c.get("/livez")).status_code
+                stats.state = WorkerState.READY
+                codes["ready /readyz"] = (await c.get("/readyz")).status_code
+                status = await c.get("/status")
+                assert status.json()["state"] == "ready"
+                stats.state, stats.last_death_detected_unix = WorkerState.RESTARTING, 1.0
+                codes["stuck restart /livez"] = (await c.get("/livez")).status_code
+                codes["unknown"] = (await c.get("/nope")).status_code
+        finally:
+            await server.stop()
+        return codes
+
+    assert asyncio.run(main()) == {
+        "starting /readyz": 503,
+        "starting /livez": 200,
+        "ready /readyz": 200,
+        "stuck restart /livez": 503,
+        "unknown": 404,
+    }

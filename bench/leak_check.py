@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import ctypes
 import faulthandler
 import gc
 import json
@@ -52,8 +53,13 @@ def dump_tasks() -> None:
     sys.stderr.flush()
 
 
+def malloc_trim() -> None:
+    """Ask glibc to give freed heap memory back to the OS (RSS then shows what is used)."""
+    ctypes.CDLL(None).malloc_trim(0)
+
+
 async def all_cycles(
-    model: str, cycles: int, guard_pid: int, trace: bool
+    model: str, cycles: int, guard_pid: int, trace: bool, trim: bool = False
 ) -> tuple[list[dict[str, Any]], tracemalloc.Snapshot | None]:
     """All cycles in one event loop, as the supervisor restarts engines in a worker."""
     loop = asyncio.get_running_loop()
@@ -67,7 +73,7 @@ async def all_cycles(
         watchdog.start()
         faulthandler.dump_traceback_later(STUCK_AFTER_S + 10, exit=False)
         try:
-            result = await one_cycle(model, port, guard_pid)
+            result = await one_cycle(model, port, guard_pid, trim)
         finally:
             watchdog.cancel()
             faulthandler.cancel_dump_traceback_later()
@@ -86,7 +92,7 @@ async def all_cycles(
     return results, first
 
 
-async def one_cycle(model: str, port: int, guard_pid: int) -> dict[str, Any]:
+async def one_cycle(model: str, port: int, guard_pid: int, trim: bool = False) -> dict[str, Any]:
     config = WorkerConfig(port=port)
     backend = VLLMBackend(config, ["--model-path", model, "--served-model-name", "m"])
     t0 = time.monotonic()
@@ -103,6 +109,9 @@ async def one_cycle(model: str, port: int, guard_pid: int) -> dict[str, Any]:
     backend.request_stop()
     await task
     stop_s = time.monotonic() - t1
+    if trim:
+        gc.collect()
+        malloc_trim()
     me = psutil.Process()
     left = [
         f"{p.pid}:{title(p)[:60]}:{p.status()}"
@@ -126,12 +135,12 @@ def top_growth(first: tracemalloc.Snapshot, last: tracemalloc.Snapshot, n: int =
     return [str(stat) for stat in stats[:n]]
 
 
-def run_cycles(model: str, cycles: int, trace: bool = False) -> dict[str, Any]:
+def run_cycles(model: str, cycles: int, trace: bool = False, trim: bool = False) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with reaper.guarded() as guard:  # killed midway (a test's timeout): no orphan engine
         assert guard.proc is not None
-        results, first = asyncio.run(all_cycles(model, cycles, guard.proc.pid, trace))
+        results, first = asyncio.run(all_cycles(model, cycles, guard.proc.pid, trace, trim))
     baseline = results[0]["rss_mib"]
     gc.collect()
     growth = []
@@ -161,8 +170,14 @@ def main() -> int:
     parser.add_argument(
         "--trace-malloc", action="store_true", help="report where Python memory grew (slower)"
     )
+    parser.add_argument(
+        "--malloc-trim",
+        action="store_true",
+        help="after each stop, collect garbage and return freed heap to the OS first",
+    )
     args = parser.parse_args()
-    report = run_cycles(args.model_path, args.cycles, args.trace_malloc)
+    report = run_cycles(args.model_path, args.cycles, args.trace_malloc, args.malloc_trim)
+    report["malloc_trim"] = args.malloc_trim
     print(json.dumps({k: v for k, v in report.items() if k != "cycles"}, indent=2))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

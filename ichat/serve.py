@@ -210,7 +210,7 @@ async def serve(
 
     if status is not None:
         try:
-            await status.start()
+            status.start()
         except OSError as exc:
             raise PortInUseError(status.host, status.port, exc) from exc
     with captured_signals(loop, received), metrics.registered(supervisor.stats):
@@ -225,7 +225,7 @@ async def serve(
                 await registration.wait_settled(leave_timeout)
                 membership.cancel()
             if status is not None:
-                await status.stop()
+                status.stop()
 
 
 def configure_logging(level: str) -> None:

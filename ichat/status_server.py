@@ -2,7 +2,7 @@
 
 The engine's HTTP server comes and goes with each backend (its port is closed while a
 dead engine restarts), so probes that must outlive a restart live here, on a tiny
-asyncio server that imports nothing of the engines:
+threaded HTTP server that imports nothing of the engines:
 
     GET /readyz   200 while a backend serves (state ready), else 503: route traffic here?
     GET /livez    200 while the worker can still recover, 503 once it cannot: the worker
@@ -15,11 +15,11 @@ Kubernetes: readinessProbe -> /readyz, livenessProbe -> /livez (see deploy/kuber
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
+import http.server
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -44,6 +44,10 @@ def liveness(stats: WorkerStats, now_unix: float, grace: float) -> tuple[bool, s
 
 
 class StatusServer:
+    """Answers from a thread of its own: the worker's event loop is blocked for seconds
+    while an engine starts (vLLM builds its client synchronously), and a probe must
+    not time out then -- that is exactly when ``/livez`` has to say "alive"."""
+
     def __init__(
         self,
         stats: WorkerStats,
@@ -58,17 +62,42 @@ class StatusServer:
         self.port = port
         self.liveness_grace = liveness_grace
         self._wall_clock = wall_clock
-        self._server: asyncio.Server | None = None
+        self._httpd: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+    def start(self) -> None:
+        """Bind (``OSError`` if the port is taken) and serve from a daemon thread."""
+        answer = self.answer
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                code, body = answer(self.path.split("?", 1)[0])
+                payload = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return  # probes every few seconds: not worth a log line each
+
+        self._httpd = http.server.ThreadingHTTPServer((self.host, self.port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="ichat-status", daemon=True
+        )
+        self._thread.start()
         logger.info("status endpoints (/livez /readyz /status) on %s:%d", self.host, self.port)
 
-    async def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
 
     def answer(self, path: str) -> tuple[int, dict[str, object]]:
         if path == "/readyz":
@@ -82,24 +111,3 @@ class StatusServer:
         else:
             return 404, {"error": f"no such endpoint: {path}"}
         return (200 if ok else 503), {"ok": ok, "reason": why}
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-            code, body = self.answer(path) if parts[:1] in (["GET"], ["HEAD"]) else (405, {})
-            payload = json.dumps(body).encode()
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(code, "Error")
-            writer.write(
-                f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-                + (payload if parts[:1] != ["HEAD"] else b"")
-            )
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 
 from ichat.processes import free_port
@@ -31,26 +29,21 @@ def test_a_worker_that_gave_up_is_not_alive_a_first_start_is() -> None:
 def test_the_endpoints_answer_over_http() -> None:
     stats = WorkerStats(state=WorkerState.STARTING)
     server = StatusServer(stats, "127.0.0.1", free_port(), wall_clock=lambda: 5000.0)
-
-    async def main() -> dict[str, int]:
-        await server.start()
-        codes = {}
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as c:
-                codes["starting /readyz"] = (await c.get("/readyz")).status_code
-                codes["starting /livez"] = (await c.get("/livez")).status_code
-                stats.state = WorkerState.READY
-                codes["ready /readyz"] = (await c.get("/readyz")).status_code
-                status = await c.get("/status")
-                assert status.json()["state"] == "ready"
-                stats.state, stats.last_death_detected_unix = WorkerState.RESTARTING, 1.0
-                codes["stuck restart /livez"] = (await c.get("/livez")).status_code
-                codes["unknown"] = (await c.get("/nope")).status_code
-        finally:
-            await server.stop()
-        return codes
-
-    assert asyncio.run(main()) == {
+    server.start()
+    codes = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as c:
+            codes["starting /readyz"] = c.get("/readyz").status_code
+            codes["starting /livez"] = c.get("/livez").status_code
+            stats.state = WorkerState.READY
+            codes["ready /readyz"] = c.get("/readyz").status_code
+            assert c.get("/status").json()["state"] == "ready"
+            stats.state, stats.last_death_detected_unix = WorkerState.RESTARTING, 1.0
+            codes["stuck restart /livez"] = c.get("/livez").status_code
+            codes["unknown"] = c.get("/nope").status_code
+    finally:
+        server.stop()
+    assert codes == {
         "starting /readyz": 503,
         "starting /livez": 200,
         "ready /readyz": 200,

@@ -12,7 +12,6 @@ Writes JSON and PNG (``--out``). Numbers only: nothing here asserts a speed.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
@@ -26,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import pyplot
+from common import bench_parser, pyplot, save_figure
 
 from tests.support import (
     MODEL_NAME,
@@ -99,15 +98,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     b.set_title("SIGTERM to exit 0 (s) vs streams in flight")
     b.set_xlabel("streams in flight")
     fig.suptitle(f"ichat serve lifecycle on {report['machine']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model-path", required=True)
+    parser = bench_parser(__doc__)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--inflight", type=int, nargs="+", default=[0, 4, 16])
     parser.add_argument("--tokens", type=int, default=512, help="tokens per drained stream")

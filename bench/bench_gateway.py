@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import MODEL_NAME, ichat_serve_cmd, pyplot
+from common import MODEL_NAME, bench_parser, chat_body, ichat_serve_cmd, pyplot, save_figure
 
 from ichat.gateway import GatewayConfig
 from ichat.probe import wait_healthy
@@ -71,15 +71,7 @@ async def streams(url: str, requests: int, concurrency: int, max_tokens: int) ->
     """C concurrent streaming chats: TTFT, inter-token latency, throughput."""
     import aiohttp
 
-    body = {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": "Write a long story about a model."}],
-        "max_tokens": max_tokens,
-        "min_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0,
-        "stream": True,
-    }
+    body = chat_body(max_tokens, stream=True)
     ttft: list[float] = []
     itl: list[float] = []
     tokens = 0
@@ -244,15 +236,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.axhline(1.0 if "via" in title else 0.0, color="grey", lw=0.8)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{report['tag']}: direct vs through SMG ({report['rounds']} rounds, means)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model-path", required=True)
+    parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--requests", type=int, default=64, help="streams per measurement")

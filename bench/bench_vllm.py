@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import MODEL_NAME, ichat_serve_cmd, pyplot
+from common import MODEL_NAME, bench_parser, chat_body, ichat_serve_cmd, pyplot, save_figure
 
 from ichat.probe import wait_healthy
 from ichat.processes import free_port
@@ -68,14 +68,7 @@ async def load(url: str, requests: int, concurrency: int, max_tokens: int) -> di
     """aiohttp (vLLM's own dependency): a single httpx client is the bottleneck at 256."""
     import aiohttp
 
-    body = {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": "Write a long story about a model."}],
-        "max_tokens": max_tokens,
-        "min_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0,
-    }
+    body = chat_body(max_tokens)
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
@@ -192,15 +185,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"ichat serve vs native vLLM {report['vllm']} on {report['machine']}: "
         f"throughput ratio {ratio['mean']:.3f} (min {ratio['min']:.3f})"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model-path", required=True)
+    parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)

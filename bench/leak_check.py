@@ -13,7 +13,6 @@ A cycle stuck for 240 s prints where every asyncio task waits and every thread's
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import ctypes
@@ -30,7 +29,7 @@ from typing import Any
 
 import httpx
 import psutil
-from common import pyplot
+from common import bench_parser, pyplot, save_figure
 
 from ichat import reaper
 from ichat.backends.vllm_backend import VLLMBackend
@@ -161,10 +160,7 @@ def run_cycles(model: str, cycles: int, trace: bool = False, trim: bool = False)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model-path", required=True)
+    parser = bench_parser(__doc__)
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None, help="JSON (and PNG beside it)")
     parser.add_argument(
@@ -197,8 +193,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"{len(rss)} in-process cycles: growth {report['rss_growth_mib']:+.0f} MiB, "
         f"{report['engine_processes_left_total']} processes left"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
-from ichat import processes, reaper
-from ichat.errors import ConfigError, GatewayError, IChatError, PortInUseError
+from ichat import processes
+from ichat.command import run_command
+from ichat.errors import ConfigError, GatewayError, PortInUseError
 from ichat.readiness import Backoff
 from ichat.signals import captured_signals
 
@@ -203,14 +204,4 @@ async def run_gateway(config: GatewayConfig) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        config = parse_args(argv)
-        with reaper.guarded():
-            return asyncio.run(run_gateway(config))
-    except IChatError as exc:
-        print(f"ichat gateway: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_command("ichat gateway", lambda: run_gateway(parse_args(argv)))

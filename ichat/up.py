@@ -28,7 +28,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from ichat import processes, reaper
+from ichat import processes
+from ichat.command import run_command
 from ichat.errors import ConfigError, IChatError, ModelNotFoundError, PortInUseError
 from ichat.gateway import GatewayConfig, GatewayProcess
 from ichat.readiness import Backoff
@@ -269,14 +270,4 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
 
 
 def main(argv: Sequence[str]) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        config = parse_args(argv)
-        with reaper.guarded():
-            return asyncio.run(run_up(config))
-    except IChatError as exc:
-        print(f"ichat up: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_command("ichat up", lambda: run_up(parse_args(argv)))

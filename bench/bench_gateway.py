@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import MODEL_NAME, bench_parser, chat_body, ichat_serve_cmd, pyplot, save_figure
+from common import (
+    MODEL_NAME,
+    bench_parser,
+    ichat_serve_cmd,
+    percentile,
+    pyplot,
+    save_figure,
+    streams,
+)
 
 from ichat.gateway import GatewayConfig
 from ichat.probe import wait_healthy
@@ -60,57 +68,6 @@ CONFIGS: dict[str, Callable[[int, int], list[str]]] = {
     "ichat+http2": ichat_defaults("--upstream-http2"),
 }
 WORKER_KEEP_ALIVE_S = "75"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-async def streams(url: str, requests: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
-    """C concurrent streaming chats: TTFT, inter-token latency, throughput."""
-    import aiohttp
-
-    body = chat_body(max_tokens, stream=True)
-    ttft: list[float] = []
-    itl: list[float] = []
-    tokens = 0
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=900)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one(record: bool) -> None:
-            nonlocal tokens
-            async with sem:
-                t0 = time.perf_counter()
-                last = None
-                async with session.post("/v1/chat/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.content:
-                        if not line.startswith(b"data: {") or b'"content"' not in line:
-                            continue
-                        now = time.perf_counter()
-                        if record:
-                            if last is None:
-                                ttft.append(now - t0)
-                            else:
-                                itl.append(now - last)
-                            tokens += 1
-                        last = now
-
-        await asyncio.gather(*(one(False) for _ in range(concurrency)))  # warm connections
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(True) for _ in range(requests)))
-        seconds = time.perf_counter() - t0
-    return {
-        "ttft_p50_ms": 1000 * percentile(ttft, 50),
-        "ttft_p99_ms": 1000 * percentile(ttft, 99),
-        "itl_p50_ms": 1000 * percentile(itl, 50),
-        "itl_p99_ms": 1000 * percentile(itl, 99),
-        "req_per_s": requests / seconds,
-        "out_tok_per_s": tokens / seconds,
-    }
 
 
 def single_token(url: str, count: int) -> dict[str, float]:
@@ -157,6 +114,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def stream_count(requests: int, concurrency: int) -> int:
+    """Streams measured at ``concurrency``: at most 16 rounds of it (one stream at a time
+    of 128 tokens would otherwise take minutes), never fewer than one full round."""
+    return max(concurrency, min(requests, 16 * concurrency))
+
+
 def measure_config(name: str, worker_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     gateway, gateway_url = start_gateway(name)
     rows = []
@@ -168,7 +131,9 @@ def measure_config(name: str, worker_url: str, args: argparse.Namespace) -> list
                 row: dict[str, Any] = {"config": name, "round": rnd, "path": path}
                 row["single_token"] = single_token(url, args.single)
                 row["streams"] = {
-                    str(c): asyncio.run(streams(url, max(args.requests, c), c, args.max_tokens))
+                    str(c): asyncio.run(
+                        streams(url, stream_count(args.requests, c), c, args.max_tokens)
+                    )
                     for c in args.concurrency
                 }
                 rows.append(row)

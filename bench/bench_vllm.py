@@ -2,8 +2,9 @@
 
 Each round starts the native server and `ichat serve` on the same model (alternating
 which goes first), measures time to ready (/health 200 from process start), the RSS of
-the whole process tree, and throughput under the same load (C concurrent chats, each
-generating exactly N tokens), then stops it. Writes JSON and a PNG.
+the whole process tree, throughput under the same load (C concurrent chats, each
+generating exactly N tokens) and, with the same load streamed, time to first token and
+inter-token latency (p50/p99), then stops it. Writes JSON and a PNG.
 
     python bench/bench_vllm.py --model-path .cache/tiny-model --rounds 3
 
@@ -24,11 +25,20 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import psutil
-from common import MODEL_NAME, bench_parser, chat_body, ichat_serve_cmd, pyplot, save_figure
+from common import (
+    MODEL_NAME,
+    bench_parser,
+    chat_body,
+    ichat_serve_cmd,
+    pyplot,
+    save_figure,
+    streams,
+)
 
 from ichat.probe import wait_healthy
 from ichat.processes import free_port
@@ -93,13 +103,14 @@ async def load(url: str, requests: int, concurrency: int, max_tokens: int) -> di
     }
 
 
-def run_load(*args: int | str) -> dict[str, float]:
+def run_client(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """The load generator on uvloop where installed (as vLLM's own benchmarks)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(load(*args))  # type: ignore[arg-type]
+        return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(load(*args))  # type: ignore[arg-type]
+        return runner.run(coro)
 
 
 def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
@@ -118,7 +129,9 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
     try:
         wait_healthy(url, proc, timeout=900)
         ready_s = time.monotonic() - t0
-        result = run_load(url, args.requests, args.concurrency, args.max_tokens)
+        result = run_client(load(url, args.requests, args.concurrency, args.max_tokens))
+        stream = run_client(streams(url, args.requests, args.concurrency, args.max_tokens))
+        result.update({k: v for k, v in stream.items() if k.startswith(("ttft", "itl"))})
         result.update(kind=kind, ready_s=ready_s, rss_mib=tree_rss_mib(proc.pid))
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -130,7 +143,9 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
         log.close()
     print(
         f"  {kind:6s} ready {result['ready_s']:6.1f} s  {result['req_per_s']:7.2f} req/s  "
-        f"{result['out_tok_per_s']:8.0f} tok/s  RSS {result['rss_mib']:6.0f} MiB",
+        f"{result['out_tok_per_s']:8.0f} tok/s  TTFT p50/p99 {result['ttft_p50_ms']:.1f}/"
+        f"{result['ttft_p99_ms']:.1f} ms  ITL p50/p99 {result['itl_p50_ms']:.1f}/"
+        f"{result['itl_p99_ms']:.1f} ms  RSS {result['rss_mib']:6.0f} MiB",
         flush=True,
     )
     return result
@@ -147,9 +162,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ready_delta = [
         i - n for i, n in zip(values("ichat", "ready_s"), values("native", "ready_s"), strict=True)
     ]
-    rss_delta = [
-        i - n for i, n in zip(values("ichat", "rss_mib"), values("native", "rss_mib"), strict=True)
-    ]
+
+    def delta(key: str) -> list[float]:
+        return [i - n for i, n in zip(values("ichat", key), values("native", key), strict=True)]
+
+    rss_delta = delta("rss_mib")
 
     def stats(xs: list[float]) -> dict[str, float]:
         return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs)}
@@ -158,6 +175,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "throughput_ratio_ichat_over_native": stats(ratios),
         "ready_s_ichat_minus_native": stats(ready_delta),
         "rss_mib_ichat_minus_native": stats(rss_delta),
+        **{
+            f"{key}_ichat_minus_native": stats(delta(key))
+            for key in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+            if all(key in r for r in runs)
+        },
         "goals": {"throughput_ratio_min": 0.99, "ready_s_delta_max": 0.5, "rss_mib_delta_max": 50},
     }
 
@@ -165,15 +187,21 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def plot(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     runs = report["runs"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 4))
     for ax, key, label in zip(
         axes,
-        ("req_per_s", "ready_s", "rss_mib"),
-        ("throughput (req/s)", "time to ready (s)", "RSS of tree (MiB)"),
+        ("req_per_s", "ready_s", "rss_mib", "ttft_p99_ms", "itl_p99_ms"),
+        (
+            "throughput (req/s)",
+            "time to ready (s)",
+            "RSS of tree (MiB)",
+            "streaming TTFT p99 (ms)",
+            "inter-token p99 (ms)",
+        ),
         strict=True,
     ):
         for i, kind in enumerate(("native", "ichat")):
-            ys = [r[key] for r in runs if r["kind"] == kind]
+            ys = [r.get(key, 0.0) for r in runs if r["kind"] == kind]
             xs = [j + (i - 0.5) * 0.35 for j in range(len(ys))]
             ax.bar(xs, ys, width=0.35, label=kind)
         ax.set_title(label)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|tp|bench|gateway OUT_DIR
+#   bash bench/gpu/device_run.sh tests|tp|bench|gateway|gateway+bench OUT_DIR
+# gateway+bench (2 GPUs): the gateway benchmark on GPU 0 and the vLLM comparison on GPU 1
+# at the same time (32 cores: neither is short of CPU; both are ratios taken side by side).
 # (gateway needs smg: stage.sh vllm==0.26.0 smg==1.13.0)
 set -uo pipefail
 MODE=$1 OUT=$2
@@ -20,12 +22,18 @@ case $MODE in
            | grep -v "Route:" > $OUT/gpu-tp.log
          tail -n 30 $OUT/gpu-tp.log ;;
   bench) python3 bench/bench_vllm.py --model-path $ICHAT_GPU_MODEL --rounds ${ROUNDS:-2} \
-           --concurrency 256 --requests 1024 --max-tokens 128 --out $OUT --tag h200 \
+           --concurrency 256 --requests 1024 --max-tokens 128 --out /tmp/bench-vllm --tag h200 \
            -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 | tee $OUT/bench.log \
-           | grep -v "^(" | tail -n 40 ;;
+           | grep -v "^(" | tail -n 40
+         cp /tmp/bench-vllm/vllm-inprocess-vs-native-h200.* $OUT/ ;;
   gateway) python3 bench/bench_gateway.py --model-path $ICHAT_GPU_MODEL --rounds ${ROUNDS:-2} \
            --concurrency 1 256 --requests 1024 --max-tokens 128 --single 30 \
            --configs ${CONFIGS:-smg ichat ichat+pool-idle-60s ichat+http2} --out $OUT --tag h200 \
            -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 \
            | tee $OUT/bench-gateway.log | grep -v "^(" | tail -n 40 ;;
+  gateway+bench)
+         CUDA_VISIBLE_DEVICES=0 bash $0 gateway $OUT > /tmp/gateway.out 2>&1 &
+         CUDA_VISIBLE_DEVICES=1 bash $0 bench $OUT > /tmp/bench.out 2>&1
+         wait
+         tail -n 25 /tmp/gateway.out /tmp/bench.out ;;
 esac

@@ -17,7 +17,6 @@ Writes JSON and a PNG; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -131,8 +130,14 @@ def measure_config(name: str, worker_url: str, args: argparse.Namespace) -> list
                 row: dict[str, Any] = {"config": name, "round": rnd, "path": path}
                 row["single_token"] = single_token(url, args.single)
                 row["streams"] = {
-                    str(c): asyncio.run(
-                        streams(url, stream_count(args.requests, c), c, args.max_tokens)
+                    str(c): (
+                        streams(
+                            url,
+                            stream_count(args.requests, c),
+                            c,
+                            args.max_tokens,
+                            args.client_processes,
+                        )
                     )
                     for c in args.concurrency
                 }
@@ -211,6 +216,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64, help="streams per measurement")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--single", type=int, default=50, help="single-token requests")
+    parser.add_argument(
+        "--client-processes", type=int, default=1, help="client processes the streams share"
+    )
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--out", type=Path, required=True, help="folder for JSON and PNG")
     parser.add_argument("--tag", default=platform.node())
@@ -235,6 +243,7 @@ def main() -> int:
         "concurrency": args.concurrency,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
+        "client_processes": args.client_processes,
         "configs": {name: CONFIGS[name](8080, 8081)[3:] for name in args.configs},
         "worker_keep_alive_s": WORKER_KEEP_ALIVE_S,
         "summary": summarize(rows, args.concurrency),

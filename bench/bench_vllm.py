@@ -130,7 +130,9 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
         wait_healthy(url, proc, timeout=900)
         ready_s = time.monotonic() - t0
         result = run_client(load(url, args.requests, args.concurrency, args.max_tokens))
-        stream = run_client(streams(url, args.requests, args.concurrency, args.max_tokens))
+        stream = streams(
+            url, args.requests, args.concurrency, args.max_tokens, args.client_processes
+        )
         result.update({k: v for k, v in stream.items() if k.startswith(("ttft", "itl"))})
         result.update(kind=kind, ready_s=ready_s, rss_mib=tree_rss_mib(proc.pid))
     finally:
@@ -222,6 +224,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--client-processes", type=int, default=1, help="client processes the streams share"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default=platform.node() or "machine")
     parser.add_argument("engine_args", nargs="*", help="extra engine flags, after --")
@@ -244,6 +249,7 @@ def main() -> int:
             "requests": args.requests,
             "concurrency": args.concurrency,
             "max_tokens": args.max_tokens,
+            "client_processes": args.client_processes,
         },
         "engine_args": args.engine_args,
         "runs": runs,

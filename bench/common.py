@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +67,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def streams(url: str, requests: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
-    """C concurrent streaming chats: TTFT, inter-token latency, throughput."""
+async def _stream_samples(
+    url: str, requests: int, concurrency: int, max_tokens: int, start: Callable[[], object]
+) -> dict[str, Any]:
+    """Warm ``concurrency`` connections, call ``start``, then time ``requests`` streams."""
     import aiohttp
 
     body = chat_body(max_tokens, stream=True)
@@ -98,14 +102,61 @@ async def streams(url: str, requests: int, concurrency: int, max_tokens: int) ->
                         last = now
 
         await asyncio.gather(*(one(False) for _ in range(concurrency)))  # warm connections
-        t0 = time.perf_counter()
+        start()
+        began = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
         await asyncio.gather(*(one(True) for _ in range(requests)))
-        seconds = time.perf_counter() - t0
+        ended = time.monotonic()
+    return {"ttft": ttft, "itl": itl, "tokens": tokens, "began": began, "ended": ended}
+
+
+def _stream_process(
+    url: str, requests: int, concurrency: int, max_tokens: int, barrier: Any, queue: Any
+) -> None:
+    queue.put(asyncio.run(_stream_samples(url, requests, concurrency, max_tokens, barrier.wait)))
+
+
+def streams(
+    url: str, requests: int, concurrency: int, max_tokens: int, processes: int = 1
+) -> dict[str, Any]:
+    """C concurrent streaming chats: TTFT, inter-token latency, throughput.
+
+    With ``processes`` > 1 the streams are split over that many client processes that
+    start together: one Python process reading 256 streams of SSE events is itself the
+    bottleneck on a fast GPU, and its event-loop lag would show up as TTFT."""
+    procs = max(1, min(processes, concurrency))
+    if procs == 1:
+        samples = [asyncio.run(_stream_samples(url, requests, concurrency, max_tokens, int))]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        barrier, queue = ctx.Barrier(procs), ctx.Queue()
+        workers = [
+            ctx.Process(
+                target=_stream_process,
+                args=(
+                    url,
+                    requests * (i + 1) // procs - requests * i // procs,
+                    concurrency * (i + 1) // procs - concurrency * i // procs,
+                    max_tokens,
+                    barrier,
+                    queue,
+                ),
+            )
+            for i in range(procs)
+        ]
+        for w in workers:
+            w.start()
+        samples = [queue.get(timeout=900) for _ in workers]
+        for w in workers:
+            w.join(30)
+    ttft = [x for s in samples for x in s["ttft"]]
+    itl = [x for s in samples for x in s["itl"]]
+    seconds = max(s["ended"] for s in samples) - min(s["began"] for s in samples)
     return {
         "ttft_p50_ms": 1000 * percentile(ttft, 50),
         "ttft_p99_ms": 1000 * percentile(ttft, 99),
         "itl_p50_ms": 1000 * percentile(itl, 50),
         "itl_p99_ms": 1000 * percentile(itl, 99),
         "req_per_s": requests / seconds,
-        "out_tok_per_s": tokens / seconds,
+        "out_tok_per_s": sum(s["tokens"] for s in samples) / seconds,
+        "client_processes": procs,
     }

@@ -22,12 +22,13 @@ case $MODE in
            | grep -v "Route:" > $OUT/gpu-tp.log
          tail -n 30 $OUT/gpu-tp.log ;;
   bench) python3 bench/bench_vllm.py --model-path $ICHAT_GPU_MODEL --rounds ${ROUNDS:-2} \
-           --concurrency 256 --requests 1024 --max-tokens 128 --out /tmp/bench-vllm --tag h200 \
+           --concurrency 256 --requests 1024 --max-tokens 128 --client-processes 8 \
+           --out /tmp/bench-vllm --tag h200 \
            -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 | tee $OUT/bench.log \
            | grep -v "^(" | tail -n 40
          cp /tmp/bench-vllm/vllm-inprocess-vs-native-h200.* $OUT/ ;;
   gateway) python3 bench/bench_gateway.py --model-path $ICHAT_GPU_MODEL --rounds ${ROUNDS:-2} \
-           --concurrency 1 256 --requests 1024 --max-tokens 128 --single 30 \
+           --concurrency 1 256 --requests 1024 --max-tokens 128 --single 30 --client-processes 8 \
            --configs ${CONFIGS:-smg ichat ichat+pool-idle-60s ichat+http2} --out $OUT --tag h200 \
            -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 \
            | tee $OUT/bench-gateway.log | grep -v "^(" | tail -n 40 ;;

@@ -140,6 +140,9 @@ class GatewayRegistration:
         settings = self.settings
         body = {"url": settings.worker_url, "models": [{"id": settings.model}]}
         response = await client.post("/workers", json=body)
+        if response.status_code == 409:  # our URL is there already (e.g. we restarted in place)
+            await self._adopt(client)
+            return
         if response.status_code not in (200, 201, 202):
             raise GatewayRefused("POST /workers", response.status_code, response.text)
         self.worker_id = str(response.json().get("worker_id") or settings.worker_url)
@@ -151,6 +154,37 @@ class GatewayRegistration:
             settings.url,
             self.worker_id,
         )
+
+    async def _adopt(self, client: httpx.AsyncClient) -> None:
+        """The gateway has a worker at our URL: take it over if it serves our model.
+
+        An entry left by an earlier run at the same address (a container restarted in
+        place before the gateway dropped it) would otherwise answer every POST with 409
+        for ever. One serving another model is removed, and the next attempt registers."""
+        settings = self.settings
+        response = await client.get("/workers")
+        if response.status_code != 200:
+            raise GatewayRefused("GET /workers", response.status_code, response.text)
+        for worker in response.json().get("workers", []):
+            if worker.get("url") != settings.worker_url:
+                continue
+            models = {m.get("id") for m in worker.get("models") or [] if isinstance(m, dict)}
+            if models and settings.model not in models:
+                await client.delete(f"/workers/{worker['id']}")
+                raise GatewayRefused(
+                    "POST /workers", 409, f"removed a stale entry for {sorted(map(str, models))}"
+                )
+            self.worker_id = str(worker["id"])
+            self.joins += 1
+            logger.info(
+                "gateway %s already had %s as %s; adopted it",
+                settings.url,
+                settings.worker_url,
+                self.worker_id,
+            )
+            return
+        # 409 for a creation still in progress: not listed yet; the retry finds it
+        raise GatewayRefused("POST /workers", 409, "creation in progress at the gateway")
 
     async def _delete(self, client: httpx.AsyncClient, worker_id: str) -> None:
         response = await client.delete(f"/workers/{worker_id}")

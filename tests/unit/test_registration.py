@@ -31,8 +31,13 @@ class Gateway:
         if self.down:
             self.down -= 1
             raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path == "/workers" and request.method == "GET":
+            listed = [{"id": k, **v} for k, v in self.workers.items()]
+            return httpx.Response(200, json={"workers": listed, "total": len(listed)})
         if request.method == "POST" and request.url.path == "/workers":
             body = json.loads(request.content)
+            if any(w["url"] == body["url"] for w in self.workers.values()):  # as SMG 1.13
+                return httpx.Response(409, json={"code": "WORKER_ALREADY_EXISTS"})
             worker_id = f"w{len(self.calls)}"
             self.workers[worker_id] = body
             return httpx.Response(202, json={"status": "accepted", "worker_id": worker_id})
@@ -139,3 +144,30 @@ def test_wait_settled_is_bounded_while_the_gateway_is_down() -> None:
 
     reg, _, _ = scenario(steps)
     assert reg.worker_id is None and reg.failures > 0
+
+
+def test_an_entry_left_at_our_url_is_adopted_instead_of_retrying_409_for_ever() -> None:
+    async def steps(reg: GatewayRegistration, gw: Gateway) -> None:
+        gw.workers["old"] = {"url": SETTINGS.worker_url, "models": [{"id": "tiny"}]}
+        reg.join()
+        assert await reg.wait_settled(1)
+        reg.leave()
+        assert await reg.wait_settled(1)
+
+    reg, gw, _ = scenario(steps)
+    assert gw.calls[:3] == ["POST /workers", "GET /workers", "DELETE /workers/old"]
+    assert gw.workers == {}
+    assert (reg.joins, reg.leaves) == (1, 1)
+
+
+def test_an_entry_at_our_url_for_another_model_is_replaced() -> None:
+    async def steps(reg: GatewayRegistration, gw: Gateway) -> None:
+        gw.workers["old"] = {"url": SETTINGS.worker_url, "models": [{"id": "other"}]}
+        reg.join()
+        assert await reg.wait_settled(1)
+
+    reg, gw, slept = scenario(steps)
+    assert gw.calls[:4] == ["POST /workers", "GET /workers", "DELETE /workers/old", "POST /workers"]
+    assert [w["models"] for w in gw.workers.values()] == [[{"id": "tiny"}]]
+    assert reg.worker_id is not None and reg.worker_id != "old"
+    assert slept[0] == 0.2  # one short back-off between the refused and the accepted POST

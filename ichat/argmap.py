@@ -39,3 +39,18 @@ def rename_flags(argv: Sequence[str], mapping: Mapping[str, str]) -> list[str]:
             token = "=".join([mapping[name], *value])
         out.append(token)
     return out + rest
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (the last one given), or None."""
+    value = None
+    end = argv.index("--") if "--" in argv else len(argv)
+    for i, token in enumerate(argv[:end]):
+        name = _flag_name(token)
+        if name != flag:
+            continue
+        if "=" in token:
+            value = token.split("=", 1)[1]
+        elif i + 1 < end:
+            value = argv[i + 1]
+    return value

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, types, unit tests, then integration tests on real vLLM (CPU).
+# The whole test suite: lint, types, unit tests, integration tests on real vLLM (CPU),
+# then real SGLang (CPU) in its own environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
@@ -8,3 +9,6 @@ PY=${ICHAT_VENV:-.venv}/bin/python
 "$PY" -m mypy
 "$PY" -m pytest tests/unit -q -p no:cacheprovider
 "$PY" -m pytest tests/integration -v -p no:cacheprovider --durations=15 -m "not slow" "$@"
+bash scripts/setup-sglang-env.sh
+SGL=${ICHAT_SGLANG_VENV:-.venv-sglang}/bin/python
+"$SGL" -m pytest tests/sglang -v -p no:cacheprovider --durations=5 "$@"

@@ -98,12 +98,12 @@ class Worker:
 
 
 @contextlib.contextmanager
-def start_worker(tmp_path: Path, *args: str) -> Iterator[Worker]:
+def start_worker(tmp_path: Path, *args: str, backend: str = "vllm") -> Iterator[Worker]:
     port = free_port()
     log = tmp_path / f"worker-{port}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            ichat_cmd("serve", "--backend", "vllm", "--port", str(port), *args),
+            ichat_cmd("serve", "--backend", backend, "--port", str(port), *args),
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,

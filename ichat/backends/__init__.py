@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 # name -> (module, class): importing a backend module imports its engine lazily.
 BACKENDS: dict[str, tuple[str, str]] = {
     "vllm": ("ichat.backends.vllm_backend", "VLLMBackend"),
+    "sglang": ("ichat.backends.sglang_backend", "SGLangBackend"),
 }
 
 

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import socket
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
@@ -19,8 +18,9 @@ import psutil
 from ichat.argmap import rename_flags
 from ichat.backends import vllm_compat
 from ichat.backends.base_backend import BaseBackend
+from ichat.backends.model_path import check_model_path
 from ichat.config import WorkerConfig
-from ichat.errors import ConfigError, EngineDiedError, ModelNotFoundError, StartupError
+from ichat.errors import ConfigError, EngineDiedError, StartupError
 from ichat.processes import not_running, title
 
 if TYPE_CHECKING:
@@ -29,16 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ichat.vllm")
 
 WARMUP_PROMPT = "Hello"
-
-
-def looks_like_local_path(model: str) -> bool:
-    """A model name meant as a folder (absolute, ./, ../, ~, or deeper than org/name)."""
-    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
-
-
-def check_model_path(model: str | None) -> None:
-    if model and looks_like_local_path(model) and not Path(model).expanduser().exists():
-        raise ModelNotFoundError(model)
 
 
 class VLLMBackend(BaseBackend):

@@ -17,14 +17,15 @@ function declares.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ichat.backends.compat import call_with, find
 from ichat.errors import ConfigError, EngineNotInstalledError
+
+__all__ = ["VLLMServerAPI", "call_with", "find", "load"]
 
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "FlexibleArgumentParser": ("vllm.utils.argparse_utils", "vllm.utils"),
@@ -78,33 +79,6 @@ class VLLMServerAPI:
     get_uvicorn_log_config: Callable[..., Any] | None
     configure_logging_from_args: Callable[..., Any] | None
     envs: Any
-
-
-def _import(module_name: str) -> Any | None:
-    """The module, or None when this release has no such module."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
-            return None
-        raise
-
-
-def find(name: str, modules: tuple[str, ...]) -> Any | None:
-    """The first ``name`` found in ``modules``, in order; None if in none."""
-    for module_name in modules:
-        module = _import(module_name)
-        if module is not None and hasattr(module, name):
-            return getattr(module, name)
-    return None
-
-
-def call_with(fn: Callable[..., Any], **available: Any) -> Any:
-    """Call ``fn`` with those of ``available`` that it declares, by name."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**available)
-    return fn(**{k: v for k, v in available.items() if k in params})
 
 
 def installed_version() -> str:

@@ -53,3 +53,13 @@ def test_values_that_look_like_ichat_flags_are_values_only_after_equals() -> Non
 def test_both_spellings_of_one_setting_is_an_error() -> None:
     with pytest.raises(ConfigError, match="--model-path and --model"):
         rename_flags(["--model-path", "/a", "--model", "/b"], VLLM_NAMES)
+
+
+def test_flag_value_reads_both_spellings_and_the_last_one_wins() -> None:
+    from ichat.argmap import flag_value
+
+    assert flag_value(["--model-path", "/a", "--x", "1"], "--model-path") == "/a"
+    assert flag_value(["--model_path=/b"], "--model-path") == "/b"
+    assert flag_value(["--model-path", "/a", "--model-path=/c"], "--model-path") == "/c"
+    assert flag_value(["--other", "/a"], "--model-path") is None
+    assert flag_value(["--", "--model-path", "/a"], "--model-path") is None

@@ -1,0 +1,281 @@
+"""``SGLangBackend``: SGLang's HTTP server composed in-process from SGLang's own functions.
+
+SGLang's parser (``prepare_server_args``: its flags, ``--config`` files), its launch of
+the scheduler and detokenizer processes and the tokenizer manager
+(``_launch_subprocesses``, with the functions its ``launch_server`` uses), its FastAPI
+app with ``set_global_state`` and its API-key middleware, served by iChat's uvicorn on
+the pre-bound socket. No copied or patched SGLang code; the functions are found by
+:mod:`ichat.backends.sglang_compat`.
+
+What iChat does instead of SGLang's standalone launcher, and why:
+
+- **Signals**: the worker owns SIGTERM/SIGINT (drain, leave the gateway). SGLang's
+  tokenizer manager adds its own SIGTERM/SIGQUIT handlers to the event loop for a
+  standalone server; they are declined here. SGLang's processes report a failure to
+  their parent with SIGQUIT: SGLang's ``custom_sigquit_handler`` setting receives it,
+  and it only records the failure for the health monitor (SGLang's default handler
+  kills the process tree, this process included).
+- **Watching**: SGLang's ``SubprocessWatchdog`` (1 s polls, then SIGQUIT to this
+  process) is stopped; the health monitor checks every engine process each
+  ``--health-interval`` instead.
+- **Warmup**: SGLang's start-up warmup kills its own process on failure, so it is
+  skipped (``skip_server_warmup``); iChat's readiness probes ``/model_info`` and sends
+  one ``/generate`` (or ``/encode``) request, and a failure is a boot failure (exit 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from ichat.argmap import flag_value
+from ichat.backends import sglang_compat
+from ichat.backends.base_backend import BaseBackend
+from ichat.backends.model_path import check_model_path
+from ichat.config import WorkerConfig
+from ichat.errors import ConfigError, EngineDiedError, StartupError
+from ichat.processes import is_python_helper, not_running
+
+if TYPE_CHECKING:
+    import httpx
+
+logger = logging.getLogger("ichat.sglang")
+
+WARMUP_PROMPT = "Hello"
+# iChat's log levels -> SGLang's --log-level choices
+LOG_LEVELS = {"trace": "debug", "critical": "critical", "debug": "debug", "info": "info",
+              "warning": "warning", "error": "error"}  # fmt: skip
+
+
+class FailureReport:
+    """SGLang's ``custom_sigquit_handler``: a child process signalled a failure.
+
+    A plain object, so that it pickles with the server arguments SGLang hands to its
+    spawned processes; it only records (the monitor acts)."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = True
+
+
+class SGLangBackend(BaseBackend):
+    engine_name = "sglang"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._launched: sglang_compat.Launched | None = None
+        self._failure_report = FailureReport()
+        self._watched: list[psutil.Process] | None = None
+        self._is_generation = True
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ arguments
+
+    @classmethod
+    def engine_help(cls) -> str:
+        import argparse
+
+        api = sglang_compat.load()
+        parser = argparse.ArgumentParser(prog="ichat serve --backend sglang")
+        api.ServerArgs.add_cli_args(parser)
+        return parser.format_help()
+
+    def parse_args(self, config: WorkerConfig, argv: list[str]) -> Any:
+        self._api = api = sglang_compat.load()
+        # iChat's unified names (--model-path, --tokenizer-path, --context-length,
+        # --served-model-name, --trust-remote-code) are SGLang's own: nothing to rename.
+        check_model_path(flag_value(argv, "--model-path"))  # before SGLang reads its config
+        framework = ["--host", config.host, "--port", str(config.port)]
+        if config.log_level is not None:
+            framework += ["--log-level", LOG_LEVELS.get(config.log_level, "info")]
+        try:
+            server_args = api.prepare_server_args([*argv, *framework])  # the last one wins
+        except SystemExit as exc:  # argparse printed SGLang's own message to stderr
+            raise ConfigError("invalid SGLang arguments (see the message above)") from exc
+        except (ValueError, TypeError, AssertionError, OSError) as exc:
+            raise ConfigError(f"invalid SGLang arguments: {exc}") from exc
+        self._reject_unsupported_modes(server_args)
+        server_args.skip_server_warmup = True  # iChat warms up (see the module docstring)
+        server_args.custom_sigquit_handler = self._failure_report
+        try:
+            if hasattr(server_args, "resolve_once"):
+                server_args.resolve_once()
+            server_args.check_server_args()
+        except (ValueError, TypeError, AssertionError) as exc:
+            raise ConfigError(f"invalid SGLang arguments: {exc}") from exc
+        return server_args
+
+    @staticmethod
+    def _reject_unsupported_modes(server_args: Any) -> None:
+        """iChat serves one uvicorn HTTP server on host:port in its own process."""
+        workers = getattr(server_args, "tokenizer_worker_num", 1) or 1
+        if workers > 1:
+            raise ConfigError(
+                f"--tokenizer-worker-num {workers}: ichat serve runs one HTTP server in its "
+                "process; run several workers behind the gateway instead"
+            )
+        if getattr(server_args, "enable_http2", False):
+            raise ConfigError("--enable-http2 (Granian) is not supported by ichat serve")
+        if (getattr(server_args, "node_rank", 0) or 0) >= 1:
+            raise ConfigError(
+                "--node-rank >= 1 serves no HTTP: start SGLang's own launcher "
+                "(python -m sglang.launch_server) on the other nodes, ichat serve on node 0"
+            )
+
+    # ---------------------------------------------------------------------- hooks
+
+    def bind_socket(self) -> socket.socket:
+        sock = super().bind_socket()
+        # Listening from the start: SGLang's lifespan thread calls its own /freeze_gc
+        # while uvicorn starts up; queued in the backlog, it is answered once serving.
+        sock.listen(2048)
+        return sock
+
+    async def start_engine(self, stack: contextlib.AsyncExitStack) -> None:
+        # Blocks the loop while the model loads, as SGLang's launcher does.
+        launched = sglang_compat.launch(self._api, self._backend_args)
+        self._launched = launched
+        stack.push_async_callback(self._stop_engine)
+        if launched.watchdog is not None:
+            launched.watchdog.stop()  # the health monitor watches the same processes
+        with _signals_stay_with_the_worker(asyncio.get_running_loop()):
+            launched.tokenizer_manager.auto_create_handle_loop()
+
+    async def _stop_engine(self) -> None:
+        launched = self._launched
+        if launched is not None:
+            for task in list(getattr(launched.tokenizer_manager, "asyncio_tasks", ())):
+                task.cancel()
+        # SGLang's own cleanup: every child of this process, waited for (bounded by the
+        # caller; cleanup() kills what is left)
+        await asyncio.to_thread(
+            self._api.kill_process_tree, os.getpid(), include_parent=False, wait_timeout=20
+        )
+
+    async def build_app(self) -> Any:
+        api, args, launched = self._api, self._backend_args, self._launched
+        assert launched is not None
+        api.set_global_state(
+            api._GlobalState(
+                tokenizer_manager=launched.tokenizer_manager,
+                template_manager=launched.template_manager,
+                scheduler_info=launched.scheduler_info,
+            )
+        )
+        app = api.app
+        app.is_single_tokenizer_mode = True
+        app.server_args = args
+        app.warmup_thread_kwargs = {"server_args": args}
+        needs_auth = bool(args.api_key or getattr(args, "admin_api_key", None))
+        if api.app_has_admin_force_endpoints is not None:
+            needs_auth = needs_auth or api.app_has_admin_force_endpoints(app)
+        # SGLang's app is one object per process: its middleware is added once (a
+        # restarted engine in the same process reuses it; the keys do not change).
+        if needs_auth and not getattr(app.state, "ichat_auth_added", False):
+            sglang_compat.call_with(
+                api.add_api_key_middleware,
+                app=app,
+                api_key=args.api_key,
+                admin_api_key=getattr(args, "admin_api_key", None),
+            )
+            app.state.ichat_auth_added = True
+        if api.set_uvicorn_logging_configs is not None:
+            api.set_uvicorn_logging_configs(args)
+        return app
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        args, envs = self._backend_args, self._api.envs
+        keep_alive = envs.SGLANG_TIMEOUT_KEEP_ALIVE.get() if envs is not None else 5
+        options: dict[str, Any] = {
+            "root_path": getattr(args, "fastapi_root_path", "") or "",
+            "timeout_keep_alive": keep_alive,
+            "ssl_keyfile": getattr(args, "ssl_keyfile", None),
+            "ssl_certfile": getattr(args, "ssl_certfile", None),
+            "ssl_ca_certs": getattr(args, "ssl_ca_certs", None),
+            "ssl_keyfile_password": getattr(args, "ssl_keyfile_password", None),
+        }
+        level = getattr(args, "log_level_http", None) or getattr(args, "log_level", None)
+        if level:
+            options["log_level"] = level
+        return options
+
+    def on_server_created(self, server: Any) -> None:
+        # SGLang stops the HTTP server through this hook when it gives up on its engine.
+        assert self._launched is not None
+        tokenizer_manager = self._launched.tokenizer_manager
+        if hasattr(tokenizer_manager, "set_server_stop_hook"):
+            tokenizer_manager.set_server_stop_hook(lambda: setattr(server, "should_exit", True))
+
+    def served_model_name(self) -> str:
+        args = self._backend_args
+        return str(args.served_model_name or args.model_path)
+
+    def _auth_headers(self) -> dict[str, str]:
+        key = self._backend_args.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def probe_ready(self, client: httpx.AsyncClient) -> bool:
+        """SGLang's model info answers (``/model_info``; ``/get_model_info`` before)."""
+        import httpx
+
+        for path in ("/model_info", "/get_model_info"):
+            try:
+                response = await client.get(path, headers=self._auth_headers())
+            except httpx.TransportError:
+                return False
+            if response.status_code == 200:
+                self._is_generation = bool(response.json().get("is_generation", True))
+                return True
+            if response.status_code != 404:
+                return False
+        return False
+
+    async def warmup(self, client: httpx.AsyncClient) -> None:
+        sampling = {"max_new_tokens": 1, "temperature": 0}
+        path = "/generate" if self._is_generation else "/encode"
+        body = {"text": WARMUP_PROMPT, "sampling_params": sampling}
+        response = await client.post(path, json=body, headers=self._auth_headers())
+        if response.status_code != 200:
+            raise StartupError(
+                f"warmup request {path} failed: HTTP {response.status_code} {response.text[:500]}"
+            )
+
+    def check_engine_processes(self) -> None:
+        if self._launched is None:
+            return
+        if self._failure_report.received:
+            raise EngineDiedError("an SGLang process reported a failure (SIGQUIT)")
+        if self._watched is None:  # the scheduler(s), the detokenizer, and their children
+            self._watched = [p for p in self.engine_processes if not is_python_helper(p)]
+            logger.info("watching engine processes %s", [p.pid for p in self._watched])
+        dead = not_running(self._watched)
+        if dead:
+            raise EngineDiedError(f"SGLang engine process {dead[0].pid} exited")
+
+    async def check_engine_alive(self) -> None:
+        self.check_engine_processes()
+
+
+@contextlib.contextmanager
+def _signals_stay_with_the_worker(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """Decline the loop signal handlers SGLang's tokenizer manager adds for a standalone
+    server (SIGTERM: its own drain; SIGQUIT: kill the process tree): the worker owns
+    them. Only this loop object is touched, for the duration of the call."""
+
+    def decline(sig: int, callback: Any, *args: Any) -> None:
+        logger.debug("kept the worker's handling of %s", signal.Signals(sig).name)
+
+    loop.add_signal_handler = decline  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        del loop.add_signal_handler

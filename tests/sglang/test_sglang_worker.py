@@ -1,0 +1,194 @@
+"""`ichat serve --backend sglang` on real SGLang (CPU): one engine start for the module.
+
+Order matters: serving checks first, then kill -9 of the scheduler (detected, restarted
+in the same worker process), then SIGTERM (exit 0, no child, port free).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from ichat.processes import free_port, not_running, port_is_free, title
+from tests.support import MODEL_NAME, Worker, ichat_cmd, start_worker
+
+from .conftest import CPU_FLAGS
+
+API_KEY = "sglang-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+RESULTS: dict[str, float] = {}
+
+
+@dataclass
+class SGLangWorker(Worker):
+    status_port: int = 0
+
+    def status(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.status_port}{path}", timeout=10)
+
+    def wait_status_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()[-4000:]
+            try:
+                if self.status("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"not ready within {timeout} s:\n{self.output()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SGLangWorker]:
+    status_port = free_port()
+    args = ("--status-port", str(status_port), "--model-path", str(model_dir),
+            "--served-model-name", MODEL_NAME, "--api-key", API_KEY, *CPU_FLAGS)  # fmt: skip
+    t0 = time.monotonic()
+    with start_worker(tmp_path_factory.mktemp("sglang"), *args, backend="sglang") as w:
+        sw = SGLangWorker(w.proc, w.port, w.log, status_port)
+        sw.wait_status_ready(timeout=400)
+        RESULTS["start_to_ready_s"] = time.monotonic() - t0
+        yield sw
+    print(f"\nSGLang worker figures: {RESULTS}")
+
+
+def client(url: str, key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def sglang_processes(worker_pid: int) -> dict[str, psutil.Process]:
+    found = {}
+    for proc in psutil.Process(worker_pid).children(recursive=True):
+        name = title(proc)
+        for kind in ("scheduler", "detoken"):
+            if f"sglang::{kind}" in name and proc.status() != psutil.STATUS_ZOMBIE:
+                found[kind] = proc
+    return found
+
+
+def test_health_model_info_and_models(worker: SGLangWorker) -> None:
+    assert httpx.get(f"{worker.url}/health", timeout=30).status_code == 200
+    info = httpx.get(f"{worker.url}/model_info", headers=AUTH, timeout=10)
+    assert info.status_code == 200 and info.json()["is_generation"] is True
+    models = client(worker.url).models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+
+
+def test_native_generate(worker: SGLangWorker) -> None:
+    body = {"text": "Hello", "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
+    r = httpx.post(f"{worker.url}/generate", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["meta_info"]["completion_tokens"] == 4
+    assert isinstance(r.json()["text"], str)
+
+
+def test_chat_and_stream_through_the_openai_client(worker: SGLangWorker) -> None:
+    c = client(worker.url)
+    chat = c.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert chat.choices[0].message.content and chat.usage is not None
+    assert chat.usage.completion_tokens <= 5
+    stream = c.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "go on"}],
+        max_tokens=16,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert finish == "length" and len([p for p in pieces if p]) >= 8
+
+
+def test_requests_without_or_with_a_wrong_key_get_401(worker: SGLangWorker) -> None:
+    for key in (None, "wrong-key"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{worker.url}/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 401, (key, r.status_code, r.text[:200])
+
+
+def test_the_status_endpoints_report_ready(worker: SGLangWorker) -> None:
+    assert worker.status("/readyz").status_code == 200
+    assert worker.status("/livez").status_code == 200
+    assert worker.status("/status").json()["state"] == "ready"
+
+
+def test_kill_9_of_the_scheduler_is_detected_within_1s_and_the_worker_serves_again(
+    worker: SGLangWorker,
+) -> None:
+    before = sglang_processes(worker.proc.pid)
+    assert set(before) == {"scheduler", "detoken"}, worker.output()[-3000:]
+    t_kill, wall_kill = time.monotonic(), time.time()
+    os.kill(before["scheduler"].pid, signal.SIGKILL)
+    while worker.status("/status").json()["engine_deaths"] == 0:
+        assert time.monotonic() - t_kill < 10, "the death was not noticed within 10 s"
+        time.sleep(0.05)
+    assert worker.status("/readyz").status_code == 503  # restarting
+    worker.wait_status_ready(timeout=400)
+    RESULTS["kill_to_serving_again_s"] = time.monotonic() - t_kill
+    stats = worker.status("/status").json()
+    detected = stats["last_death_detected_unix"] - wall_kill
+    RESULTS["kill_to_detection_s"] = detected
+    assert 0 <= detected <= 1.0, stats
+    assert stats["restarts"] == 1 and stats["engine_deaths"] == 1
+    after = sglang_processes(worker.proc.pid)
+    assert set(after) == {"scheduler", "detoken"}
+    assert after["scheduler"].pid != before["scheduler"].pid
+    assert not_running([before["detoken"]]) == [before["detoken"]]  # cleaned up, not leaked
+    chat = client(worker.url).chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert chat.choices[0].message.content is not None
+
+
+def test_sigterm_exits_0_with_no_child_left_and_the_port_free(worker: SGLangWorker) -> None:
+    children = psutil.Process(worker.proc.pid).children(recursive=True)
+    assert children
+    t0 = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0, worker.output()[-3000:]
+    RESULTS["sigterm_to_exit_s"] = time.monotonic() - t0
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    assert port_is_free("127.0.0.1", worker.port)
+
+
+def run_ichat_sglang(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    t0 = time.monotonic()
+    done = subprocess.run(
+        ichat_cmd("serve", "--backend", "sglang", "--port", str(free_port()), *args),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    return done, time.monotonic() - t0
+
+
+def test_a_bad_flag_is_a_clear_error_before_any_launch(model_dir: Path) -> None:
+    done, seconds = run_ichat_sglang("--model-path", str(model_dir), "--no-such-flag", "1")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "unrecognized arguments: --no-such-flag" in done.stderr
+    assert "sglang::" not in done.stderr  # nothing was launched
+    print(f"bad flag: exit 2 after {seconds:.1f} s")
+
+
+def test_a_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
+    done, _ = run_ichat_sglang("--model-path", str(tmp_path / "nowhere"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "model path does not exist" in done.stderr

@@ -1,0 +1,66 @@
+"""SGLangBackend's own logic, without SGLang: signals, failure reports, refused modes."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from ichat.backends.sglang_backend import (
+    FailureReport,
+    SGLangBackend,
+    _signals_stay_with_the_worker,
+)
+from ichat.errors import ConfigError
+
+
+def test_the_loop_keeps_the_workers_signal_handlers_while_sglang_adds_its_own() -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        seen: list[str] = []
+        loop.add_signal_handler(signal.SIGUSR1, seen.append, "worker")
+        with _signals_stay_with_the_worker(loop):
+            loop.add_signal_handler(signal.SIGUSR1, seen.append, "sglang")  # declined
+        signal.raise_signal(signal.SIGUSR1)
+        await asyncio.sleep(0.05)
+        # the loop's own method is back: a handler added afterwards takes effect
+        loop.add_signal_handler(signal.SIGUSR1, seen.append, "later")
+        signal.raise_signal(signal.SIGUSR1)
+        await asyncio.sleep(0.05)
+        loop.remove_signal_handler(signal.SIGUSR1)
+        return seen
+
+    assert asyncio.run(main()) == ["worker", "later"]
+
+
+def test_a_failure_report_only_records_and_travels_with_the_server_args() -> None:
+    report = FailureReport()
+    copy = pickle.loads(pickle.dumps(report))  # SGLang pickles its args to its children
+    assert copy.received is False
+    report(signal.SIGQUIT, None)
+    assert report.received is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"tokenizer_worker_num": 4}, "--tokenizer-worker-num 4"),
+        ({"enable_http2": True}, "--enable-http2"),
+        ({"node_rank": 1}, "--node-rank >= 1"),
+    ],
+)
+def test_modes_that_serve_no_single_in_process_http_server_are_refused(
+    args: dict[str, object], message: str
+) -> None:
+    defaults = {"tokenizer_worker_num": 1, "enable_http2": False, "node_rank": 0}
+    with pytest.raises(ConfigError, match=message):
+        SGLangBackend._reject_unsupported_modes(SimpleNamespace(**{**defaults, **args}))
+
+
+def test_the_default_mode_is_accepted() -> None:
+    SGLangBackend._reject_unsupported_modes(
+        SimpleNamespace(tokenizer_worker_num=1, enable_http2=False, node_rank=0)
+    )

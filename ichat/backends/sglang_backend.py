@@ -93,7 +93,8 @@ class SGLangBackend(BaseBackend):
         self._api = api = sglang_compat.load()
         # iChat's unified names (--model-path, --tokenizer-path, --context-length,
         # --served-model-name, --trust-remote-code) are SGLang's own: nothing to rename.
-        check_model_path(flag_value(argv, "--model-path"))  # before SGLang reads its config
+        # before SGLang reads the model config (``--model`` is its alias of --model-path)
+        check_model_path(flag_value(argv, "--model-path") or flag_value(argv, "--model"))
         framework = ["--host", config.host, "--port", str(config.port)]
         if config.log_level is not None:
             framework += ["--log-level", LOG_LEVELS.get(config.log_level, "info")]
@@ -158,7 +159,11 @@ class SGLangBackend(BaseBackend):
         # SGLang's own cleanup: every child of this process, waited for (bounded by the
         # caller; cleanup() kills what is left)
         await asyncio.to_thread(
-            self._api.kill_process_tree, os.getpid(), include_parent=False, wait_timeout=20
+            sglang_compat.call_with,
+            self._api.kill_process_tree,
+            parent_pid=os.getpid(),
+            include_parent=False,
+            wait_timeout=20,  # 0.5.16+; older releases do not wait
         )
 
     async def build_app(self) -> Any:

@@ -26,9 +26,9 @@ import psutil
 
 from ichat import processes
 from ichat.command import run_command
-from ichat.errors import ConfigError, GatewayError, PortInUseError
-from ichat.readiness import Backoff
-from ichat.signals import captured_signals
+from ichat.errors import ConfigError, GatewayError, PortInUseError, ReadinessTimeoutError
+from ichat.readiness import Backoff, wait_until_ready
+from ichat.signals import captured_signals, first_signal
 
 logger = logging.getLogger("ichat.gateway")
 
@@ -104,34 +104,31 @@ class GatewayProcess:
         """Seconds until SMG's /health answered; raises if it exits or times out."""
         proc = self.proc
         assert proc is not None
-        t0 = time.monotonic()
-        async with httpx.AsyncClient(timeout=2) as client:
-            for delay in Backoff(initial=0.05, factor=1.5, maximum=0.5).delays():
-                if proc.poll() is not None:
-                    raise GatewayError(
-                        f"the gateway exited with code {proc.returncode} during start-up "
-                        "(its log above says why)"
-                    )
-                try:
-                    if (await client.get(f"{self.config.url}/health")).status_code == 200:
-                        return time.monotonic() - t0
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() - t0 > timeout:
-                    raise GatewayError(f"the gateway did not answer within {timeout:.0f} s")
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    async def wait_signal_or_exit(
-        self, received: asyncio.Queue[signal.Signals], poll: float = 0.2
-    ) -> signal.Signals:
-        """The first signal received; ``GatewayError`` if SMG exits first."""
-        while True:
-            self.check_running()
+        def check_alive() -> None:
+            if proc.poll() is not None:
+                raise GatewayError(
+                    f"the gateway exited with code {proc.returncode} during start-up "
+                    "(its log above says why)"
+                )
+
+        async with httpx.AsyncClient(timeout=2) as client:
+
+            async def answers() -> bool:
+                try:
+                    return (await client.get(f"{self.config.url}/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
             try:
-                return await asyncio.wait_for(received.get(), poll)
-            except asyncio.TimeoutError:
-                pass
+                return await wait_until_ready(
+                    answers,
+                    timeout=timeout,
+                    check_alive=check_alive,
+                    backoff=Backoff(initial=0.05, factor=1.5, maximum=0.5),
+                )
+            except ReadinessTimeoutError:
+                raise GatewayError(f"the gateway did not answer within {timeout:.0f} s") from None
 
     def check_running(self) -> None:
         proc = self.proc
@@ -196,7 +193,7 @@ async def run_gateway(config: GatewayConfig) -> int:
         try:
             ready = await gateway.wait_ready(timeout=60)
             logger.info("gateway ready after %.2f s at %s/v1", ready, config.url)
-            sig = await gateway.wait_signal_or_exit(received)
+            sig = await first_signal(received, gateway.check_running)
             logger.info("%s received: stopping the gateway", sig.name)
         finally:
             gateway.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
@@ -28,3 +28,16 @@ def captured_signals(
         for sig, handler in previous.items():
             loop.remove_signal_handler(sig)
             signal.signal(sig, handler)
+
+
+async def first_signal(
+    received: asyncio.Queue[signal.Signals], check: Callable[[], None], poll: float = 0.2
+) -> signal.Signals:
+    """The first signal received; meanwhile ``check()`` runs every ``poll`` seconds and
+    whatever it raises (a supervised child exited) ends the wait."""
+    while True:
+        check()
+        try:
+            return await asyncio.wait_for(received.get(), poll)
+        except asyncio.TimeoutError:
+            pass

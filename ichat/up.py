@@ -30,10 +30,16 @@ import psutil
 
 from ichat import processes
 from ichat.command import run_command
-from ichat.errors import ConfigError, IChatError, ModelNotFoundError, PortInUseError
+from ichat.errors import (
+    ConfigError,
+    IChatError,
+    ModelNotFoundError,
+    PortInUseError,
+    ReadinessTimeoutError,
+)
 from ichat.gateway import GatewayConfig, GatewayProcess
-from ichat.readiness import Backoff
-from ichat.signals import captured_signals
+from ichat.readiness import Backoff, wait_until_ready
+from ichat.signals import captured_signals, first_signal
 
 logger = logging.getLogger("ichat.up")
 
@@ -132,17 +138,22 @@ class Group:
     async def wait_routable(self) -> float:
         config = self.config
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        t0 = time.monotonic()
         async with httpx.AsyncClient(base_url=config.gateway.url, headers=headers, timeout=5) as c:
-            for delay in Backoff(initial=0.1, factor=1.5, maximum=1.0).delays():
-                self.check_running()
+
+            async def routable() -> bool:
                 with contextlib.suppress(httpx.HTTPError):
-                    if await routable_workers(c, config.served_model_name) >= config.workers:
-                        return time.monotonic() - t0
-                if time.monotonic() - t0 > config.ready_timeout:
-                    raise IChatError(f"not routable within {config.ready_timeout:.0f} s")
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+                    return await routable_workers(c, config.served_model_name) >= config.workers
+                return False
+
+            try:
+                return await wait_until_ready(
+                    routable,
+                    timeout=config.ready_timeout,
+                    check_alive=self.check_running,
+                    backoff=Backoff(initial=0.1, factor=1.5, maximum=1.0),
+                )
+            except ReadinessTimeoutError:
+                raise IChatError(f"not routable within {config.ready_timeout:.0f} s") from None
 
     async def stop(self, received: asyncio.Queue[signal.Signals]) -> None:
         """Workers first (leave, drain), then the gateway; a signal meanwhile kills."""
@@ -182,12 +193,9 @@ async def run_up(config: UpConfig) -> int:
                 return 0
             got_signal.cancel()
             print_endpoint(config, waiting.result())
-            while True:
-                group.check_running()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    sig = await asyncio.wait_for(received.get(), 0.2)
-                    logger.info("%s received: stopping workers, then the gateway", sig.name)
-                    return 0
+            sig = await first_signal(received, group.check_running)
+            logger.info("%s received: stopping workers, then the gateway", sig.name)
+            return 0
         finally:
             await group.stop(received)
 

@@ -96,3 +96,30 @@ def test_unknown_backend_is_a_usage_error() -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     proc, _ = run_cli("frobnicate")
     assert proc.returncode == 2 and "unknown command 'frobnicate'" in proc.stderr
+
+
+def test_first_signal_returns_the_signal_or_what_the_check_raises() -> None:
+    import asyncio
+    import signal
+
+    from ichat.signals import first_signal
+
+    async def main() -> None:
+        received: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        received.put_nowait(signal.SIGTERM)
+        assert await first_signal(received, lambda: None, poll=0.01) is signal.SIGTERM
+        checks: list[int] = []
+
+        def child_exits_on_third_check() -> None:
+            checks.append(1)
+            if len(checks) == 3:
+                raise RuntimeError("child exited")
+
+        try:
+            await first_signal(received, child_exits_on_third_check, poll=0.01)
+        except RuntimeError as exc:
+            assert str(exc) == "child exited" and len(checks) == 3
+        else:
+            raise AssertionError("the check's exception did not end the wait")
+
+    asyncio.run(main())

@@ -1,4 +1,5 @@
-"""In-process `ichat serve` vs vLLM's own server, side by side in one run.
+"""In-process `ichat serve` vs the engine's own server (vLLM, or SGLang with
+``--engine sglang``), side by side in one run.
 
 Each round starts the native server and `ichat serve` on the same model (alternating
 which goes first), measures time to ready (/health 200 from process start), the RSS of
@@ -20,6 +21,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -29,6 +31,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 from common import (
     MODEL_NAME,
@@ -44,8 +47,12 @@ from ichat.probe import wait_healthy
 from ichat.processes import free_port
 
 
-def native_cmd(model: str, port: int, extra: list[str]) -> list[str]:
-    """vLLM's own OpenAI server (same main as `vllm serve`)."""
+def native_cmd(engine: str, model: str, port: int, extra: list[str]) -> list[str]:
+    """The engine's own server: vLLM's (same main as `vllm serve`) or SGLang's launcher."""
+    if engine == "sglang":
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", model,
+                "--port", str(port), "--host", "127.0.0.1", "--served-model-name", MODEL_NAME,
+                *extra]  # fmt: skip
     module = "vllm.entrypoints.launchers.api_server.entry"
     if importlib.util.find_spec("vllm.entrypoints.launchers") is None:  # vLLM 0.26
         module = "vllm.entrypoints.openai.api_server"
@@ -117,11 +124,19 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(args.out / f"{kind}-{port}.log", "w")  # noqa: SIM115 - closed below
+    status_port = free_port()
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        native_cmd(args.model_path, port, args.engine_args)
+        native_cmd(args.engine, args.model_path, port, args.engine_args)
         if kind == "native"
-        else ichat_serve_cmd(args.model_path, port, *args.engine_args),
+        else ichat_serve_cmd(
+            args.model_path,
+            port,
+            "--status-port",
+            str(status_port),
+            *args.engine_args,
+            backend=args.engine,
+        ),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -135,6 +150,8 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
         )
         result.update({k: v for k, v in stream.items() if k.startswith(("ttft", "itl"))})
         result.update(kind=kind, ready_s=ready_s, rss_mib=tree_rss_mib(proc.pid))
+        if kind == "ichat" and args.kill_test:
+            result.update(kill_test(proc, f"http://127.0.0.1:{status_port}"))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -143,6 +160,10 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
             proc.kill()
             proc.wait()
         log.close()
+    gpu = gpu_memory_used_mib()
+    if gpu is not None:
+        time.sleep(1)
+        result["gpu_mib_after_stop"] = gpu_memory_used_mib()
     print(
         f"  {kind:6s} ready {result['ready_s']:6.1f} s  {result['req_per_s']:7.2f} req/s  "
         f"{result['out_tok_per_s']:8.0f} tok/s  TTFT p50/p99 {result['ttft_p50_ms']:.1f}/"
@@ -151,6 +172,45 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
         flush=True,
     )
     return result
+
+
+ENGINE_PROCESS_TITLES = ("VLLM::EngineCore", "sglang::scheduler")
+
+
+def kill_test(proc: subprocess.Popen[bytes], status_url: str) -> dict[str, float]:
+    """kill -9 the engine's core process (EngineCore / the scheduler): seconds to the
+    worker's detection (its /status) and until /readyz answers 200 again."""
+    core = next(
+        p for p in psutil.Process(proc.pid).children(recursive=True)
+        if any(t in " ".join([p.name(), *p.cmdline()]) for t in ENGINE_PROCESS_TITLES)
+    )  # fmt: skip
+    t_kill, wall_kill = time.monotonic(), time.time()
+    os.kill(core.pid, signal.SIGKILL)
+    with httpx.Client(base_url=status_url, timeout=5) as client:
+        while client.get("/status").json()["engine_deaths"] == 0:
+            if time.monotonic() - t_kill > 30:
+                raise TimeoutError("the engine death was not detected within 30 s")
+            time.sleep(0.02)
+        detected = client.get("/status").json()["last_death_detected_unix"] - wall_kill
+        while client.get("/readyz").status_code != 200:
+            if time.monotonic() - t_kill > 600 or proc.poll() is not None:
+                raise TimeoutError("the worker did not serve again")
+            time.sleep(0.1)
+    again = time.monotonic() - t_kill
+    print(f"  kill -9 {core.pid}: detected {detected:.3f} s, serving again {again:.1f} s")
+    return {"kill_to_detection_s": detected, "kill_to_serving_again_s": again}
+
+
+def gpu_memory_used_mib() -> float | None:
+    """Memory used on the GPUs this process may use (nvidia-smi), or None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        query += ["-i", visible]
+    out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+    return sum(float(x) for x in out.split() if x.strip())
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,14 +272,25 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[0].legend()
     ratio = report["summary"]["throughput_ratio_ichat_over_native"]
     fig.suptitle(
-        f"ichat serve vs native vLLM {report['vllm']} on {report['machine']}: "
+        f"ichat serve vs native {report['engine']} {report['engine_version']} on "
+        f"{report['machine']}: "
         f"throughput ratio {ratio['mean']:.3f} (min {ratio['min']:.3f})"
     )
     save_figure(fig, path)
 
 
+def _vllm_version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
 def main() -> int:
     parser = bench_parser(__doc__)
+    parser.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
+    parser.add_argument(
+        "--kill-test", action="store_true", help="kill -9 the engine once in each ichat run"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -239,12 +310,14 @@ def main() -> int:
         print(f"round {round_ + 1}/{args.rounds}", flush=True)
         for kind in order:
             runs.append({"round": round_, **measure(kind, args, env)})
-    import vllm
+    from importlib.metadata import version
 
+    engine_version = version(args.engine) if args.engine == "sglang" else _vllm_version()
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "vllm": vllm.__version__,
+        "engine": args.engine,
+        "engine_version": engine_version,
         "load": {
             "requests": args.requests,
             "concurrency": args.concurrency,
@@ -255,7 +328,7 @@ def main() -> int:
         "runs": runs,
         "summary": summarize(runs),
     }
-    stem = args.out / f"vllm-inprocess-vs-native-{args.tag}"
+    stem = args.out / f"{args.engine}-inprocess-vs-native-{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, stem.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=2))

@@ -17,10 +17,10 @@ from typing import Any
 MODEL_NAME = "bench-model"
 
 
-def ichat_serve_cmd(model: str, port: int, *extra: str) -> list[str]:
+def ichat_serve_cmd(model: str, port: int, *extra: str, backend: str = "vllm") -> list[str]:
     """`ichat serve` on ``model`` as a user starts it, serving ``MODEL_NAME``."""
     return [
-        sys.executable, "-m", "ichat", "serve", "--backend", "vllm", "--port", str(port),
+        sys.executable, "-m", "ichat", "serve", "--backend", backend, "--port", str(port),
         "--model-path", model, "--served-model-name", MODEL_NAME, *extra,
     ]  # fmt: skip
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|tp|bench|gateway|gateway+bench OUT_DIR
+#   bash bench/gpu/device_run.sh tests|tp|bench|gateway|gateway+bench|sglang OUT_DIR
+# sglang: after the SGLang 0.5.16 site was unpacked into /tmp/site (dev_install.sh of
+# ../shared/gpu/sglang-0.5.16); native launch_server vs ichat serve, with a kill -9 test.
 # gateway+bench (2 GPUs): the gateway benchmark on GPU 0 and the vLLM comparison on GPU 1
 # at the same time (32 cores: neither is short of CPU; both are ratios taken side by side).
 # (gateway needs smg: stage.sh vllm==0.26.0 smg==1.13.0)
@@ -32,6 +34,12 @@ case $MODE in
            --configs ${CONFIGS:-smg ichat ichat+pool-idle-60s ichat+http2} --out $OUT --tag h200 \
            -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 \
            | tee $OUT/bench-gateway.log | grep -v "^(" | tail -n 40 ;;
+  sglang) python3 bench/bench_vllm.py --engine sglang --kill-test --model-path $ICHAT_GPU_MODEL \
+           --rounds ${ROUNDS:-1} --concurrency 256 --requests 1024 --max-tokens 128 \
+           --client-processes 8 --out /tmp/bench-sglang --tag h200 -- --attention-backend fa3 \
+           --sampling-backend pytorch --mem-fraction-static 0.8 --cuda-graph-max-bs 256 \
+           --disable-piecewise-cuda-graph 2>&1 | tee $OUT/bench-sglang.log | grep -v "^\[20" | tail -n 30
+         cp /tmp/bench-sglang/sglang-inprocess-vs-native-h200.* /tmp/bench-sglang/*.log $OUT/ ;;
   gateway+bench)
          CUDA_VISIBLE_DEVICES=0 bash $0 gateway $OUT > /tmp/gateway.out 2>&1 &
          CUDA_VISIBLE_DEVICES=1 bash $0 bench $OUT > /tmp/bench.out 2>&1

@@ -37,21 +37,8 @@ CPU_FLAGS = (
 )  # fmt: skip
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "sglang" in str(item.path):
-            item.add_marker(pytest.mark.integration)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def engine_env() -> Iterator[None]:
     become_subreaper()
     with engine_env_set(ENGINE_ENV):
         yield
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ichat.testmodel import SHAPES, make_test_model
-
-    return make_test_model(tmp_path_factory.mktemp("model") / "tiny", SHAPES["tiny"])

@@ -146,12 +146,16 @@ class Supervisor:
         if died_at is not None:
             self.stats.last_restart_to_ready_s = now - died_at
             logger.info("serving again %.2f s after the engine death was detected", now - died_at)
-        if self.membership is None:
-            return
-        if not self._stop.is_set():
+        if self.membership is not None and not self._stop.is_set():
             self.membership.join()
         await backend.engine_dead_event.wait()
-        self.membership.leave()  # at detection, before the backend's cleanup
+        # At detection, before the backend's cleanup (seconds, when engine processes
+        # must be killed): not ready any more, and out of the gateway.
+        self.stats.state = WorkerState.RESTARTING if self.restart else WorkerState.STOPPING
+        detected = backend.monitor.detected_unix if backend.monitor else None
+        self.stats.last_death_detected_unix = detected or self._wall_clock()
+        if self.membership is not None:
+            self.membership.leave()
 
     async def _backoff(self, decision: Restart | GiveUp) -> None:
         if isinstance(decision, GiveUp):

@@ -27,6 +27,7 @@ class ScriptedBackend:
         self.monitor = None
         self._stopped = asyncio.Event()
         self.stop_calls: list[bool] = []
+        self.on_cleanup: Any = None  # called where the real backend cleans up after a death
 
     async def run(self) -> None:
         if self.script == "boot-fail":
@@ -41,6 +42,8 @@ class ScriptedBackend:
             self.engine_dead_event.set()  # detected...
             await asyncio.sleep(0)
             self.log.append("cleanup")  # ...then the slow cleanup
+            if self.on_cleanup is not None:
+                self.on_cleanup()
             raise EngineDiedError("engine died")
         await self._stopped.wait()
 
@@ -244,3 +247,33 @@ def test_the_gateway_is_joined_when_ready_and_left_at_death_before_cleanup() -> 
 
     asyncio.run(main())
     assert log == ["join", "leave", "cleanup", "join", "leave"]
+
+
+def test_the_worker_is_not_ready_from_the_death_detection_on_not_only_after_cleanup() -> None:
+    clock = FakeClock()
+    scripts = ["die", "serve"]
+    made: list[ScriptedBackend] = []
+    during_cleanup: list[tuple[WorkerState, float | None]] = []
+
+    def make() -> Any:
+        backend = ScriptedBackend(scripts[len(made)], clock)
+        backend.on_cleanup = lambda: during_cleanup.append(
+            (sup.stats.state, sup.stats.last_death_detected_unix)
+        )
+        made.append(backend)
+        return backend
+
+    sup = Supervisor(make, RestartPolicy(jitter=0.0), sleep=clock.sleep, clock=clock,
+                     wall_clock=clock, rand=lambda: 0.5)  # fmt: skip
+
+    async def main() -> None:
+        task = asyncio.create_task(sup.run())
+        while len(made) < 2 or not made[-1].backend_ready_event.is_set():
+            await asyncio.sleep(0)
+        sup.request_stop()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    died = sup.stats.last_death_detected_unix
+    assert died is not None
+    assert during_cleanup == [(WorkerState.RESTARTING, died)]

@@ -105,7 +105,8 @@ class Supervisor:
             backend = self._make_backend()
             self.backend = backend
             ready_at: list[float] = []
-            watcher = asyncio.create_task(self._on_ready(backend, ready_at, died_at))
+            recorded: list[bool] = []  # this backend's death is counted once
+            watcher = asyncio.create_task(self._on_ready(backend, ready_at, died_at, recorded))
             try:
                 await backend.run()
                 break
@@ -116,9 +117,7 @@ class Supervisor:
                 logger.error("restart %d failed to boot", self.stats.restarts)
                 uptime = 0.0
             except EngineDiedError:
-                self.stats.engine_deaths += 1
-                detected = backend.monitor.detected_unix if backend.monitor else None
-                self.stats.last_death_detected_unix = detected or self._wall_clock()
+                self._record_death(backend, recorded)
                 if not self.restart:
                     self.stats.state = WorkerState.FAILED
                     raise
@@ -134,8 +133,20 @@ class Supervisor:
             await self._backoff(history.record(died_at, uptime, self._rand()))
         self.stats.state = WorkerState.STOPPED
 
+    def _record_death(self, backend: BaseBackend, recorded: list[bool]) -> None:
+        if recorded:
+            return
+        recorded.append(True)
+        self.stats.engine_deaths += 1
+        detected = backend.monitor.detected_unix if backend.monitor else None
+        self.stats.last_death_detected_unix = detected or self._wall_clock()
+
     async def _on_ready(
-        self, backend: BaseBackend, ready_at: list[float], died_at: float | None
+        self,
+        backend: BaseBackend,
+        ready_at: list[float],
+        died_at: float | None,
+        recorded: list[bool],
     ) -> None:
         await backend.backend_ready_event.wait()
         now = self._clock()
@@ -152,8 +163,7 @@ class Supervisor:
         # At detection, before the backend's cleanup (seconds, when engine processes
         # must be killed): not ready any more, and out of the gateway.
         self.stats.state = WorkerState.RESTARTING if self.restart else WorkerState.STOPPING
-        detected = backend.monitor.detected_unix if backend.monitor else None
-        self.stats.last_death_detected_unix = detected or self._wall_clock()
+        self._record_death(backend, recorded)
         if self.membership is not None:
             self.membership.leave()
 

@@ -253,12 +253,12 @@ def test_the_worker_is_not_ready_from_the_death_detection_on_not_only_after_clea
     clock = FakeClock()
     scripts = ["die", "serve"]
     made: list[ScriptedBackend] = []
-    during_cleanup: list[tuple[WorkerState, float | None]] = []
+    during_cleanup: list[tuple[WorkerState, float | None, int]] = []
 
     def make() -> Any:
         backend = ScriptedBackend(scripts[len(made)], clock)
         backend.on_cleanup = lambda: during_cleanup.append(
-            (sup.stats.state, sup.stats.last_death_detected_unix)
+            (sup.stats.state, sup.stats.last_death_detected_unix, sup.stats.engine_deaths)
         )
         made.append(backend)
         return backend
@@ -276,4 +276,5 @@ def test_the_worker_is_not_ready_from_the_death_detection_on_not_only_after_clea
     asyncio.run(main())
     died = sup.stats.last_death_detected_unix
     assert died is not None
-    assert during_cleanup == [(WorkerState.RESTARTING, died)]
+    assert during_cleanup == [(WorkerState.RESTARTING, died, 1)]
+    assert sup.stats.engine_deaths == 1  # counted once

@@ -13,7 +13,6 @@ Writes JSON and PNG (``--out``). Numbers only: nothing here asserts a speed.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import platform
 import signal
@@ -25,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import bench_parser, pyplot, save_figure
+from common import bench_parser, pyplot, save_figure, save_report
 
 from tests.support import (
     MODEL_NAME,
@@ -120,9 +119,7 @@ def main() -> int:
             "drain": [drain(args.model_path, n, Path(tmp), args.tokens) for n in args.inflight],
         }
     stem = args.out / f"lifecycle-{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json and {stem}.png")
+    save_report(report, stem, plot)
     return 0
 
 

@@ -37,6 +37,7 @@ from common import (
     percentile,
     pyplot,
     save_figure,
+    save_report,
     streams,
 )
 
@@ -249,12 +250,8 @@ def main() -> int:
         "summary": summarize(rows, args.concurrency),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"bench-gateway-{args.tag}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=2))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    save_report(report, args.out / f"bench-gateway-{args.tag}", plot)
     return 0
 
 

@@ -40,6 +40,7 @@ from common import (
     ichat_serve_cmd,
     pyplot,
     save_figure,
+    save_report,
     streams,
 )
 
@@ -328,11 +329,8 @@ def main() -> int:
         "runs": runs,
         "summary": summarize(runs),
     }
-    stem = args.out / f"{args.engine}-inprocess-vs-native-{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, stem.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=2))
-    print(f"wrote {stem}.json and {stem}.png")
+    save_report(report, args.out / f"{args.engine}-inprocess-vs-native-{args.tag}", plot)
     return 0
 
 

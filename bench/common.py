@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import sys
 import time
@@ -55,6 +56,16 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model-path", required=True)
     return parser
+
+
+def save_report(
+    report: dict[str, Any], stem: Path, plot: Callable[[dict[str, Any], Path], None]
+) -> None:
+    """The report as ``stem``.json and its plot as ``stem``.png, side by side."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and {stem}.png")
 
 
 def save_figure(fig: Any, path: Path) -> None:

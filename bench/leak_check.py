@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 import psutil
-from common import bench_parser, pyplot, save_figure
+from common import bench_parser, pyplot, save_figure, save_report
 
 from ichat import reaper
 from ichat.backends.vllm_backend import VLLMBackend
@@ -176,9 +176,7 @@ def main() -> int:
     report["malloc_trim"] = args.malloc_trim
     print(json.dumps({k: v for k, v in report.items() if k != "cycles"}, indent=2))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        plot(report, args.out.with_suffix(".png"))
+        save_report(report, args.out.with_suffix(""), plot)
     return 0
 
 

@@ -18,14 +18,15 @@ def wait_healthy(
     url: str,
     proc: subprocess.Popen[bytes] | subprocess.Popen[str],
     timeout: float,
+    path: str = "/health",
 ) -> float:
-    """Seconds until ``url``/health answered 200; raises if ``proc`` exits first."""
+    """Seconds until ``url`` + ``path`` answered 200; raises if ``proc`` exits first."""
     t0 = time.monotonic()
     for delay in Backoff(initial=0.05, factor=1.5, maximum=1.0).delays():
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
                 return time.monotonic() - t0
         except httpx.TransportError:
             pass

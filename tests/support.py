@@ -79,10 +79,13 @@ class Worker:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 600) -> None:
-        """Handshake on /health; fail at once (with the log) if the worker exits."""
+    def wait_ready(
+        self, timeout: float = 600, url: str | None = None, path: str = "/health"
+    ) -> None:
+        """Handshake on ``path`` (default: the engine's /health at the worker's URL);
+        fail at once (with the log) if the worker exits."""
         try:
-            wait_healthy(self.url, self.proc, timeout)
+            wait_healthy(url or self.url, self.proc, timeout, path)
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{exc}:\n{self.output()[-4000:]}") from exc
 

@@ -93,7 +93,8 @@ class SGLangBackend(BaseBackend):
         self._api = api = sglang_compat.load()
         # iChat's unified names (--model-path, --tokenizer-path, --context-length,
         # --served-model-name, --trust-remote-code) are SGLang's own: nothing to rename.
-        # before SGLang reads the model config (``--model`` is its alias of --model-path)
+        # The model folder is checked before SGLang reads its config (``--model`` is
+        # SGLang's alias of --model-path).
         check_model_path(flag_value(argv, "--model-path") or flag_value(argv, "--model"))
         framework = ["--host", config.host, "--port", str(config.port)]
         if config.log_level is not None:

@@ -37,16 +37,7 @@ class SGLangWorker(Worker):
         return httpx.get(f"http://127.0.0.1:{self.status_port}{path}", timeout=10)
 
     def wait_status_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()[-4000:]
-            try:
-                if self.status("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"not ready within {timeout} s:\n{self.output()[-4000:]}")
+        self.wait_ready(timeout, url=f"http://127.0.0.1:{self.status_port}", path="/readyz")
 
 
 @pytest.fixture(scope="module")

@@ -121,9 +121,20 @@ async def _stream_samples(
 
 
 def _stream_process(
-    url: str, requests: int, concurrency: int, max_tokens: int, barrier: Any, queue: Any
+    index: int,
+    url: str,
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    barrier: Any,
+    queue: Any,
 ) -> None:
-    queue.put(asyncio.run(_stream_samples(url, requests, concurrency, max_tokens, barrier.wait)))
+    samples = asyncio.run(_stream_samples(url, requests, concurrency, max_tokens, barrier.wait))
+    queue.put((index, samples))
+
+
+def _share(total: int, parts: int, i: int) -> int:
+    return total * (i + 1) // parts - total * i // parts
 
 
 def streams(
@@ -134,31 +145,52 @@ def streams(
     With ``processes`` > 1 the streams are split over that many client processes that
     start together: one Python process reading 256 streams of SSE events is itself the
     bottleneck on a fast GPU, and its event-loop lag would show up as TTFT."""
+    if max(1, min(processes, concurrency)) == 1:
+        samples = asyncio.run(_stream_samples(url, requests, concurrency, max_tokens, int))
+        return _stream_stats([samples], requests, 1)
+    return side_by_side([url], requests, concurrency, max_tokens, processes)[0]
+
+
+def side_by_side(
+    urls: list[str], requests: int, concurrency: int, max_tokens: int, processes: int = 1
+) -> list[dict[str, Any]]:
+    """The load of `streams` sent to every URL of ``urls`` at the same time.
+
+    Each URL gets ``requests`` streams at ``concurrency`` from its own ``processes``
+    client processes; all start at one barrier. When the URLs lead to one engine (direct
+    and through a gateway), both paths see the same engine load at the same moments, so
+    the difference between them is the path's, not the run-to-run noise of the engine."""
     procs = max(1, min(processes, concurrency))
-    if procs == 1:
-        samples = [asyncio.run(_stream_samples(url, requests, concurrency, max_tokens, int))]
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        barrier, queue = ctx.Barrier(procs), ctx.Queue()
-        workers = [
-            ctx.Process(
-                target=_stream_process,
-                args=(
-                    url,
-                    requests * (i + 1) // procs - requests * i // procs,
-                    concurrency * (i + 1) // procs - concurrency * i // procs,
-                    max_tokens,
-                    barrier,
-                    queue,
-                ),
-            )
-            for i in range(procs)
-        ]
-        for w in workers:
-            w.start()
-        samples = [queue.get(timeout=900) for _ in workers]
-        for w in workers:
-            w.join(30)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(procs * len(urls)), ctx.Queue()
+    workers = [
+        ctx.Process(
+            target=_stream_process,
+            args=(
+                u,
+                url,
+                _share(requests, procs, i),
+                _share(concurrency, procs, i),
+                max_tokens,
+                barrier,
+                queue,
+            ),
+        )
+        for u, url in enumerate(urls)
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    by_url: list[list[dict[str, Any]]] = [[] for _ in urls]
+    for _ in workers:
+        index, samples = queue.get(timeout=900)
+        by_url[index].append(samples)
+    for w in workers:
+        w.join(30)
+    return [_stream_stats(samples, requests, procs) for samples in by_url]
+
+
+def _stream_stats(samples: list[dict[str, Any]], requests: int, procs: int) -> dict[str, Any]:
     ttft = [x for s in samples for x in s["ttft"]]
     itl = [x for s in samples for x in s["itl"]]
     seconds = max(s["ended"] for s in samples) - min(s["began"] for s in samples)

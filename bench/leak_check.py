@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import faulthandler
 import gc
@@ -84,7 +85,9 @@ async def all_cycles(
         results.append(result)
         print(
             f"cycle {i + 1}/{cycles}: ready {result['ready_s']:.1f} s, stop "
-            f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB, "
+            f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB "
+            f"({', '.join(f'{k} {v:.0f}' for k, v in result['rss_by_mapping_mib'].items())}), "
+            f"threads {result['threads']}, fds {result['open_fds']}, "
             f"left {result['engine_processes_left']}, port free {result['port_free']}",
             flush=True,
         )
@@ -123,9 +126,56 @@ async def one_cycle(model: str, port: int, guard_pid: int, trim: bool = False) -
         "ready_s": ready_s,
         "stop_s": stop_s,
         "rss_mib": me.memory_info().rss / 2**20,
+        "rss_by_mapping_mib": rss_by_mapping(me),
+        "threads": me.num_threads(),
+        "native_threads": native_threads(),
+        "open_fds": me.num_fds(),
+        "open_fd_kinds": open_fd_kinds(),
         "engine_processes_left": len(left),
         "port_free": port_is_free("127.0.0.1", port),
     }
+
+
+def native_threads() -> dict[str, int]:
+    """This process's threads by OS name (ZMQ, OpenMP and tokenizer threads have no
+    Python object, so `threading.enumerate` does not show them)."""
+    names: collections.Counter[str] = collections.Counter()
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            names[Path(f"/proc/self/task/{tid}/comm").read_text().strip()] += 1
+    return dict(names)
+
+
+def open_fd_kinds() -> dict[str, int]:
+    """This process's open file descriptors by kind (socket, pipe, eventfd, file...)."""
+    kinds: collections.Counter[str] = collections.Counter()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        kinds[target.split(":", 1)[0] if ":" in target else "file"] += 1
+    return dict(kinds)
+
+
+def rss_by_mapping(proc: psutil.Process) -> dict[str, float]:
+    """RSS by kind of mapping: the glibc heap, anonymous mappings (mmap'd arenas, thread
+    stacks, large allocations), and file-backed ones (libraries, mapped files)."""
+    kinds: collections.Counter[str] = collections.Counter()
+    for m in proc.memory_maps(grouped=False):
+        path = m.path
+        if path == "[heap]":
+            kind = "heap"
+        elif path in ("", "[anon]") or path.startswith("[anon:"):
+            kind = "anonymous"
+        elif path.startswith("["):
+            kind = "other"
+        elif "/dev/shm" in path or "memfd:" in path or path.startswith("/SYSV"):
+            kind = "shared-memory"
+        else:
+            kind = "file"
+        kinds[kind] += m.rss / 2**20
+    return dict(kinds)
 
 
 def top_growth(first: tracemalloc.Snapshot, last: tracemalloc.Snapshot, n: int = 15) -> list[str]:

@@ -42,6 +42,7 @@ ENGINE_OBJECTS = ("VLLMBackend", "AsyncLLM", "FastAPI", "NoSignalServer", "VllmC
 
 
 STUCK_AFTER_S = 240.0
+SHM = "/dev/shm"
 
 
 def dump_tasks() -> None:
@@ -66,6 +67,7 @@ async def all_cycles(
     port = free_port()
     results = []
     first = None
+    shm_before = set(os.listdir(SHM))
     for i in range(cycles):
         # a stuck cycle prints where every task waits, and every thread's stack
         watchdog = threading.Timer(STUCK_AFTER_S, loop.call_soon_threadsafe, (dump_tasks,))
@@ -74,6 +76,8 @@ async def all_cycles(
         faulthandler.dump_traceback_later(STUCK_AFTER_S + 10, exit=False)
         try:
             result = await one_cycle(model, port, guard_pid, trim)
+            # left in /dev/shm by the stopped engine (a killed EngineCore cannot unlink)
+            result["dev_shm_files_left"] = sorted(set(os.listdir(SHM)) - shm_before)
         finally:
             watchdog.cancel()
             faulthandler.cancel_dump_traceback_later()
@@ -88,6 +92,7 @@ async def all_cycles(
             f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB "
             f"({', '.join(f'{k} {v:.0f}' for k, v in result['rss_by_mapping_mib'].items())}), "
             f"threads {result['threads']}, fds {result['open_fds']}, "
+            f"/dev/shm files left {len(result['dev_shm_files_left'])}, "
             f"left {result['engine_processes_left']}, port free {result['port_free']}",
             flush=True,
         )
@@ -128,6 +133,7 @@ async def one_cycle(model: str, port: int, guard_pid: int, trim: bool = False) -
         "rss_mib": me.memory_info().rss / 2**20,
         "rss_by_mapping_mib": rss_by_mapping(me),
         "threads": me.num_threads(),
+        "frozen_objects": gc.get_freeze_count(),  # vLLM's gc.freeze(), not undone = leak
         "native_threads": native_threads(),
         "open_fds": me.num_fds(),
         "open_fd_kinds": open_fd_kinds(),
@@ -191,6 +197,9 @@ def run_cycles(model: str, cycles: int, trace: bool = False, trim: bool = False)
         assert guard.proc is not None
         results, first = asyncio.run(all_cycles(model, cycles, guard.proc.pid, trace, trim))
     baseline = results[0]["rss_mib"]
+    # objects frozen by an engine (gc.freeze) are invisible to gc.get_objects(): the
+    # count below is of everything reachable (frozen_objects says what stayed frozen)
+    gc.unfreeze()
     gc.collect()
     growth = []
     if first is not None and cycles > 2:
@@ -204,6 +213,10 @@ def run_cycles(model: str, cycles: int, trace: bool = False, trim: bool = False)
         "rss_baseline_mib": baseline,
         "rss_growth_mib": results[-1]["rss_mib"] - baseline,
         "rss_growth_per_cycle_mib": (results[-1]["rss_mib"] - baseline) / max(cycles - 1, 1),
+        "threads_growth": results[-1]["threads"] - results[0]["threads"],
+        "open_fds_growth": results[-1]["open_fds"] - results[0]["open_fds"],
+        "frozen_objects_after_stops": max(r["frozen_objects"] for r in results),
+        "dev_shm_files_left": results[-1]["dev_shm_files_left"],
         "engine_processes_left_total": sum(r["engine_processes_left"] for r in results),
         "port_not_free_count": sum(not r["port_free"] for r in results),
     }

@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import multiprocessing
 import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import psutil
 
@@ -115,13 +119,37 @@ def reap(procs: Iterable[psutil.Process], timeout: float = 2.0) -> None:
 
     A multi-threaded process shows as a zombie while its other threads still exit;
     waitpid() returns it only after that, so each of ours is waited for briefly.
+    A child that ``multiprocessing`` started (vLLM's EngineCore, SGLang's scheduler)
+    is joined through it: reaped behind its back, its Process object would count it
+    as running for ever and keep it, with its two pipe descriptors, in
+    ``multiprocessing``'s table of children (two descriptors a restart).
     """
     me = os.getpid()
     deadline = time.monotonic() + timeout
+    # active_children() also joins those of them that already ended
+    started_by_multiprocessing = {p.pid: p for p in multiprocessing.active_children()}
     for proc in procs:
         with contextlib.suppress(psutil.Error, ChildProcessError):
             if proc.ppid() == me:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                remaining = max(0.0, deadline - time.monotonic())
+                started = started_by_multiprocessing.get(proc.pid)
+                if started is not None:
+                    started.join(remaining)
+                else:
+                    proc.wait(timeout=remaining)
+
+
+def stop_gracefully(proc: subprocess.Popen[Any], timeout: float) -> int:
+    """SIGTERM ``proc`` (a child we started), SIGKILL it if it still runs after
+    ``timeout`` seconds; return its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("pid %d still runs %.0f s after SIGTERM: killing it", proc.pid, timeout)
+            proc.kill()
+    return proc.wait()
 
 
 def port_is_free(host: str, port: int) -> bool:

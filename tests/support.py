@@ -17,7 +17,7 @@ import openai
 import psutil
 
 from ichat.probe import wait_healthy
-from ichat.processes import free_port, is_python_helper, title
+from ichat.processes import free_port, is_python_helper, stop_gracefully, title
 
 MODEL_NAME = "tiny-chat"
 CONTEXT_LENGTH = 1024
@@ -90,14 +90,7 @@ class Worker:
             raise RuntimeError(f"{exc}:\n{self.output()[-4000:]}") from exc
 
     def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_gracefully(self.proc, timeout)
 
 
 @contextlib.contextmanager

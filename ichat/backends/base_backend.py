@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import gc
 import logging
 import socket
 import time
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
 
-from ichat import processes
+from ichat import processes, shared_memory
 from ichat.config import WorkerConfig
 from ichat.errors import (
     EngineDiedError,
@@ -84,6 +85,7 @@ class BaseBackend(abc.ABC):
         self._startup_task: asyncio.Task[None] | None = None
         self._children_before: set[int] | None = None
         self._engine_procs: list[psutil.Process] = []
+        self._engine_shm: set[str] = set()  # /dev/shm files the engine mapped
         self._stop_requested = False
         self._finished = asyncio.Event()
         self._ran = False
@@ -131,6 +133,7 @@ class BaseBackend(abc.ABC):
                 await self._shutdown()
             finally:
                 self.cleanup()
+                collect_frozen_garbage()
                 self.phase_seconds["shutdown"] = time.monotonic() - t0
                 logger.info("backend stopped in %.2f s", self.phase_seconds["shutdown"])
                 self.state = BackendState.FAILED if self.failure else BackendState.STOPPED
@@ -184,6 +187,10 @@ class BaseBackend(abc.ABC):
             if survivors:
                 logger.error("could not stop processes: %s", [p.pid for p in survivors])
         self.kill_engine_processes()
+        if self._engine_shm:
+            me = psutil.Process()
+            shared_memory.unlink_left_behind(self._engine_shm, [me, *processes.children()])
+            self._engine_shm = set()
 
     # ---------------------------------------------------------------------- hooks
 
@@ -284,6 +291,7 @@ class BaseBackend(abc.ABC):
         t0 = time.monotonic()
         await self.start_engine(self._stack)
         self._engine_procs = self._new_children()
+        self._engine_shm |= shared_memory.mapped(self._engine_procs)
         self.phase_seconds["engine_start"] = time.monotonic() - t0
         logger.info(
             "%s engine started in %.2f s (processes %s)",
@@ -315,6 +323,7 @@ class BaseBackend(abc.ABC):
                 await self.warmup(client)
                 self.phase_seconds["warmup"] = time.monotonic() - t0
                 logger.info("warmup request took %.3f s", self.phase_seconds["warmup"])
+        self._engine_shm |= shared_memory.mapped(self._new_children())
         self.state = BackendState.READY
         self.backend_ready_event.set()
         logger.info(
@@ -361,6 +370,8 @@ class BaseBackend(abc.ABC):
         """Every step is bounded: a step that hangs is abandoned, and ``cleanup()``
         (which always follows) kills the engine's processes."""
         config = self.framework_args
+        # what they map now, too: some is created after ready (a killed one unlinks none)
+        self._engine_shm |= shared_memory.mapped(self._new_children())
         if self._monitor_task is not None:
             if self.monitor is not None:
                 self.monitor.stop()
@@ -399,6 +410,19 @@ class BaseBackend(abc.ABC):
         if before is None:
             return []
         return [p for p in processes.children() if p.pid not in before]
+
+
+def collect_frozen_garbage() -> None:
+    """Make what the stopped engine left in reference cycles collectable, and collect it.
+
+    vLLM freezes the garbage collector's heap at each app start (``gc.freeze()``: a
+    pause-time saving for a server that runs until its process exits). Everything
+    alive at that moment, the engine client, its app and processes' handles included,
+    goes to the permanent generation; once the engine stops, its cycles would stay
+    there for the life of the worker, one engine's worth per in-process restart."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
 
 
 async def _settle(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import psutil
 
 from ichat.argmap import rename_flags
-from ichat.backends import vllm_compat
+from ichat.backends import vllm_compat, zmq_context
 from ichat.backends.base_backend import BaseBackend
 from ichat.backends.model_path import check_model_path
 from ichat.config import WorkerConfig
@@ -112,7 +112,15 @@ class VLLMBackend(BaseBackend):
 
     async def start_engine(self, stack: contextlib.AsyncExitStack) -> None:
         client = self._api.build_async_engine_client(self._backend_args)
+        # runs after the client's own shutdown (the stack unwinds last-in first-out)
+        stack.push_async_callback(self._end_zmq_contexts)
         self._engine_client = await stack.enter_async_context(client)
+
+    async def _end_zmq_contexts(self) -> None:
+        """vLLM's shutdown closes its sockets but leaves the engine-core client's ZMQ
+        context (2 I/O threads, a reaper, 7 descriptors) to the process exit."""
+        core = getattr(self._engine_client, "engine_core", None)
+        await zmq_context.end_contexts(zmq_context.find_contexts(core))
 
     async def build_app(self) -> Any:
         client, args = self._engine_client, self._backend_args

@@ -1,0 +1,58 @@
+"""Shared memory a killed engine process leaves in /dev/shm (real processes, no engine)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from multiprocessing import shared_memory
+
+import psutil
+import pytest
+
+from ichat import shared_memory as shm
+from ichat.processes import wait_stopped
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+
+# an "engine process": creates a segment and keeps it mapped, as vLLM's EngineCore does;
+# unregistered from its own resource tracker, which would otherwise unlink it at death
+ENGINE = """
+import sys, time
+from multiprocessing import resource_tracker, shared_memory
+seg = shared_memory.SharedMemory(create=True, size=1 << 20)
+resource_tracker.unregister(seg._name, "shared_memory")
+print(seg.name, flush=True)
+time.sleep(60)
+"""
+
+
+def test_what_a_killed_engine_mapped_is_unlinked_and_what_we_map_is_kept() -> None:
+    engine = subprocess.Popen([sys.executable, "-c", ENGINE], stdout=subprocess.PIPE, text=True)
+    assert engine.stdout is not None
+    name = engine.stdout.readline().strip()
+    ours = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        recorded = shm.mapped([psutil.Process(engine.pid)]) | {f"/dev/shm/{ours.name}"}
+        assert f"/dev/shm/{name}" in recorded
+        engine.send_signal(signal.SIGKILL)  # it cannot unlink anything now
+        assert wait_stopped([psutil.Process(engine.pid)], timeout=10) == []
+
+        removed = shm.unlink_left_behind(recorded, [psutil.Process()])
+
+        assert removed == [f"/dev/shm/{name}"]
+        assert not os.path.exists(f"/dev/shm/{name}")
+        assert os.path.exists(f"/dev/shm/{ours.name}")  # still mapped here: kept
+    finally:
+        engine.stdout.close()
+        ours.close()
+        ours.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/{name}")
+
+
+def test_only_files_directly_in_dev_shm_are_touched() -> None:
+    assert shm.unlink_left_behind(["/etc/hostname", "/dev/shm/../etc/hostname"], []) == []
+    assert os.path.exists("/etc/hostname")

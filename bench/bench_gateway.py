@@ -12,6 +12,10 @@ of TTFT p99 at 256 streams on the H200) then falls out of the difference.
     python bench/bench_gateway.py --model-path .cache/tiny-model --rounds 2 \\
         --concurrency 1 16 --requests 64 --max-tokens 32 --out docs/results/gateway-cpu
 
+With --workers N (N > 1) the gateway balances N workers; the direct path splits the
+same load evenly over them (what a client without a gateway does): throughput through
+the gateway vs direct with several workers.
+
 Configurations: `smg` (SMG's own defaults), `ichat` (`ichat gateway`'s defaults), and
 `ichat` plus one candidate fix each for the streaming TTFT tail (see --configs).
 Writes JSON and a PNG; asserts nothing.
@@ -23,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,12 +45,13 @@ from common import (
     save_figure,
     save_report,
     side_by_side,
+    spread,
     streams,
 )
 
 from ichat.gateway import GatewayConfig
 from ichat.probe import wait_healthy
-from ichat.processes import free_port
+from ichat.processes import free_port, stop_gracefully
 
 
 def smg_defaults(port: int, metrics_port: int) -> list[str]:
@@ -70,6 +74,8 @@ CONFIGS: dict[str, Callable[[int, int], list[str]]] = {
     # below the worker's keep-alive, so the worker runs with a 75 s keep-alive (below)
     "ichat+pool-idle-60s": ichat_defaults("--upstream-pool-idle-timeout-secs", "60"),
     "ichat+http2": ichat_defaults("--upstream-http2"),
+    # with several workers: cache-aware routing sends one prompt to one worker
+    "ichat+round-robin": ichat_defaults("--policy", "round_robin"),
 }
 WORKER_KEEP_ALIVE_S = "75"
 
@@ -109,28 +115,23 @@ def register(gateway_url: str, worker_url: str) -> None:
     raise TimeoutError("the worker did not become healthy in the gateway")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def stream_count(requests: int, concurrency: int) -> int:
     """Streams measured at ``concurrency``: at most 16 rounds of it (one stream at a time
     of 128 tokens would otherwise take minutes), never fewer than one full round."""
     return max(concurrency, min(requests, 16 * concurrency))
 
 
-def measure_config(name: str, worker_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure_config(
+    name: str, worker_urls: list[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
     gateway, gateway_url = start_gateway(name)
     rows = []
     try:
-        register(gateway_url, worker_url)
+        for worker_url in worker_urls:
+            register(gateway_url, worker_url)
         for rnd in range(args.rounds):
-            urls = {"direct": worker_url, "gateway": gateway_url}
+            # single-token requests go to the first worker when there are several
+            urls = {"direct": worker_urls[0], "gateway": gateway_url}
             order = list(urls) if rnd % 2 == 0 else list(urls)[::-1]
             by_path: dict[str, dict[str, Any]] = {
                 path: {"config": name, "round": rnd, "path": path, "streams": {}} for path in order
@@ -145,10 +146,15 @@ def measure_config(name: str, worker_url: str, args: argparse.Namespace) -> list
                     )
                     results = dict(zip(urls, both, strict=True))
                 else:
-                    results = {
-                        path: streams(urls[path], n, c, args.max_tokens, args.client_processes)
-                        for path in order
-                    }
+                    results = {}
+                    for path in order:
+                        before = [served(url) for url in worker_urls]
+                        results[path] = measure_streams(
+                            worker_urls if path == "direct" else [gateway_url], n, c, args
+                        )
+                        results[path]["requests_per_worker"] = [
+                            served(url) - b for url, b in zip(worker_urls, before, strict=True)
+                        ]
                 for path in order:
                     by_path[path]["streams"][str(c)] = results[path]
             for path in order:
@@ -163,8 +169,25 @@ def measure_config(name: str, worker_url: str, args: argparse.Namespace) -> list
                     flush=True,
                 )
     finally:
-        stop(gateway)
+        stop_gracefully(gateway, 60)
     return rows
+
+
+def served(worker_url: str) -> float:
+    """Requests the worker's engine finished (vLLM's request_success_total, summed)."""
+    text = httpx.get(f"{worker_url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
+
+
+def measure_streams(urls: list[str], n: int, c: int, args: argparse.Namespace) -> dict[str, Any]:
+    """C streams to one URL, or (direct, several workers) split evenly over them."""
+    if len(urls) == 1:
+        return streams(urls[0], n, c, args.max_tokens, args.client_processes)
+    return spread(urls, n, c, args.max_tokens, args.client_processes)
 
 
 def summarize(rows: list[dict[str, Any]], concurrency: list[int]) -> dict[str, Any]:
@@ -219,7 +242,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=8)
     how = "at the same time" if report.get("side_by_side") else "one after the other"
     fig.suptitle(
-        f"{report['tag']}: direct vs through SMG, {how} ({report['rounds']} rounds, means)"
+        f"{report['tag']}: direct vs through SMG, {report.get('workers', 1)} worker(s), {how} "
+        f"({report['rounds']} rounds, means)"
     )
     save_figure(fig, path)
 
@@ -240,23 +264,34 @@ def main() -> int:
         help="stream to the worker and through the gateway at the same time (same engine "
         "load for both paths; each gets C streams) instead of one path after the other",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="workers behind the gateway; directly, the load is split evenly over them",
+    )
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--out", type=Path, required=True, help="folder for JSON and PNG")
     parser.add_argument("--tag", default=platform.node())
     parser.add_argument("worker_args", nargs="*", help="after --: engine flags for the worker")
     args = parser.parse_args()
+    if args.side_by_side and args.workers != 1:
+        parser.error("--side-by-side measures one worker")
     env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
     env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = WORKER_KEEP_ALIVE_S
-    port = free_port()
-    worker_url = f"http://127.0.0.1:{port}"
-    cmd = ichat_serve_cmd(args.model_path, port, *args.worker_args)
-    worker = subprocess.Popen(cmd, env=env)
+    ports = [free_port() for _ in range(args.workers)]
+    worker_urls = [f"http://127.0.0.1:{port}" for port in ports]
+    workers = [
+        subprocess.Popen(ichat_serve_cmd(args.model_path, port, *args.worker_args), env=env)
+        for port in ports
+    ]
     try:
-        wait_healthy(worker_url, worker, timeout=1800)
-        rows = [row for name in args.configs for row in measure_config(name, worker_url, args)]
+        for url, worker in zip(worker_urls, workers, strict=True):
+            wait_healthy(url, worker, timeout=1800)
+        rows = [row for name in args.configs for row in measure_config(name, worker_urls, args)]
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(120)
+        for worker in workers:
+            stop_gracefully(worker, 120)
     report = {
         "tag": args.tag,
         "date": time.strftime("%Y-%m-%d"),
@@ -266,6 +301,7 @@ def main() -> int:
         "max_tokens": args.max_tokens,
         "client_processes": args.client_processes,
         "side_by_side": args.side_by_side,
+        "workers": args.workers,
         "configs": {name: CONFIGS[name](8080, 8081)[3:] for name in args.configs},
         "worker_keep_alive_s": WORKER_KEEP_ALIVE_S,
         "summary": summarize(rows, args.concurrency),

@@ -45,7 +45,7 @@ from common import (
 )
 
 from ichat.probe import wait_healthy
-from ichat.processes import free_port
+from ichat.processes import free_port, stop_gracefully
 
 
 def native_cmd(engine: str, model: str, port: int, extra: list[str]) -> list[str]:
@@ -154,12 +154,7 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
         if kind == "ichat" and args.kill_test:
             result.update(kill_test(proc, f"http://127.0.0.1:{status_port}"))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_gracefully(proc, 120)
         log.close()
     gpu = gpu_memory_used_mib()
     if gpu is not None:

@@ -161,6 +161,25 @@ def side_by_side(
     and through a gateway), both paths see the same engine load at the same moments, so
     the difference between them is the path's, not the run-to-run noise of the engine."""
     procs = max(1, min(processes, concurrency))
+    by_url = _run_clients(urls, requests, concurrency, max_tokens, procs)
+    return [_stream_stats(samples, requests, procs) for samples in by_url]
+
+
+def spread(
+    urls: list[str], requests: int, concurrency: int, max_tokens: int, processes: int = 1
+) -> dict[str, Any]:
+    """The load of `streams` split evenly over ``urls`` (several workers addressed
+    directly, balanced by the client), measured as one load; ``processes`` in all."""
+    n = len(urls)
+    procs = max(1, min(processes // n, concurrency // n))
+    by_url = _run_clients(urls, requests // n, concurrency // n, max_tokens, procs)
+    return _stream_stats([s for samples in by_url for s in samples], requests // n * n, procs * n)
+
+
+def _run_clients(
+    urls: list[str], requests: int, concurrency: int, max_tokens: int, procs: int
+) -> list[list[dict[str, Any]]]:
+    """``procs`` client processes per URL, released together; their samples per URL."""
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(procs * len(urls)), ctx.Queue()
     workers = [
@@ -187,7 +206,7 @@ def side_by_side(
         by_url[index].append(samples)
     for w in workers:
         w.join(30)
-    return [_stream_stats(samples, requests, procs) for samples in by_url]
+    return by_url
 
 
 def _stream_stats(samples: list[dict[str, Any]], requests: int, procs: int) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import psutil
 
-from ichat.processes import is_python_helper
+from ichat.processes import is_python_helper, wait_stopped
 
 BYE = b"bye\n"
 TOKEN_ENV = "ICHAT_REAPER_TOKEN"
@@ -71,7 +71,9 @@ def kill_snapshot(seen: dict[int, float]) -> list[int]:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.kill()
             killed.append(proc.pid)
-    psutil.wait_procs(list(targets.values()), timeout=5)
+    # orphans now: a zombie has ended (whoever adopted them reaps it), so it is not
+    # waited for (psutil.wait_procs would, until that reaping or the timeout)
+    wait_stopped(list(targets.values()), timeout=5)
     return killed
 
 

@@ -74,8 +74,12 @@ CONFIGS: dict[str, Callable[[int, int], list[str]]] = {
     # below the worker's keep-alive, so the worker runs with a 75 s keep-alive (below)
     "ichat+pool-idle-60s": ichat_defaults("--upstream-pool-idle-timeout-secs", "60"),
     "ichat+http2": ichat_defaults("--upstream-http2"),
-    # with several workers: cache-aware routing sends one prompt to one worker
-    "ichat+round-robin": ichat_defaults("--policy", "round_robin"),
+    # SMG's own default policy (ichat's before 2026-11-30): one prompt stays on one worker
+    "ichat+cache-aware": ichat_defaults("--policy", "cache_aware"),
+    # cache-aware, but it turns to the shortest queue sooner (SMG: 64 requests and 1.5x)
+    "ichat+balance-16": ichat_defaults(
+        "--policy", "cache_aware", "--balance-abs-threshold", "16", "--balance-rel-threshold", "1.2"
+    ),
 }
 WORKER_KEEP_ALIVE_S = "75"
 
@@ -142,7 +146,12 @@ def measure_config(
                 n = stream_count(args.requests, c)
                 if args.side_by_side:
                     both = side_by_side(
-                        list(urls.values()), n, c, args.max_tokens, args.client_processes
+                        list(urls.values()),
+                        n,
+                        c,
+                        args.max_tokens,
+                        args.client_processes,
+                        args.distinct_prompts,
                     )
                     results = dict(zip(urls, both, strict=True))
                 else:
@@ -186,8 +195,8 @@ def served(worker_url: str) -> float:
 def measure_streams(urls: list[str], n: int, c: int, args: argparse.Namespace) -> dict[str, Any]:
     """C streams to one URL, or (direct, several workers) split evenly over them."""
     if len(urls) == 1:
-        return streams(urls[0], n, c, args.max_tokens, args.client_processes)
-    return spread(urls, n, c, args.max_tokens, args.client_processes)
+        return streams(urls[0], n, c, args.max_tokens, args.client_processes, args.distinct_prompts)
+    return spread(urls, n, c, args.max_tokens, args.client_processes, args.distinct_prompts)
 
 
 def summarize(rows: list[dict[str, Any]], concurrency: list[int]) -> dict[str, Any]:
@@ -270,6 +279,12 @@ def main() -> int:
         default=1,
         help="workers behind the gateway; directly, the load is split evenly over them",
     )
+    parser.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="every request a prompt of its own, as from different users (default: one "
+        "prompt for all: the worst case for cache-aware routing over several workers)",
+    )
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--out", type=Path, required=True, help="folder for JSON and PNG")
     parser.add_argument("--tag", default=platform.node())
@@ -302,6 +317,7 @@ def main() -> int:
         "client_processes": args.client_processes,
         "side_by_side": args.side_by_side,
         "workers": args.workers,
+        "distinct_prompts": args.distinct_prompts,
         "configs": {name: CONFIGS[name](8080, 8081)[3:] for name in args.configs},
         "worker_keep_alive_s": WORKER_KEEP_ALIVE_S,
         "summary": summarize(rows, args.concurrency),

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -26,11 +27,15 @@ def ichat_serve_cmd(model: str, port: int, *extra: str, backend: str = "vllm") -
     ]  # fmt: skip
 
 
-def chat_body(max_tokens: int, *, stream: bool = False) -> dict[str, Any]:
-    """A chat request that generates exactly ``max_tokens`` tokens (vLLM's extras)."""
+def chat_body(max_tokens: int, *, stream: bool = False, tag: str = "") -> dict[str, Any]:
+    """A chat request that generates exactly ``max_tokens`` tokens (vLLM's extras).
+
+    A ``tag`` starts the prompt: requests with different tags share no prefix, as
+    different users' requests do (no prefix-cache hit, no cache-aware affinity)."""
+    prompt = "Write a long story about a model."
     return {
         "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": "Write a long story about a model."}],
+        "messages": [{"role": "user", "content": f"{tag}: {prompt}" if tag else prompt}],
         "max_tokens": max_tokens,
         "min_tokens": max_tokens,
         "ignore_eos": True,
@@ -79,12 +84,17 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _stream_samples(
-    url: str, requests: int, concurrency: int, max_tokens: int, start: Callable[[], object]
+    url: str,
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    start: Callable[[], object],
+    distinct: bool = False,
 ) -> dict[str, Any]:
-    """Warm ``concurrency`` connections, call ``start``, then time ``requests`` streams."""
+    """Warm ``concurrency`` connections, call ``start``, then time ``requests`` streams
+    (with ``distinct``, each with a prompt of its own)."""
     import aiohttp
 
-    body = chat_body(max_tokens, stream=True)
     ttft: list[float] = []
     itl: list[float] = []
     tokens = 0
@@ -95,6 +105,8 @@ async def _stream_samples(
 
         async def one(record: bool) -> None:
             nonlocal tokens
+            tag = secrets.token_hex(8) if distinct else ""  # differs from its first character
+            body = chat_body(max_tokens, stream=True, tag=tag)
             async with sem:
                 t0 = time.perf_counter()
                 last = None
@@ -128,8 +140,11 @@ def _stream_process(
     max_tokens: int,
     barrier: Any,
     queue: Any,
+    distinct: bool,
 ) -> None:
-    samples = asyncio.run(_stream_samples(url, requests, concurrency, max_tokens, barrier.wait))
+    samples = asyncio.run(
+        _stream_samples(url, requests, concurrency, max_tokens, barrier.wait, distinct)
+    )
     queue.put((index, samples))
 
 
@@ -138,21 +153,34 @@ def _share(total: int, parts: int, i: int) -> int:
 
 
 def streams(
-    url: str, requests: int, concurrency: int, max_tokens: int, processes: int = 1
+    url: str,
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    processes: int = 1,
+    distinct: bool = False,
 ) -> dict[str, Any]:
-    """C concurrent streaming chats: TTFT, inter-token latency, throughput.
+    """C concurrent streaming chats: TTFT, inter-token latency, throughput; with
+    ``distinct``, every request has a prompt of its own (else all have the same one).
 
     With ``processes`` > 1 the streams are split over that many client processes that
     start together: one Python process reading 256 streams of SSE events is itself the
     bottleneck on a fast GPU, and its event-loop lag would show up as TTFT."""
     if max(1, min(processes, concurrency)) == 1:
-        samples = asyncio.run(_stream_samples(url, requests, concurrency, max_tokens, int))
+        samples = asyncio.run(
+            _stream_samples(url, requests, concurrency, max_tokens, int, distinct)
+        )
         return _stream_stats([samples], requests, 1)
-    return side_by_side([url], requests, concurrency, max_tokens, processes)[0]
+    return side_by_side([url], requests, concurrency, max_tokens, processes, distinct)[0]
 
 
 def side_by_side(
-    urls: list[str], requests: int, concurrency: int, max_tokens: int, processes: int = 1
+    urls: list[str],
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    processes: int = 1,
+    distinct: bool = False,
 ) -> list[dict[str, Any]]:
     """The load of `streams` sent to every URL of ``urls`` at the same time.
 
@@ -161,23 +189,28 @@ def side_by_side(
     and through a gateway), both paths see the same engine load at the same moments, so
     the difference between them is the path's, not the run-to-run noise of the engine."""
     procs = max(1, min(processes, concurrency))
-    by_url = _run_clients(urls, requests, concurrency, max_tokens, procs)
+    by_url = _run_clients(urls, requests, concurrency, max_tokens, procs, distinct)
     return [_stream_stats(samples, requests, procs) for samples in by_url]
 
 
 def spread(
-    urls: list[str], requests: int, concurrency: int, max_tokens: int, processes: int = 1
+    urls: list[str],
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    processes: int = 1,
+    distinct: bool = False,
 ) -> dict[str, Any]:
     """The load of `streams` split evenly over ``urls`` (several workers addressed
     directly, balanced by the client), measured as one load; ``processes`` in all."""
     n = len(urls)
     procs = max(1, min(processes // n, concurrency // n))
-    by_url = _run_clients(urls, requests // n, concurrency // n, max_tokens, procs)
+    by_url = _run_clients(urls, requests // n, concurrency // n, max_tokens, procs, distinct)
     return _stream_stats([s for samples in by_url for s in samples], requests // n * n, procs * n)
 
 
 def _run_clients(
-    urls: list[str], requests: int, concurrency: int, max_tokens: int, procs: int
+    urls: list[str], requests: int, concurrency: int, max_tokens: int, procs: int, distinct: bool
 ) -> list[list[dict[str, Any]]]:
     """``procs`` client processes per URL, released together; their samples per URL."""
     ctx = multiprocessing.get_context("spawn")
@@ -193,6 +226,7 @@ def _run_clients(
                 max_tokens,
                 barrier,
                 queue,
+                distinct,
             ),
         )
         for u, url in enumerate(urls)

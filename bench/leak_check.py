@@ -36,13 +36,13 @@ from ichat import reaper
 from ichat.backends.vllm_backend import VLLMBackend
 from ichat.config import WorkerConfig
 from ichat.processes import free_port, is_python_helper, port_is_free, title
+from ichat.shared_memory import SHM_DIR
 
 # What one start builds in this process; none of it may outlive its stop.
 ENGINE_OBJECTS = ("VLLMBackend", "AsyncLLM", "FastAPI", "NoSignalServer", "VllmConfig")
 
 
 STUCK_AFTER_S = 240.0
-SHM = "/dev/shm"
 
 
 def dump_tasks() -> None:
@@ -67,7 +67,7 @@ async def all_cycles(
     port = free_port()
     results = []
     first = None
-    shm_before = set(os.listdir(SHM))
+    shm_before = set(os.listdir(SHM_DIR))
     for i in range(cycles):
         # a stuck cycle prints where every task waits, and every thread's stack
         watchdog = threading.Timer(STUCK_AFTER_S, loop.call_soon_threadsafe, (dump_tasks,))
@@ -77,7 +77,7 @@ async def all_cycles(
         try:
             result = await one_cycle(model, port, guard_pid, trim)
             # left in /dev/shm by the stopped engine (a killed EngineCore cannot unlink)
-            result["dev_shm_files_left"] = sorted(set(os.listdir(SHM)) - shm_before)
+            result["dev_shm_files_left"] = sorted(set(os.listdir(SHM_DIR)) - shm_before)
         finally:
             watchdog.cancel()
             faulthandler.cancel_dump_traceback_later()
@@ -92,6 +92,7 @@ async def all_cycles(
             f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB "
             f"({', '.join(f'{k} {v:.0f}' for k, v in result['rss_by_mapping_mib'].items())}), "
             f"threads {result['threads']}, fds {result['open_fds']}, "
+            f"tokenizers {result['tokenizers_alive']}, "
             f"/dev/shm files left {len(result['dev_shm_files_left'])}, "
             f"left {result['engine_processes_left']}, port free {result['port_free']}",
             flush=True,
@@ -127,14 +128,17 @@ async def one_cycle(model: str, port: int, guard_pid: int, trim: bool = False) -
     ]
     if left:
         print("left:", left, flush=True)
+    threads = native_threads()
+    rss, rss_by_mapping_mib = me.memory_info().rss / 2**20, rss_by_mapping(me)
     return {
         "ready_s": ready_s,
         "stop_s": stop_s,
-        "rss_mib": me.memory_info().rss / 2**20,
-        "rss_by_mapping_mib": rss_by_mapping(me),
-        "threads": me.num_threads(),
+        "rss_mib": rss,
+        "rss_by_mapping_mib": rss_by_mapping_mib,
+        "tokenizers_alive": tokenizers_alive(),  # the backend's stop collected garbage
+        "threads": sum(threads.values()),
         "frozen_objects": gc.get_freeze_count(),  # vLLM's gc.freeze(), not undone = leak
-        "native_threads": native_threads(),
+        "native_threads": threads,
         "open_fds": me.num_fds(),
         "open_fd_kinds": open_fd_kinds(),
         "engine_processes_left": len(left),
@@ -184,6 +188,28 @@ def rss_by_mapping(proc: psutil.Process) -> dict[str, float]:
     return dict(kinds)
 
 
+def tokenizers_alive() -> int:
+    """Tokenizer objects still in memory (each start loads one and deep-copies it for
+    its chat-template pool; a cache keyed by the pool kept them after the stop).
+
+    Found as the referrers of the tokenizer classes (an instance refers to its class):
+    listing every object instead would allocate a list of millions of pointers after
+    each cycle, and the allocator keeps that memory (+45 MiB of RSS, once)."""
+    from transformers import PreTrainedTokenizerBase
+
+    classes: set[type] = set()
+    todo: list[type] = [PreTrainedTokenizerBase]
+    while todo:
+        cls = todo.pop()
+        if cls not in classes:
+            classes.add(cls)
+            todo.extend(cls.__subclasses__())
+    return sum(
+        isinstance(o, PreTrainedTokenizerBase) and not isinstance(o, type)
+        for o in gc.get_referrers(*classes)
+    )
+
+
 def top_growth(first: tracemalloc.Snapshot, last: tracemalloc.Snapshot, n: int = 15) -> list[str]:
     """Where Python memory grew between two snapshots (by source line)."""
     stats = last.compare_to(first, "lineno")
@@ -208,6 +234,12 @@ def run_cycles(model: str, cycles: int, trace: bool = False, trim: bool = False)
     alive = collections.Counter(type(o).__name__ for o in gc.get_objects())
     return {
         "engine_objects_alive": {name: alive[name] for name in ENGINE_OBJECTS},
+        "tokenizers_alive": results[-1]["tokenizers_alive"],
+        "tokenizers_growth": results[-1]["tokenizers_alive"]
+        - results[min(1, cycles - 1)]["tokenizers_alive"],
+        "rss_growth_per_cycle_after_4th_mib": (
+            (results[-1]["rss_mib"] - results[3]["rss_mib"]) / (cycles - 4) if cycles > 4 else 0.0
+        ),
         "python_allocation_growth": growth,
         "cycles": results,
         "rss_baseline_mib": baseline,
@@ -251,8 +283,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("start/stop cycle")
     ax.set_ylabel("RSS of the ichat process (MiB)")
     ax.set_title(
-        f"{len(rss)} in-process cycles: growth {report['rss_growth_mib']:+.0f} MiB, "
-        f"{report['engine_processes_left_total']} processes left"
+        f"{len(rss)} in-process cycles: {report['rss_growth_mib']:+.0f} MiB in all, "
+        f"{report.get('rss_growth_per_cycle_after_4th_mib', 0):+.2f} MiB a cycle after the "
+        f"4th, {report['engine_processes_left_total']} processes left"
     )
     save_figure(fig, path)
 

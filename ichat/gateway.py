@@ -38,7 +38,12 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
-    policy: str = "cache_aware"
+    # Measured on the H200 with 2 workers and 256 streams (docs/benchmarks.md): SMG's
+    # cache_aware kept 0.79-0.94 of the direct throughput (a burst on an empty tree all
+    # goes to one worker), round_robin 0.99-1.05. cache_aware pays off when requests
+    # share long prefixes (multi-turn chats): `--policy cache_aware`. power_of_two needs
+    # two workers at the gateway's start, so it cannot serve workers that register.
+    policy: str = "round_robin"
     # SMG's Prometheus listener defaults to 0.0.0.0:29000 whatever --host says:
     # a second gateway on the host would fail; iChat uses the port after --port.
     prometheus_port: int | None = None

@@ -3,7 +3,8 @@
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
 #   bash bench/gpu/device_run.sh tests|tp|bench|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang OUT_DIR
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
-# gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU.
+# gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
+#   (WORKERS="1 2", CONFIGS="ichat", PROMPTS=distinct: every request its own prompt).
 # sglang: after the SGLang 0.5.16 site was unpacked into /tmp/site (dev_install.sh of
 # ../shared/gpu/sglang-0.5.16); native launch_server vs ichat serve, with a kill -9 test.
 # gateway+bench (2 GPUs): the gateway benchmark on GPU 0 and the vLLM comparison on GPU 1
@@ -42,11 +43,12 @@ case $MODE in
            --out $OUT --tag h200-side-by-side -- --max-model-len 2048 \
            --gpu-memory-utilization 0.85 2>&1 | tee $OUT/bench-gateway-sbs.log | grep -v "^(" \
            | tail -n 40 ;;
-  gateway-workers) for n in 1 2; do python3 bench/bench_gateway.py --model-path $ICHAT_GPU_MODEL \
+  gateway-workers) for n in ${WORKERS:-1 2}; do python3 bench/bench_gateway.py --model-path $ICHAT_GPU_MODEL \
            --workers $n --rounds ${ROUNDS:-2} --concurrency 256 --requests ${REQUESTS:-512} --max-tokens 128 \
-           --single 20 --client-processes 8 --configs ichat --out $OUT --tag h200-${n}w -- \
-           --max-model-len 2048 --gpu-memory-utilization 0.4 2>&1 \
-           | tee $OUT/bench-gateway-${n}w.log | grep -v "^(" | grep "^\[ichat\]\|ratio"; done ;;
+           --single 20 --client-processes 8 --configs ${CONFIGS:-ichat} ${PROMPTS:+--distinct-prompts} \
+           --out $OUT --tag h200-${n}w${PROMPTS:+-$PROMPTS} -- \
+           --max-model-len 2048 --kv-cache-memory 30000000000 2>&1 \
+           | tee $OUT/bench-gateway-${n}w${PROMPTS:+-$PROMPTS}.log | grep -v "^(" | grep "^\[ichat\|ratio"; done ;;
   sglang) python3 bench/bench_vllm.py --engine sglang --kill-test --model-path $ICHAT_GPU_MODEL \
            --rounds ${ROUNDS:-1} --concurrency 256 --requests 1024 --max-tokens 128 \
            --client-processes 8 --out /tmp/bench-sglang --tag h200 -- --attention-backend fa3 \

@@ -291,7 +291,7 @@ class BaseBackend(abc.ABC):
         t0 = time.monotonic()
         await self.start_engine(self._stack)
         self._engine_procs = self._new_children()
-        self._engine_shm |= shared_memory.mapped(self._engine_procs)
+        self._record_engine_shm()  # an engine that dies before ready
         self.phase_seconds["engine_start"] = time.monotonic() - t0
         logger.info(
             "%s engine started in %.2f s (processes %s)",
@@ -323,7 +323,7 @@ class BaseBackend(abc.ABC):
                 await self.warmup(client)
                 self.phase_seconds["warmup"] = time.monotonic() - t0
                 logger.info("warmup request took %.3f s", self.phase_seconds["warmup"])
-        self._engine_shm |= shared_memory.mapped(self._new_children())
+        self._record_engine_shm()  # a process that dies between ready and stop
         self.state = BackendState.READY
         self.backend_ready_event.set()
         logger.info(
@@ -332,6 +332,13 @@ class BaseBackend(abc.ABC):
             config.base_url,
             self.phase_seconds["ready"],
         )
+
+    def _record_engine_shm(self) -> None:
+        """Note the /dev/shm files the engine's processes map now: a process that is
+        killed unlinks none of them, so ``cleanup()`` unlinks those nobody maps then.
+        Called at start, at ready and when the stop begins: each sees files or processes
+        the others cannot."""
+        self._engine_shm |= shared_memory.mapped(self._new_children())
 
     def _raise_if_stopped(self) -> None:
         task = self._server_task
@@ -370,8 +377,7 @@ class BaseBackend(abc.ABC):
         """Every step is bounded: a step that hangs is abandoned, and ``cleanup()``
         (which always follows) kills the engine's processes."""
         config = self.framework_args
-        # what they map now, too: some is created after ready (a killed one unlinks none)
-        self._engine_shm |= shared_memory.mapped(self._new_children())
+        self._record_engine_shm()  # segments made after ready
         if self._monitor_task is not None:
             if self.monitor is not None:
                 self.monitor.stop()

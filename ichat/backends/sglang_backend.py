@@ -99,20 +99,17 @@ class SGLangBackend(BaseBackend):
         framework = ["--host", config.host, "--port", str(config.port)]
         if config.log_level is not None:
             framework += ["--log-level", LOG_LEVELS.get(config.log_level, "info")]
-        try:
+        try:  # SGLang's parsing, then its own checks (resolve_once: newer releases)
             server_args = api.prepare_server_args([*argv, *framework])  # the last one wins
-        except SystemExit as exc:  # argparse printed SGLang's own message to stderr
-            raise ConfigError("invalid SGLang arguments (see the message above)") from exc
-        except (ValueError, TypeError, AssertionError, OSError) as exc:
-            raise ConfigError(f"invalid SGLang arguments: {exc}") from exc
-        self._reject_unsupported_modes(server_args)
-        server_args.skip_server_warmup = True  # iChat warms up (see the module docstring)
-        server_args.custom_sigquit_handler = self._failure_report
-        try:
+            self._reject_unsupported_modes(server_args)
+            server_args.skip_server_warmup = True  # iChat warms up (see the module docstring)
+            server_args.custom_sigquit_handler = self._failure_report
             if hasattr(server_args, "resolve_once"):
                 server_args.resolve_once()
             server_args.check_server_args()
-        except (ValueError, TypeError, AssertionError) as exc:
+        except SystemExit as exc:  # argparse printed SGLang's own message to stderr
+            raise ConfigError("invalid SGLang arguments (see the message above)") from exc
+        except (ValueError, TypeError, AssertionError, OSError) as exc:
             raise ConfigError(f"invalid SGLang arguments: {exc}") from exc
         return server_args
 

@@ -112,9 +112,16 @@ class VLLMBackend(BaseBackend):
 
     async def start_engine(self, stack: contextlib.AsyncExitStack) -> None:
         client = self._api.build_async_engine_client(self._backend_args)
-        # runs after the client's own shutdown (the stack unwinds last-in first-out)
+        # these run after the client's own shutdown (the stack unwinds last-in first-out)
+        stack.callback(self._clear_engine_keyed_caches)
         stack.push_async_callback(self._end_zmq_contexts)
         self._engine_client = await stack.enter_async_context(client)
+
+    def _clear_engine_keyed_caches(self) -> None:
+        """vLLM's memo caches that would keep this engine's tokenizer copies after it
+        stopped (see ``vllm_compat.ENGINE_KEYED_CACHES``)."""
+        for cache in self._api.engine_keyed_caches:
+            cache.cache_clear()
 
     async def _end_zmq_contexts(self) -> None:
         """vLLM's shutdown closes its sockets but leaves the engine-core client's ZMQ

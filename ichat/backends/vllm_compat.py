@@ -60,6 +60,13 @@ OPTIONAL = {
     # 0.32+: applies --log-level (which 0.26 does not have).
     "configure_logging_from_args": ("vllm.logger",),
 }
+# Memo caches whose keys hold objects of one engine, so that they outlive its stop: the
+# keyword check of chat-template arguments (an lru_cache of 128 entries) is keyed by
+# the renderer's tokenizer-pool methods, 4 a start, each pinning its deep-copied
+# tokenizers (0.26 and 0.32). Cleared after a stop; they only memoize.
+ENGINE_KEYED_CACHES: dict[str, tuple[str, ...]] = {
+    "_supports_kw": ("vllm.utils.func_utils",),
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class VLLMServerAPI:
     get_uvicorn_log_config: Callable[..., Any] | None
     configure_logging_from_args: Callable[..., Any] | None
     envs: Any
+    engine_keyed_caches: tuple[Any, ...] = ()  # functools.lru_cache wrappers
 
 
 def installed_version() -> str:
@@ -104,6 +112,8 @@ def load() -> VLLMServerAPI:
         version = installed_version()
         found: dict[str, Any] = {name: find(name, modules) for name, modules in CANDIDATES.items()}
         optional: dict[str, Any] = {name: find(name, modules) for name, modules in OPTIONAL.items()}
+        caches = (find(name, modules) for name, modules in ENGINE_KEYED_CACHES.items())
+        keyed = tuple(cache for cache in caches if callable(getattr(cache, "cache_clear", None)))
     except ImportError as exc:
         raise ConfigError(f"vLLM is installed but does not import: {exc}") from exc
     missing = sorted(name for name, value in found.items() if value is None)
@@ -111,4 +121,6 @@ def load() -> VLLMServerAPI:
         raise ConfigError(
             f"vLLM {version} is not supported by this iChat: cannot find {', '.join(missing)}"
         )
-    return VLLMServerAPI(version=version, envs=vllm.envs, **found, **optional)
+    return VLLMServerAPI(
+        version=version, envs=vllm.envs, engine_keyed_caches=keyed, **found, **optional
+    )

@@ -66,11 +66,11 @@ async def end_contexts(contexts: list[Any], timeout: float = 5.0) -> bool:
 
     def end_all() -> None:
         error: BaseException | None = None
-        try:
-            for ctx in contexts:
+        for ctx in contexts:  # one that fails does not keep the others open
+            try:
                 ctx.destroy(linger=0)
-        except Exception as exc:
-            error = exc
+            except Exception as exc:
+                error = error or exc
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(report, error)
 

@@ -115,8 +115,6 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                     KEY,
                     "--prometheus-port",
                     str(free_port()),
-                    "--policy",
-                    "round_robin",
                 ),
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -102,3 +102,23 @@ def test_engine_help_shows_ichat_and_vllm_flags() -> None:
         "--enable-prefix-caching",
     ):
         assert flag in proc.stdout, flag
+
+
+def test_the_caches_that_would_keep_a_stopped_engines_tokenizers_are_found() -> None:
+    """vLLM's keyword check memoizes by the renderer's tokenizer-pool methods (4 entries
+    a start, 128 kept): the backend clears it after a stop (test_vllm_cycles counts the
+    tokenizers left)."""
+    from vllm.utils.func_utils import supports_kw
+
+    from ichat.backends import vllm_compat
+
+    caches = vllm_compat.load().engine_keyed_caches
+    assert caches, "vLLM's keyword-check cache was not found"
+
+    def template(*, tools: object = None) -> None: ...
+
+    assert supports_kw(template, "tools")
+    assert sum(cache.cache_info().currsize for cache in caches) >= 1
+    for cache in caches:
+        cache.cache_clear()
+    assert sum(cache.cache_info().currsize for cache in caches) == 0

@@ -18,7 +18,7 @@ def test_gateway_defaults_reach_smg() -> None:
     assert flag(argv, "--port") == ["9000"]
     assert flag(argv, "--prometheus-port") == ["9001"]  # never SMG's shared 29000
     assert flag(argv, "--api-key") == ["k"]
-    assert flag(argv, "--policy") == ["cache_aware"]
+    assert flag(argv, "--policy") == ["round_robin"]
     assert flag(argv, "--health-check-interval-secs") == ["5"]
 
 

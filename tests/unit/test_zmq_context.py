@@ -71,3 +71,13 @@ def test_a_socket_left_open_cannot_hang_the_stop() -> None:
     while not sync_ctx.closed and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sync_ctx.closed
+
+
+def test_a_context_that_fails_to_end_does_not_keep_the_others_open() -> None:
+    class Failing:
+        def destroy(self, linger: int) -> None:
+            raise RuntimeError("destroy failed")
+
+    _, sync_ctx = client_like_vllm()
+    assert asyncio.run(end_contexts([Failing(), sync_ctx])) is False  # the failure is told
+    assert sync_ctx.closed

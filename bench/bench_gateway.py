@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 from common import (
     MODEL_NAME,
+    Load,
     bench_parser,
     ichat_serve_cmd,
     percentile,
@@ -145,14 +146,8 @@ def measure_config(
             for c in args.concurrency:
                 n = stream_count(args.requests, c)
                 if args.side_by_side:
-                    both = side_by_side(
-                        list(urls.values()),
-                        n,
-                        c,
-                        args.max_tokens,
-                        args.client_processes,
-                        args.distinct_prompts,
-                    )
+                    load = Load(n, c, args.max_tokens, args.distinct_prompts)
+                    both = side_by_side(list(urls.values()), load, args.client_processes)
                     results = dict(zip(urls, both, strict=True))
                 else:
                     results = {}
@@ -194,9 +189,10 @@ def served(worker_url: str) -> float:
 
 def measure_streams(urls: list[str], n: int, c: int, args: argparse.Namespace) -> dict[str, Any]:
     """C streams to one URL, or (direct, several workers) split evenly over them."""
+    load = Load(n, c, args.max_tokens, args.distinct_prompts)
     if len(urls) == 1:
-        return streams(urls[0], n, c, args.max_tokens, args.client_processes, args.distinct_prompts)
-    return spread(urls, n, c, args.max_tokens, args.client_processes, args.distinct_prompts)
+        return streams(urls[0], load, args.client_processes)
+    return spread(urls, load, args.client_processes)
 
 
 def summarize(rows: list[dict[str, Any]], concurrency: list[int]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import httpx
 import psutil
 from common import (
     MODEL_NAME,
+    Load,
     bench_parser,
     chat_body,
     ichat_serve_cmd,
@@ -146,9 +147,8 @@ def measure(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
         wait_healthy(url, proc, timeout=900)
         ready_s = time.monotonic() - t0
         result = run_client(load(url, args.requests, args.concurrency, args.max_tokens))
-        stream = streams(
-            url, args.requests, args.concurrency, args.max_tokens, args.client_processes
-        )
+        chats = Load(args.requests, args.concurrency, args.max_tokens)
+        stream = streams(url, chats, args.client_processes)
         result.update({k: v for k, v in stream.items() if k.startswith(("ttft", "itl"))})
         result.update(kind=kind, ready_s=ready_s, rss_mib=tree_rss_mib(proc.pid))
         if kind == "ichat" and args.kill_test:

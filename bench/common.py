@@ -13,6 +13,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,30 +84,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def _stream_samples(
-    url: str,
-    requests: int,
-    concurrency: int,
-    max_tokens: int,
-    start: Callable[[], object],
-    distinct: bool = False,
-) -> dict[str, Any]:
-    """Warm ``concurrency`` connections, call ``start``, then time ``requests`` streams
-    (with ``distinct``, each with a prompt of its own)."""
+@dataclass(frozen=True)
+class Load:
+    """Streaming chats: ``requests`` of ``max_tokens`` tokens, ``concurrency`` at a time;
+    with ``distinct``, each with a prompt of its own (else all have the same one)."""
+
+    requests: int
+    concurrency: int
+    max_tokens: int
+    distinct: bool = False
+
+    def share(self, parts: int, i: int) -> Load:
+        """Part ``i`` of ``parts`` (for one of several client processes or workers)."""
+        return replace(
+            self,
+            requests=self.requests * (i + 1) // parts - self.requests * i // parts,
+            concurrency=self.concurrency * (i + 1) // parts - self.concurrency * i // parts,
+        )
+
+
+async def _stream_samples(url: str, load: Load, start: Callable[[], object]) -> dict[str, Any]:
+    """Warm ``load.concurrency`` connections, call ``start``, then time the streams."""
     import aiohttp
 
     ttft: list[float] = []
     itl: list[float] = []
     tokens = 0
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    connector = aiohttp.TCPConnector(limit=load.concurrency)
     timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
-        sem = asyncio.Semaphore(concurrency)
+        sem = asyncio.Semaphore(load.concurrency)
 
         async def one(record: bool) -> None:
             nonlocal tokens
-            tag = secrets.token_hex(8) if distinct else ""  # differs from its first character
-            body = chat_body(max_tokens, stream=True, tag=tag)
+            tag = secrets.token_hex(8) if load.distinct else ""  # differs from its 1st char
+            body = chat_body(load.max_tokens, stream=True, tag=tag)
             async with sem:
                 t0 = time.perf_counter()
                 last = None
@@ -124,111 +136,59 @@ async def _stream_samples(
                             tokens += 1
                         last = now
 
-        await asyncio.gather(*(one(False) for _ in range(concurrency)))  # warm connections
+        await asyncio.gather(*(one(False) for _ in range(load.concurrency)))  # warm up
         start()
         began = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
-        await asyncio.gather(*(one(True) for _ in range(requests)))
+        await asyncio.gather(*(one(True) for _ in range(load.requests)))
         ended = time.monotonic()
     return {"ttft": ttft, "itl": itl, "tokens": tokens, "began": began, "ended": ended}
 
 
-def _stream_process(
-    index: int,
-    url: str,
-    requests: int,
-    concurrency: int,
-    max_tokens: int,
-    barrier: Any,
-    queue: Any,
-    distinct: bool,
-) -> None:
-    samples = asyncio.run(
-        _stream_samples(url, requests, concurrency, max_tokens, barrier.wait, distinct)
-    )
+def _stream_process(index: int, url: str, load: Load, barrier: Any, queue: Any) -> None:
+    samples = asyncio.run(_stream_samples(url, load, barrier.wait))
     queue.put((index, samples))
 
 
-def _share(total: int, parts: int, i: int) -> int:
-    return total * (i + 1) // parts - total * i // parts
-
-
-def streams(
-    url: str,
-    requests: int,
-    concurrency: int,
-    max_tokens: int,
-    processes: int = 1,
-    distinct: bool = False,
-) -> dict[str, Any]:
-    """C concurrent streaming chats: TTFT, inter-token latency, throughput; with
-    ``distinct``, every request has a prompt of its own (else all have the same one).
+def streams(url: str, load: Load, processes: int = 1) -> dict[str, Any]:
+    """``load`` sent to ``url``: TTFT, inter-token latency, throughput.
 
     With ``processes`` > 1 the streams are split over that many client processes that
     start together: one Python process reading 256 streams of SSE events is itself the
     bottleneck on a fast GPU, and its event-loop lag would show up as TTFT."""
-    if max(1, min(processes, concurrency)) == 1:
-        samples = asyncio.run(
-            _stream_samples(url, requests, concurrency, max_tokens, int, distinct)
-        )
-        return _stream_stats([samples], requests, 1)
-    return side_by_side([url], requests, concurrency, max_tokens, processes, distinct)[0]
+    if max(1, min(processes, load.concurrency)) == 1:
+        samples = asyncio.run(_stream_samples(url, load, int))
+        return _stream_stats([samples], load.requests, 1)
+    return side_by_side([url], load, processes)[0]
 
 
-def side_by_side(
-    urls: list[str],
-    requests: int,
-    concurrency: int,
-    max_tokens: int,
-    processes: int = 1,
-    distinct: bool = False,
-) -> list[dict[str, Any]]:
-    """The load of `streams` sent to every URL of ``urls`` at the same time.
+def side_by_side(urls: list[str], load: Load, processes: int = 1) -> list[dict[str, Any]]:
+    """``load`` sent to every URL of ``urls`` at the same time.
 
-    Each URL gets ``requests`` streams at ``concurrency`` from its own ``processes``
-    client processes; all start at one barrier. When the URLs lead to one engine (direct
-    and through a gateway), both paths see the same engine load at the same moments, so
-    the difference between them is the path's, not the run-to-run noise of the engine."""
-    procs = max(1, min(processes, concurrency))
-    by_url = _run_clients(urls, requests, concurrency, max_tokens, procs, distinct)
-    return [_stream_stats(samples, requests, procs) for samples in by_url]
+    Each URL gets the whole load from its own ``processes`` client processes; all start
+    at one barrier. When the URLs lead to one engine (direct and through a gateway),
+    both paths see the same engine load at the same moments, so the difference between
+    them is the path's, not the run-to-run noise of the engine."""
+    procs = max(1, min(processes, load.concurrency))
+    by_url = _run_clients(urls, load, procs)
+    return [_stream_stats(samples, load.requests, procs) for samples in by_url]
 
 
-def spread(
-    urls: list[str],
-    requests: int,
-    concurrency: int,
-    max_tokens: int,
-    processes: int = 1,
-    distinct: bool = False,
-) -> dict[str, Any]:
-    """The load of `streams` split evenly over ``urls`` (several workers addressed
-    directly, balanced by the client), measured as one load; ``processes`` in all."""
+def spread(urls: list[str], load: Load, processes: int = 1) -> dict[str, Any]:
+    """``load`` split evenly over ``urls`` (several workers addressed directly, balanced
+    by the client), measured as one load; ``processes`` in all."""
     n = len(urls)
-    procs = max(1, min(processes // n, concurrency // n))
-    by_url = _run_clients(urls, requests // n, concurrency // n, max_tokens, procs, distinct)
-    return _stream_stats([s for samples in by_url for s in samples], requests // n * n, procs * n)
+    each = replace(load, requests=load.requests // n, concurrency=load.concurrency // n)
+    procs = max(1, min(processes // n, each.concurrency))
+    by_url = _run_clients(urls, each, procs)
+    return _stream_stats([s for samples in by_url for s in samples], each.requests * n, procs * n)
 
 
-def _run_clients(
-    urls: list[str], requests: int, concurrency: int, max_tokens: int, procs: int, distinct: bool
-) -> list[list[dict[str, Any]]]:
+def _run_clients(urls: list[str], load: Load, procs: int) -> list[list[dict[str, Any]]]:
     """``procs`` client processes per URL, released together; their samples per URL."""
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(procs * len(urls)), ctx.Queue()
     workers = [
-        ctx.Process(
-            target=_stream_process,
-            args=(
-                u,
-                url,
-                _share(requests, procs, i),
-                _share(concurrency, procs, i),
-                max_tokens,
-                barrier,
-                queue,
-                distinct,
-            ),
-        )
+        ctx.Process(target=_stream_process, args=(u, url, load.share(procs, i), barrier, queue))
         for u, url in enumerate(urls)
         for i in range(procs)
     ]

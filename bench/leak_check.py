@@ -1,4 +1,4 @@
-"""Start/stop cycles of an in-process VLLMBackend in one process: leaks show here.
+"""Start/stop cycles of an in-process backend in one process: leaks show here.
 
 Each cycle: start the backend, wait until ready, send one chat, stop it; all cycles run
 in one event loop, as the supervisor restarts engines inside a worker. After each
@@ -7,6 +7,7 @@ the port is free (must be). RSS is compared with the level after the first cycle
 (the first start loads torch, vLLM and compiled kernels once per process).
 
     python bench/leak_check.py --model-path .cache/tiny-model --cycles 50 [--trace-malloc]
+    python bench/leak_check.py --engine sglang --model-path M --cycles 5 -- --device cpu ...
 
 A cycle stuck for 240 s prints where every asyncio task waits and every thread's stack.
 """
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,35 @@ import psutil
 from common import bench_parser, pyplot, save_figure, save_report
 
 from ichat import reaper
-from ichat.backends.vllm_backend import VLLMBackend
+from ichat.backends.base_backend import BaseBackend
 from ichat.config import WorkerConfig
 from ichat.processes import free_port, is_python_helper, port_is_free, title
 from ichat.shared_memory import SHM_DIR
 
 # What one start builds in this process; none of it may outlive its stop.
-ENGINE_OBJECTS = ("VLLMBackend", "AsyncLLM", "FastAPI", "NoSignalServer", "VllmConfig")
+ENGINE_OBJECTS = {
+    "vllm": ("VLLMBackend", "AsyncLLM", "FastAPI", "NoSignalServer", "VllmConfig"),
+    "sglang": ("SGLangBackend", "TokenizerManager", "TemplateManager", "ServerArgs"),
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every cycle starts: the engine, its model and its extra flags."""
+
+    engine: str
+    model: str
+    engine_args: tuple[str, ...] = ()
+
+    def backend(self, config: WorkerConfig) -> BaseBackend:
+        argv = ["--model-path", self.model, "--served-model-name", "m", *self.engine_args]
+        if self.engine == "sglang":
+            from ichat.backends.sglang_backend import SGLangBackend
+
+            return SGLangBackend(config, argv)
+        from ichat.backends.vllm_backend import VLLMBackend
+
+        return VLLMBackend(config, argv)
 
 
 STUCK_AFTER_S = 240.0
@@ -60,7 +84,7 @@ def malloc_trim() -> None:
 
 
 async def all_cycles(
-    model: str, cycles: int, guard_pid: int, trace: bool, trim: bool = False
+    setup: Setup, cycles: int, guard_pid: int, trace: bool, trim: bool = False
 ) -> tuple[list[dict[str, Any]], tracemalloc.Snapshot | None]:
     """All cycles in one event loop, as the supervisor restarts engines in a worker."""
     loop = asyncio.get_running_loop()
@@ -75,7 +99,7 @@ async def all_cycles(
         watchdog.start()
         faulthandler.dump_traceback_later(STUCK_AFTER_S + 10, exit=False)
         try:
-            result = await one_cycle(model, port, guard_pid, trim)
+            result = await one_cycle(setup, port, guard_pid, trim)
             # left in /dev/shm by the stopped engine (a killed EngineCore cannot unlink)
             result["dev_shm_files_left"] = sorted(set(os.listdir(SHM_DIR)) - shm_before)
         finally:
@@ -100,9 +124,9 @@ async def all_cycles(
     return results, first
 
 
-async def one_cycle(model: str, port: int, guard_pid: int, trim: bool = False) -> dict[str, Any]:
+async def one_cycle(setup: Setup, port: int, guard_pid: int, trim: bool = False) -> dict[str, Any]:
     config = WorkerConfig(port=port)
-    backend = VLLMBackend(config, ["--model-path", model, "--served-model-name", "m"])
+    backend = setup.backend(config)
     t0 = time.monotonic()
     task = asyncio.create_task(backend.run())
     await backend.wait_for_server_ready(timeout=600)
@@ -216,12 +240,14 @@ def top_growth(first: tracemalloc.Snapshot, last: tracemalloc.Snapshot, n: int =
     return [str(stat) for stat in stats[:n]]
 
 
-def run_cycles(model: str, cycles: int, trace: bool = False, trim: bool = False) -> dict[str, Any]:
+def run_cycles(
+    setup: Setup, cycles: int, trace: bool = False, trim: bool = False
+) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with reaper.guarded() as guard:  # killed midway (a test's timeout): no orphan engine
         assert guard.proc is not None
-        results, first = asyncio.run(all_cycles(model, cycles, guard.proc.pid, trace, trim))
+        results, first = asyncio.run(all_cycles(setup, cycles, guard.proc.pid, trace, trim))
     baseline = results[0]["rss_mib"]
     # objects frozen by an engine (gc.freeze) are invisible to gc.get_objects(): the
     # count below is of everything reachable (frozen_objects says what stayed frozen)
@@ -233,7 +259,8 @@ def run_cycles(model: str, cycles: int, trace: bool = False, trim: bool = False)
         print("Python allocations grown since cycle 2:", *growth, sep="\n  ", flush=True)
     alive = collections.Counter(type(o).__name__ for o in gc.get_objects())
     return {
-        "engine_objects_alive": {name: alive[name] for name in ENGINE_OBJECTS},
+        "engine": setup.engine,
+        "engine_objects_alive": {name: alive[name] for name in ENGINE_OBJECTS[setup.engine]},
         "tokenizers_alive": results[-1]["tokenizers_alive"],
         "tokenizers_growth": results[-1]["tokenizers_alive"]
         - results[min(1, cycles - 1)]["tokenizers_alive"],
@@ -256,6 +283,7 @@ def run_cycles(model: str, cycles: int, trace: bool = False, trim: bool = False)
 
 def main() -> int:
     parser = bench_parser(__doc__)
+    parser.add_argument("--engine", choices=sorted(ENGINE_OBJECTS), default="vllm")
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None, help="JSON (and PNG beside it)")
     parser.add_argument(
@@ -266,8 +294,10 @@ def main() -> int:
         action="store_true",
         help="after each stop, collect garbage and return freed heap to the OS first",
     )
+    parser.add_argument("engine_args", nargs="*", help="after --: the engine's own flags")
     args = parser.parse_args()
-    report = run_cycles(args.model_path, args.cycles, args.trace_malloc, args.malloc_trim)
+    setup = Setup(args.engine, args.model_path, tuple(args.engine_args))
+    report = run_cycles(setup, args.cycles, args.trace_malloc, args.malloc_trim)
     report["malloc_trim"] = args.malloc_trim
     print(json.dumps({k: v for k, v in report.items() if k != "cycles"}, indent=2))
     if args.out is not None:

@@ -9,7 +9,10 @@ and a semaphore; memory once written, in a container whose ``/dev/shm`` is often
 
 The worker records what the engine's processes map while they run and, once they are
 gone, unlinks what no process of its own still maps. Nothing else in ``/dev/shm`` is
-touched.
+touched. Files are told by inode as well as by name: glibc's ``sem_open`` creates a
+semaphore under a temporary name, maps it, links it to its real name and unlinks the
+temporary one, so the process that created a semaphore shows it in its memory map
+only as ``/dev/shm/sem.XXXXXX (deleted)`` (vLLM's workers: tqdm's lock, one a start).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 
@@ -27,9 +31,28 @@ logger = logging.getLogger("ichat.processes")
 SHM_DIR = "/dev/shm/"
 
 
-def mapped(procs: Iterable[psutil.Process]) -> set[str]:
+class Mapped(NamedTuple):
+    """A ``/dev/shm`` file as a memory map shows it (its name when mapped)."""
+
+    inode: int
+    path: str
+
+    def names(self, entry: os.DirEntry[str]) -> bool:
+        """Whether ``entry`` is this file: the same inode, and the same name, or a
+        semaphore mapped under the temporary name ``sem_open`` created it with."""
+        if entry.inode() != self.inode:
+            return False
+        if entry.path == self.path:
+            return True
+        return self.path.startswith(SEM_PREFIX) and entry.name.startswith("sem.")
+
+
+SEM_PREFIX = SHM_DIR + "sem."
+
+
+def mapped(procs: Iterable[psutil.Process]) -> set[Mapped]:
     """The ``/dev/shm`` files that ``procs`` have mapped now."""
-    found: set[str] = set()
+    found: set[Mapped] = set()
     for proc in procs:
         try:
             maps = Path(f"/proc/{proc.pid}/maps").read_text()
@@ -37,21 +60,27 @@ def mapped(procs: Iterable[psutil.Process]) -> set[str]:
             continue
         for line in maps.splitlines():
             fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith(SHM_DIR):
-                found.add(fields[5].removesuffix(" (deleted)"))
+            if len(fields) == 6 and fields[5].startswith(SHM_DIR) and fields[4].isdigit():
+                found.add(Mapped(int(fields[4]), fields[5].removesuffix(" (deleted)")))
     return found
 
 
-def unlink_left_behind(paths: Iterable[str], survivors: Iterable[psutil.Process]) -> list[str]:
-    """Unlink those of ``paths`` that none of ``survivors`` maps; return them."""
-    in_use = mapped(survivors)
+def unlink_left_behind(
+    recorded: Iterable[Mapped], survivors: Iterable[psutil.Process]
+) -> list[str]:
+    """Unlink the files of ``/dev/shm`` that are ``recorded`` and that none of
+    ``survivors`` maps; return their paths."""
+    in_use = {m.inode for m in mapped(survivors)}
+    wanted = [m for m in recorded if m.inode not in in_use]
     removed = []
-    for path in sorted(set(paths) - in_use):
-        if not path.startswith(SHM_DIR) or "/" in path[len(SHM_DIR) :]:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-            removed.append(path)
+    with os.scandir(SHM_DIR) as entries:  # only files directly in /dev/shm
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if any(m.names(entry) for m in wanted):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
     if removed:
         logger.info("removed shared memory the engine left: %s", ", ".join(removed))
     return removed

@@ -85,7 +85,7 @@ class BaseBackend(abc.ABC):
         self._startup_task: asyncio.Task[None] | None = None
         self._children_before: set[int] | None = None
         self._engine_procs: list[psutil.Process] = []
-        self._engine_shm: set[str] = set()  # /dev/shm files the engine mapped
+        self._engine_shm: set[shared_memory.Mapped] = set()  # /dev/shm files it mapped
         self._stop_requested = False
         self._finished = asyncio.Event()
         self._ran = False

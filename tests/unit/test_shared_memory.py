@@ -35,8 +35,8 @@ def test_what_a_killed_engine_mapped_is_unlinked_and_what_we_map_is_kept() -> No
     name = engine.stdout.readline().strip()
     ours = shared_memory.SharedMemory(create=True, size=4096)
     try:
-        recorded = shm.mapped([psutil.Process(engine.pid)]) | {f"/dev/shm/{ours.name}"}
-        assert f"/dev/shm/{name}" in recorded
+        recorded = shm.mapped([psutil.Process(engine.pid), psutil.Process()])
+        assert {f"/dev/shm/{name}", f"/dev/shm/{ours.name}"} <= {m.path for m in recorded}
         engine.send_signal(signal.SIGKILL)  # it cannot unlink anything now
         assert wait_stopped([psutil.Process(engine.pid)], timeout=10) == []
 
@@ -53,6 +53,42 @@ def test_what_a_killed_engine_mapped_is_unlinked_and_what_we_map_is_kept() -> No
             os.unlink(f"/dev/shm/{name}")
 
 
+# a process that creates a multiprocessing lock and dies by SIGKILL, as vLLM's workers do
+# with tqdm's (spawn start method: a named semaphore, unlinked only by its finalizer)
+SEMAPHORE_MAKER = """
+import multiprocessing, time
+from multiprocessing import resource_tracker
+lock = multiprocessing.get_context("spawn").Lock()
+resource_tracker.unregister(lock._semlock.name, "semaphore")  # the worker's tracker, in vLLM
+print(lock._semlock.name, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_semaphore_a_killed_process_created_is_found_by_inode_and_unlinked() -> None:
+    maker = subprocess.Popen(
+        [sys.executable, "-c", SEMAPHORE_MAKER], stdout=subprocess.PIPE, text=True
+    )
+    assert maker.stdout is not None
+    path = "/dev/shm/sem." + maker.stdout.readline().strip().lstrip("/")
+    try:
+        recorded = shm.mapped([psutil.Process(maker.pid)])
+        # glibc created it under a temporary name, which is all the memory map shows
+        assert path not in {m.path for m in recorded}
+        assert os.stat(path).st_ino in {m.inode for m in recorded}
+        maker.send_signal(signal.SIGKILL)
+        assert wait_stopped([psutil.Process(maker.pid)], timeout=10) == []
+
+        assert shm.unlink_left_behind(recorded, [psutil.Process()]) == [path]
+        assert not os.path.exists(path)
+    finally:
+        maker.stdout.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def test_only_files_directly_in_dev_shm_are_touched() -> None:
-    assert shm.unlink_left_behind(["/etc/hostname", "/dev/shm/../etc/hostname"], []) == []
+    inode = os.stat("/etc/hostname").st_ino
+    recorded = [shm.Mapped(inode, "/etc/hostname"), shm.Mapped(inode, "/dev/shm/../etc/hostname")]
+    assert shm.unlink_left_behind(recorded, []) == []
     assert os.path.exists("/etc/hostname")

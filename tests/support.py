@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -22,6 +24,7 @@ from ichat.processes import free_port, is_python_helper, stop_gracefully, title
 MODEL_NAME = "tiny-chat"
 CONTEXT_LENGTH = 1024
 PR_SET_CHILD_SUBREAPER = 36
+LEAK_CHECK = Path(__file__).resolve().parents[1] / "bench" / "leak_check.py"
 
 
 def become_subreaper() -> None:
@@ -203,3 +206,27 @@ def kill_and_wait_serving(worker: Worker, pid: int, timeout: float = 600) -> Kil
     serving = time.monotonic() - t_kill
     detected = metric(worker, "ichat_worker_last_death_detected_timestamp_seconds") - wall_kill
     return KillResult(detected, serving)
+
+
+def cycle_timeout(cycles: int) -> int:
+    return 120 * cycles + 300
+
+
+def run_leak_check(model_dir: Path, cycles: int, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    """``bench/leak_check.py`` in a fresh process (``extra``: its engine and flags); its
+    cycle lines printed, its JSON report returned."""
+    out = tmp_path / "leak.json"
+    cmd = [sys.executable, str(LEAK_CHECK), "--model-path", str(model_dir)]
+    cmd += ["--cycles", str(cycles), "--out", str(out), *extra]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cycle_timeout(cycles))
+    except subprocess.TimeoutExpired as exc:  # killed; its orphan guard kills its engine
+        reap_zombies()
+        output = (exc.stdout or b"")[-6000:] + (exc.stderr or b"")[-6000:]
+        raise AssertionError(f"leak check timed out:\n{output.decode(errors='replace')}") from None
+    reap_zombies()  # the cycles' exited model workers were adopted by this subreaper
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not our_processes()
+    print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("cycle")))
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report

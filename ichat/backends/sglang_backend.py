@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from ichat.argmap import flag_value
-from ichat.backends import sglang_compat
+from ichat.backends import sglang_compat, zmq_context
 from ichat.backends.base_backend import BaseBackend
 from ichat.backends.model_path import check_model_path
 from ichat.config import WorkerConfig
@@ -163,6 +163,9 @@ class SGLangBackend(BaseBackend):
             include_parent=False,
             wait_timeout=20,  # 0.5.16+; older releases do not wait
         )
+        if launched is not None:  # its ZMQ context and sockets (3 threads, 9 descriptors)
+            manager = launched.tokenizer_manager
+            await zmq_context.end_contexts(zmq_context.find_contexts(manager))
 
     async def build_app(self) -> Any:
         api, args, launched = self._api, self._backend_args, self._launched

@@ -1,9 +1,10 @@
 """End the ZMQ contexts an engine's client leaves behind when it shuts down.
 
 vLLM's and SGLang's in-process clients talk to their engine processes over ZMQ. Their
-shutdown closes the sockets but leaves the context for the process exit to end: each
+shutdown leaves the context (SGLang: and its sockets) for the process exit to end: each
 one keeps its I/O threads and reaper thread and their epoll/eventfd descriptors
-(vLLM: 3 threads and 7 descriptors per engine start). A worker that restarts its engine
+(vLLM: 3 threads and 7 descriptors per engine start; SGLang: 3 threads, 9 descriptors).
+Destroying a context also closes the sockets still open in it. A worker that restarts its engine
 in-process would pile one up per restart, so the backend ends them after the engine's
 own shutdown.
 
@@ -28,7 +29,8 @@ logger = logging.getLogger("ichat.backend")
 
 def find_contexts(*owners: Any) -> list[Any]:
     """The open ``zmq.Context`` objects that own the contexts held by ``owners``'
-    attributes (for a shadow: the context it shadows), each once."""
+    attributes, directly or as the context of a socket (SGLang's tokenizer manager keeps
+    only its sockets), for a shadow the context it shadows; each once."""
     try:
         import zmq
     except ImportError:
@@ -36,6 +38,8 @@ def find_contexts(*owners: Any) -> list[Any]:
     found: dict[int, Any] = {}
     for owner in owners:
         for value in getattr(owner, "__dict__", {}).values():
+            if isinstance(value, zmq.Socket):
+                value = value.context
             if not isinstance(value, zmq.Context):
                 continue
             if getattr(value, "_shadow", False):  # pyzmq keeps what it shadows here

@@ -6,18 +6,14 @@ fifty."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import our_processes, reap_zombies
+from tests.support import cycle_timeout, run_leak_check
 
-LEAK_CHECK = Path(__file__).resolve().parents[2] / "bench" / "leak_check.py"
 # From the 4th cycle on (the first ones fill bounded caches of typing, transformers,
 # vLLM): +0.15 MiB a cycle measured with every leak below fixed, +0.9 with vLLM's
 # keyword-check cache still holding the tokenizer copies, +3.9 before the rest were
@@ -27,28 +23,6 @@ RSS_PER_CYCLE_AFTER_4TH_SLACK_MIB = 1.0
 # multiprocessing keeps a Process reaped behind its back (2 pipes) for ever. The last
 # engine's Process may still be awaiting collection: 2 descriptors of slack.
 FDS_SLACK = 2
-
-
-def cycle_timeout(cycles: int) -> int:
-    return 120 * cycles + 300
-
-
-def run_cycles(model_dir: Path, cycles: int, tmp_path: Path) -> dict[str, Any]:
-    out = tmp_path / "leak.json"
-    cmd = [sys.executable, str(LEAK_CHECK), "--model-path", str(model_dir)]
-    cmd += ["--cycles", str(cycles), "--out", str(out)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cycle_timeout(cycles))
-    except subprocess.TimeoutExpired as exc:  # killed; its orphan guard kills its engine
-        reap_zombies()
-        output = (exc.stdout or b"")[-6000:] + (exc.stderr or b"")[-6000:]
-        raise AssertionError(f"leak check timed out:\n{output.decode(errors='replace')}") from None
-    reap_zombies()  # the cycles' exited model workers were adopted by this subreaper
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not our_processes()
-    print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("cycle")))
-    report: dict[str, Any] = json.loads(out.read_text())
-    return report
 
 
 def check(report: dict[str, Any]) -> None:
@@ -82,10 +56,10 @@ CI_CYCLES = int(os.environ.get("ICHAT_CI_CYCLES", "8"))
 # the leak check's output (and the stacks it dumps after 300 s) instead of nothing
 @pytest.mark.timeout(cycle_timeout(CI_CYCLES) + 120)
 def test_start_stop_cycles_leave_nothing(model_dir: Path, tmp_path: Path) -> None:
-    check(run_cycles(model_dir, CI_CYCLES, tmp_path))
+    check(run_leak_check(model_dir, CI_CYCLES, tmp_path))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(cycle_timeout(50) + 120)
 def test_fifty_start_stop_cycles_leave_nothing(model_dir: Path, tmp_path: Path) -> None:
-    check(run_cycles(model_dir, 50, tmp_path))
+    check(run_leak_check(model_dir, 50, tmp_path))

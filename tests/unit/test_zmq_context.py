@@ -81,3 +81,13 @@ def test_a_context_that_fails_to_end_does_not_keep_the_others_open() -> None:
     _, sync_ctx = client_like_vllm()
     assert asyncio.run(end_contexts([Failing(), sync_ctx])) is False  # the failure is told
     assert sync_ctx.closed
+
+
+def test_a_context_held_only_through_its_sockets_is_found_and_its_sockets_closed() -> None:
+    """SGLang's tokenizer manager keeps its sockets, not its context (an asyncio one)."""
+    ctx = zmq_asyncio.Context(2)
+    manager = SimpleNamespace(recv=ctx.socket(zmq.PULL), send=ctx.socket(zmq.PUSH))
+    manager.recv.bind("inproc://detokenizer")
+    assert find_contexts(manager) == [ctx]
+    assert asyncio.run(end_contexts(find_contexts(manager))) is True
+    assert ctx.closed and manager.recv.closed and manager.send.closed

@@ -9,12 +9,14 @@ VENV=${ICHAT_SGLANG_VENV:-.venv-sglang}
 # Pinned exactly: the CPU test stand-in for SGLang's kernel package
 # (tests/sglang_cpu_kernel) provides the kernel names this release imports.
 SGLANG=sglang==0.5.23
+# bench: the SGLang tests run bench/leak_check.py, which writes its plot (matplotlib)
+EXTRAS="test,bench"
 STAMP="$VENV/.ichat-setup"
-WANT=$( (cat pyproject.toml; echo "$SGLANG") | sha256sum | cut -d' ' -f1)
+WANT=$( (cat pyproject.toml; echo "$SGLANG $EXTRAS") | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$SGLANG" -e ".[test]"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$SGLANG" -e ".[$EXTRAS]"
 "$VENV/bin/python" -c "import sglang, ichat; print('sglang', sglang.__version__, '| ichat', ichat.__version__)"
 echo "$WANT" > "$STAMP"

@@ -1,9 +1,13 @@
-"""The worker's own Prometheus metrics, served on the engine's ``/metrics``.
+"""The worker's own Prometheus metrics, served on the engine's ``/metrics`` and on the
+status port's.
 
 A custom collector reads the supervisor's stats at scrape time: no metric objects
 live at module level. It is registered in prometheus_client's default registry,
 which vLLM's ``/metrics`` serves (unless PROMETHEUS_MULTIPROC_DIR is set), so the
-worker's lines sit next to the engine's. Names start with ``ichat_``.
+worker's lines sit next to the engine's. SGLang's ``/metrics`` serves only its own
+multiprocess registry, and an engine's port is closed while it restarts -- just when
+the restart counters matter -- so the status server renders the same collector from
+a registry of its own (``exposition``). Names start with ``ichat_``.
 """
 
 from __future__ import annotations
@@ -82,3 +86,13 @@ def registered(stats: WorkerStats) -> Iterator[WorkerCollector]:
         yield collector
     finally:
         REGISTRY.unregister(collector)  # type: ignore[arg-type]
+
+
+def exposition(stats: WorkerStats) -> tuple[bytes, str]:
+    """The worker's metrics in Prometheus' text format, and that format's content type,
+    from a registry of their own (the engine's metrics are not in it)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WorkerCollector(stats))  # type: ignore[arg-type]
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -71,13 +71,16 @@ def unlink_left_behind(
     """Unlink the files of ``/dev/shm`` that are ``recorded`` and that none of
     ``survivors`` maps; return their paths."""
     in_use = {m.inode for m in mapped(survivors)}
-    wanted = [m for m in recorded if m.inode not in in_use]
+    wanted: dict[int, list[Mapped]] = {}
+    for m in recorded:
+        if m.inode not in in_use:
+            wanted.setdefault(m.inode, []).append(m)
     removed = []
     with os.scandir(SHM_DIR) as entries:  # only files directly in /dev/shm
         for entry in sorted(entries, key=lambda e: e.name):
             if not entry.is_file(follow_symlinks=False):
                 continue
-            if any(m.names(entry) for m in wanted):
+            if any(m.names(entry) for m in wanted.get(entry.inode(), ())):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed.append(entry.path)

@@ -9,6 +9,8 @@ threaded HTTP server that imports nothing of the engines:
                   gave up (crash loop), or its engine has been down longer than
                   ``liveness_grace`` (a restart that hangs): restart the container?
     GET /status   the supervisor's stats as JSON
+    GET /metrics  the worker's ``ichat_*`` metrics (Prometheus text), also while the
+                  engine restarts and with engines whose ``/metrics`` lacks them (SGLang)
 
 Kubernetes: readinessProbe -> /readyz, livenessProbe -> /livez (see deploy/kubernetes).
 """
@@ -23,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ichat import metrics
 from ichat.supervisor import WorkerState, WorkerStats
 
 logger = logging.getLogger("ichat.status")
@@ -67,14 +70,13 @@ class StatusServer:
 
     def start(self) -> None:
         """Bind (``OSError`` if the port is taken) and serve from a daemon thread."""
-        answer = self.answer
+        reply = self.reply
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                code, body = answer(self.path.split("?", 1)[0])
-                payload = json.dumps(body).encode()
+                code, payload, content_type = reply(self.path.split("?", 1)[0])
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -98,6 +100,13 @@ class StatusServer:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+
+    def reply(self, path: str) -> tuple[int, bytes, str]:
+        """Status code, body and content type for ``GET path``."""
+        if path == "/metrics":
+            return 200, *metrics.exposition(self.stats)
+        code, body = self.answer(path)
+        return code, json.dumps(body).encode(), "application/json"
 
     def answer(self, path: str) -> tuple[int, dict[str, object]]:
         if path == "/readyz":

@@ -291,7 +291,7 @@ class BaseBackend(abc.ABC):
         t0 = time.monotonic()
         await self.start_engine(self._stack)
         self._engine_procs = self._new_children()
-        self._record_engine_shm()  # an engine that dies before ready
+        self._record_engine_shm(self._engine_procs)  # an engine that dies before ready
         self.phase_seconds["engine_start"] = time.monotonic() - t0
         logger.info(
             "%s engine started in %.2f s (processes %s)",
@@ -333,12 +333,13 @@ class BaseBackend(abc.ABC):
             self.phase_seconds["ready"],
         )
 
-    def _record_engine_shm(self) -> None:
-        """Note the /dev/shm files the engine's processes map now: a process that is
-        killed unlinks none of them, so ``cleanup()`` unlinks those nobody maps then.
-        Called at start, at ready and when the stop begins: each sees files or processes
-        the others cannot."""
-        self._engine_shm |= shared_memory.mapped(self._new_children())
+    def _record_engine_shm(self, procs: list[psutil.Process] | None = None) -> None:
+        """Note the /dev/shm files the engine's processes (``procs``, else those found
+        now) map: a process that is killed unlinks none of them, so ``cleanup()`` unlinks
+        those nobody maps then. Called at start, at ready and when the stop begins: each
+        sees files or processes the others cannot."""
+        found = self._new_children() if procs is None else procs
+        self._engine_shm |= shared_memory.mapped(found)
 
     def _raise_if_stopped(self) -> None:
         task = self._server_task

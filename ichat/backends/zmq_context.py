@@ -4,9 +4,9 @@ vLLM's and SGLang's in-process clients talk to their engine processes over ZMQ. 
 shutdown leaves the context (SGLang: and its sockets) for the process exit to end: each
 one keeps its I/O threads and reaper thread and their epoll/eventfd descriptors
 (vLLM: 3 threads and 7 descriptors per engine start; SGLang: 3 threads, 9 descriptors).
-Destroying a context also closes the sockets still open in it. A worker that restarts its engine
-in-process would pile one up per restart, so the backend ends them after the engine's
-own shutdown.
+Destroying a context also closes the sockets still open in it. A worker that restarts
+its engine in-process would pile one up per restart, so the backend ends them after the
+engine's own shutdown.
 
 The contexts are found by type among the attributes of the objects the engine built,
 not by name, so a release that renames the attribute is still covered. An asyncio

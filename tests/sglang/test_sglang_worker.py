@@ -118,6 +118,7 @@ def test_the_status_endpoints_report_ready(worker: SGLangWorker) -> None:
     assert worker.status("/readyz").status_code == 200
     assert worker.status("/livez").status_code == 200
     assert worker.status("/status").json()["state"] == "ready"
+    assert "ichat_worker_restarts_total 0.0" in worker.status("/metrics").text
 
 
 def test_kill_9_of_the_scheduler_is_detected_within_1s_and_the_worker_serves_again(
@@ -138,6 +139,9 @@ def test_kill_9_of_the_scheduler_is_detected_within_1s_and_the_worker_serves_aga
     RESULTS["kill_to_detection_s"] = detected
     assert 0 <= detected <= 1.0, stats
     assert stats["restarts"] == 1 and stats["engine_deaths"] == 1
+    scrape = worker.status("/metrics").text  # SGLang's own /metrics lacks iChat's lines
+    assert "ichat_worker_restarts_total 1.0" in scrape
+    assert 'ichat_worker_state{state="ready"} 1.0' in scrape
     after = sglang_processes(worker.proc.pid)
     assert set(after) == {"scheduler", "detoken"}
     assert after["scheduler"].pid != before["scheduler"].pid

@@ -1,4 +1,4 @@
-"""/readyz, /livez, /status of the worker: the verdicts and the real HTTP answers."""
+"""/readyz, /livez, /status, /metrics of the worker: the verdicts and the real HTTP answers."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def test_the_endpoints_answer_over_http() -> None:
             stats.state, stats.last_death_detected_unix = WorkerState.RESTARTING, 1.0
             codes["stuck restart /livez"] = c.get("/livez").status_code
             codes["unknown"] = c.get("/nope").status_code
+            scrape = c.get("/metrics")
     finally:
         server.stop()
     assert codes == {
@@ -50,3 +51,16 @@ def test_the_endpoints_answer_over_http() -> None:
         "stuck restart /livez": 503,
         "unknown": 404,
     }
+    assert scrape.headers["content-type"].startswith("text/plain; version=")
+    assert 'ichat_worker_state{state="restarting"} 1.0' in scrape.text
+    assert "ichat_worker_last_death_detected_timestamp_seconds 1.0" in scrape.text
+
+
+def test_the_metrics_come_from_their_own_registry_not_the_default_one() -> None:
+    from prometheus_client import REGISTRY, generate_latest
+
+    stats = WorkerStats(state=WorkerState.READY, restarts=3)
+    text = StatusServer(stats, "127.0.0.1", 0).reply("/metrics")[1].decode()
+    assert "ichat_worker_restarts_total 3.0" in text
+    assert "python_gc_objects_collected_total" not in text  # the process' own: not here
+    assert b"ichat_worker" not in generate_latest(REGISTRY)  # nothing left registered

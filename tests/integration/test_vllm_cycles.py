@@ -1,7 +1,7 @@
 """Start/stop cycles of an in-process backend in one fresh process (bench/leak_check.py):
 no engine process left and the port free after every stop, no thread, descriptor,
 frozen object or tokenizer piling up, RSS flat once the first cycles filled the
-libraries' caches. CI runs eight cycles (about 35 s each on 2 cores); `-m slow` runs
+libraries' caches. CI runs twenty cycles (about 35 s each on 2 cores); `-m slow` runs
 fifty."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def check(report: dict[str, Any]) -> None:
     ]
 
 
-CI_CYCLES = int(os.environ.get("ICHAT_CI_CYCLES", "8"))
+CI_CYCLES = int(os.environ.get("ICHAT_CI_CYCLES", "20"))
 
 
 # pytest's own timeout comes after the subprocess's: a stuck cycle then fails with

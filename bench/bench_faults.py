@@ -6,6 +6,7 @@
   time from the signal to exit 0, and whether every stream finished.
 
     python bench/bench_faults.py --model-path .cache/tiny-model --kills 3 --inflight 0 4 16
+    python bench/bench_faults.py --model-path M ... -- --gpu-memory-utilization 0.85
 
 Writes JSON and PNG (``--out``). Numbers only: nothing here asserts a speed.
 """
@@ -35,9 +36,10 @@ from tests.support import (
 )
 
 
-def kills(model: str, count: int, tmp: Path) -> dict[str, Any]:
+def kills(model: str, count: int, tmp: Path, engine_args: list[str]) -> dict[str, Any]:
     t0 = time.monotonic()
-    with start_worker(tmp, "--model-path", model, "--served-model-name", MODEL_NAME) as w:
+    args = ("--model-path", model, "--served-model-name", MODEL_NAME, *engine_args)
+    with start_worker(tmp, *args) as w:
         w.wait_ready()
         first_start = time.monotonic() - t0
         rows = []
@@ -52,10 +54,11 @@ def kills(model: str, count: int, tmp: Path) -> dict[str, Any]:
     return {"first_start_s": first_start, "kills": rows}
 
 
-def drain(model: str, inflight: int, tmp: Path, tokens: int) -> dict[str, Any]:
-    with start_worker(
-        tmp, "--model-path", model, "--served-model-name", MODEL_NAME, "--drain-timeout", "120"
-    ) as w:
+def drain(
+    model: str, inflight: int, tmp: Path, tokens: int, engine_args: list[str]
+) -> dict[str, Any]:
+    args = ("--model-path", model, "--served-model-name", MODEL_NAME, "--drain-timeout", "120")
+    with start_worker(tmp, *args, *engine_args) as w:
         w.wait_ready()
         with concurrent.futures.ThreadPoolExecutor(max(inflight, 1)) as pool:
             streams = [pool.submit(stream_once, w.url, tokens) for _ in range(inflight)]
@@ -107,6 +110,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=512, help="tokens per drained stream")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("engine_args", nargs="*", help="after --: the engine's own flags")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -115,8 +119,12 @@ def main() -> int:
         report = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores",
-            "kill": kills(args.model_path, args.kills, Path(tmp)),
-            "drain": [drain(args.model_path, n, Path(tmp), args.tokens) for n in args.inflight],
+            "engine_args": args.engine_args,
+            "kill": kills(args.model_path, args.kills, Path(tmp), args.engine_args),
+            "drain": [
+                drain(args.model_path, n, Path(tmp), args.tokens, args.engine_args)
+                for n in args.inflight
+            ],
         }
     stem = args.out / f"lifecycle-{args.tag}"
     save_report(report, stem, plot)

@@ -22,6 +22,8 @@ import faulthandler
 import gc
 import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -111,6 +113,7 @@ async def all_cycles(
             gc.collect()
             first = tracemalloc.take_snapshot()
         results.append(result)
+        gpu = f", GPU {result['gpu_memory_used_mib']:.0f} MiB" if "gpu_processes" in result else ""
         print(
             f"cycle {i + 1}/{cycles}: ready {result['ready_s']:.1f} s, stop "
             f"{result['stop_s']:.2f} s, RSS {result['rss_mib']:.0f} MiB "
@@ -118,7 +121,7 @@ async def all_cycles(
             f"threads {result['threads']}, fds {result['open_fds']}, "
             f"tokenizers {result['tokenizers_alive']}, "
             f"/dev/shm files left {len(result['dev_shm_files_left'])}, "
-            f"left {result['engine_processes_left']}, port free {result['port_free']}",
+            f"left {result['engine_processes_left']}, port free {result['port_free']}{gpu}",
             flush=True,
         )
     return results, first
@@ -167,6 +170,26 @@ async def one_cycle(setup: Setup, port: int, guard_pid: int, trim: bool = False)
         "open_fd_kinds": open_fd_kinds(),
         "engine_processes_left": len(left),
         "port_free": port_is_free("127.0.0.1", port),
+        **gpu_memory(),
+    }
+
+
+def gpu_memory() -> dict[str, Any]:
+    """On a GPU machine: the memory used on the GPUs and the processes holding any (after
+    a stop: none of the engine's may); nothing elsewhere."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+
+    def query(what: str) -> list[str]:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-{what}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+    return {
+        "gpu_memory_used_mib": sum(float(v) for v in query("gpu=memory.used")),
+        "gpu_processes": query("compute-apps=pid,used_memory"),
     }
 
 
@@ -278,6 +301,14 @@ def run_cycles(
         "dev_shm_files_left": results[-1]["dev_shm_files_left"],
         "engine_processes_left_total": sum(r["engine_processes_left"] for r in results),
         "port_not_free_count": sum(not r["port_free"] for r in results),
+        **(
+            {
+                "gpu_memory_used_after_stops_mib": [r["gpu_memory_used_mib"] for r in results],
+                "gpu_processes_after_stops_max": max(len(r["gpu_processes"]) for r in results),
+            }
+            if "gpu_memory_used_mib" in results[0]
+            else {}
+        ),
     }
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|tp|bench|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang OUT_DIR
+#   bash bench/gpu/device_run.sh tests|tp|bench|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|leak OUT_DIR
+# faults: kill -9 of EngineCore (KILLS times) and SIGTERM drains (INFLIGHT streams).
+# leak: CYCLES in-process start/stop cycles, with the GPU memory used after each stop.
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
 # gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
 #   (WORKERS="1 2", CONFIGS="ichat", PROMPTS=distinct: every request its own prompt).
@@ -55,6 +57,14 @@ case $MODE in
            --sampling-backend pytorch --mem-fraction-static 0.8 --cuda-graph-max-bs 256 \
            --disable-piecewise-cuda-graph 2>&1 | tee $OUT/bench-sglang.log | grep -v "^\[20" | tail -n 30
          cp /tmp/bench-sglang/sglang-inprocess-vs-native-h200.* /tmp/bench-sglang/*.log $OUT/ ;;
+  faults) python3 bench/bench_faults.py --model-path $ICHAT_GPU_MODEL --kills ${KILLS:-2} \
+           --inflight ${INFLIGHT:-0 16 128} --tokens 1024 --out $OUT --tag h200 \
+           -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 \
+           | tee $OUT/bench-faults.log | grep "^kill\|^drain" ;;
+  leak)  python3 bench/leak_check.py --model-path $ICHAT_GPU_MODEL --cycles ${CYCLES:-8} \
+           --out $OUT/leak-check-h200-${CYCLES:-8} -- --max-model-len 2048 \
+           --gpu-memory-utilization 0.85 2>&1 | tee $OUT/leak-check.log \
+           | grep "^cycle\|growth\|left\|gpu_" ;;
   gateway+bench)
          CUDA_VISIBLE_DEVICES=0 bash $0 gateway $OUT > /tmp/gateway.out 2>&1 &
          CUDA_VISIBLE_DEVICES=1 bash $0 bench $OUT > /tmp/bench.out 2>&1

@@ -31,9 +31,13 @@ from tests.support import (
     MODEL_NAME,
     engine_core,
     kill_and_wait_serving,
+    phase_seconds,
     start_worker,
     stream_once,
 )
+
+# A restart's phases, in order (the worker's ichat_worker_phase_seconds)
+RESTART_PHASES = ("death_cleanup", "restart_delay", "engine_start", "ready", "warmup")
 
 
 def kills(model: str, count: int, tmp: Path, engine_args: list[str]) -> dict[str, Any]:
@@ -42,13 +46,24 @@ def kills(model: str, count: int, tmp: Path, engine_args: list[str]) -> dict[str
     with start_worker(tmp, *args) as w:
         w.wait_ready()
         first_start = time.monotonic() - t0
+        print(f"first start: ready {first_start:.1f} s after the worker started", flush=True)
         rows = []
         for _ in range(count):
             result = kill_and_wait_serving(w, engine_core(w.proc.pid).pid)
-            rows.append({"detect_s": result.detected_s, "serving_again_s": result.serving_again_s})
+            # where the time went: detection, then the dead engine's cleanup, the backoff,
+            # the new engine's start, its readiness and warmup
+            phases = phase_seconds(w)
+            rows.append(
+                {
+                    "detect_s": result.detected_s,
+                    "serving_again_s": result.serving_again_s,
+                    "phases_s": {k: phases[k] for k in RESTART_PHASES if k in phases},
+                }
+            )
             print(
                 f"kill: detected {rows[-1]['detect_s']:.3f} s, serving again "
-                f"{rows[-1]['serving_again_s']:.1f} s",
+                f"{rows[-1]['serving_again_s']:.1f} s; "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in rows[-1]["phases_s"].items()),
                 flush=True,
             )
     return {"first_start_s": first_start, "kills": rows}

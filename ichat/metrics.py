@@ -60,7 +60,7 @@ class WorkerCollector:
             (
                 "ichat_worker_last_restart_to_ready_seconds",
                 s.last_restart_to_ready_s,
-                "Seconds from the last engine death to serving again.",
+                "Seconds from the detection of the last engine death to serving again.",
             ),
         ):
             if value is not None:

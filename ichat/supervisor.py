@@ -53,6 +53,14 @@ class WorkerStats:
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class _Life:
+    """What the supervisor saw of one backend (monotonic times)."""
+
+    ready_at: float | None = None
+    death_detected_at: float | None = None
+
+
 class Membership(Protocol):
     """Where the worker is announced (a gateway); both calls return at once."""
 
@@ -104,9 +112,8 @@ class Supervisor:
         while not self._stop.is_set():
             backend = self._make_backend()
             self.backend = backend
-            ready_at: list[float] = []
-            recorded: list[bool] = []  # this backend's death is counted once
-            watcher = asyncio.create_task(self._on_ready(backend, ready_at, died_at, recorded))
+            life = _Life()
+            watcher = asyncio.create_task(self._on_ready(backend, life, died_at))
             try:
                 await backend.run()
                 break
@@ -117,11 +124,11 @@ class Supervisor:
                 logger.error("restart %d failed to boot", self.stats.restarts)
                 uptime = 0.0
             except EngineDiedError:
-                self._record_death(backend, recorded)
+                self._record_death(backend, life)
                 if not self.restart:
                     self.stats.state = WorkerState.FAILED
                     raise
-                uptime = self._clock() - ready_at[0] if ready_at else 0.0
+                uptime = self._clock() - life.ready_at if life.ready_at is not None else 0.0
             finally:
                 watcher.cancel()
                 if self.membership is not None:
@@ -129,31 +136,32 @@ class Supervisor:
                 self.stats.phase_seconds.update(backend.phase_seconds)
             if self._stop.is_set():
                 break
-            died_at = self._clock()
-            await self._backoff(history.record(died_at, uptime, self._rand()))
+            crashed_at = self._clock()
+            if life.death_detected_at is not None:  # a death, not a restart that failed to boot
+                self.stats.phase_seconds["death_cleanup"] = crashed_at - life.death_detected_at
+                died_at = crashed_at = life.death_detected_at  # serving again counts from here
+            await self._backoff(history.record(crashed_at, uptime, self._rand()))
         self.stats.state = WorkerState.STOPPED
 
-    def _record_death(self, backend: BaseBackend, recorded: list[bool]) -> None:
-        if recorded:
+    def _record_death(self, backend: BaseBackend, life: _Life) -> None:
+        """Count this backend's death once, when it is first seen."""
+        if life.death_detected_at is not None:
             return
-        recorded.append(True)
+        life.death_detected_at = self._clock()
         self.stats.engine_deaths += 1
         detected = backend.monitor.detected_unix if backend.monitor else None
         self.stats.last_death_detected_unix = detected or self._wall_clock()
 
-    async def _on_ready(
-        self,
-        backend: BaseBackend,
-        ready_at: list[float],
-        died_at: float | None,
-        recorded: list[bool],
-    ) -> None:
+    async def _on_ready(self, backend: BaseBackend, life: _Life, died_at: float | None) -> None:
+        """From ready on: the worker's state, phases and membership; at the death's
+        detection, out of service at once (``died_at``: the last death's detection)."""
         await backend.backend_ready_event.wait()
         now = self._clock()
-        ready_at.append(now)
+        life.ready_at = now
         self._ever_ready = True
         self.stats.state = WorkerState.READY
         self.stats.last_ready_unix = self._wall_clock()
+        self.stats.phase_seconds.update(backend.phase_seconds)  # this start's phases
         if died_at is not None:
             self.stats.last_restart_to_ready_s = now - died_at
             logger.info("serving again %.2f s after the engine death was detected", now - died_at)
@@ -163,7 +171,7 @@ class Supervisor:
         # At detection, before the backend's cleanup (seconds, when engine processes
         # must be killed): not ready any more, and out of the gateway.
         self.stats.state = WorkerState.RESTARTING if self.restart else WorkerState.STOPPING
-        self._record_death(backend, recorded)
+        self._record_death(backend, life)
         if self.membership is not None:
             self.membership.leave()
 
@@ -175,6 +183,7 @@ class Supervisor:
                 "not restarting it again (crash loop)"
             )
         self.stats.state = WorkerState.RESTARTING
+        self.stats.phase_seconds["restart_delay"] = decision.delay
         logger.warning("engine died; restart %d in %.2f s", self.stats.restarts + 1, decision.delay)
         sleeper = asyncio.ensure_future(self._sleep(decision.delay))
         stopper = asyncio.ensure_future(self._stop.wait())

@@ -141,6 +141,17 @@ def metric(worker: Worker, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def phase_seconds(worker: Worker) -> dict[str, float]:
+    """The worker's last duration of each lifecycle phase (``ichat_worker_phase_seconds``)."""
+    prefix = 'ichat_worker_phase_seconds{phase="'
+    text = httpx.get(f"{worker.url}/metrics", timeout=10).text
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
 def metric_total(worker: Worker, name: str) -> float:
     """The sum over every label set of ``name`` (vLLM labels by model, reason, engine)."""
     text = httpx.get(f"{worker.url}/metrics", timeout=10).text

@@ -25,6 +25,7 @@ from tests.support import (
     engine_core,
     metric,
     our_processes,
+    phase_seconds,
     reap_zombies,
     start_worker,
     stream_once,
@@ -105,10 +106,18 @@ def test_kill_9_engine_while_streaming_restarts_and_serves_again(
     assert 0 <= detected <= 1.0
     _, alive = psutil.wait_procs([p for p in old_engine if p.pid != core.pid], timeout=10)
     assert not alive, f"old engine processes left: {alive}"
+    # the worker's own account of the restart: from the detection to serving again,
+    # phase by phase (the client saw it later: it polls, and its first chat is slower)
+    restart_s = metric(worker, "ichat_worker_last_restart_to_ready_seconds")
+    phases = phase_seconds(worker)
+    assert detected + restart_s <= t_serving + 0.1, (detected, restart_s, t_serving)
+    steps = ("death_cleanup", "restart_delay", "engine_start", "ready", "warmup")
+    assert sum(phases[k] for k in steps) <= restart_s + 0.5, (phases, restart_s)
     print(
         f"kill -9 EngineCore: detected after {detected:.3f} s, "
         f"streams ended after {t_streams_ended:.2f} s "
-        f"({outcomes}); serving again after {t_serving:.1f} s"
+        f"({outcomes}); serving again after {t_serving:.1f} s; the worker's phases: "
+        + ", ".join(f"{k} {phases[k]:.2f} s" for k in steps)
     )
 
 

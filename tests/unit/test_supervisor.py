@@ -16,10 +16,13 @@ from tests.unit.fakes import FakeClock
 class ScriptedBackend:
     """Does what its script says: 'boot-fail', 'die', 'serve' (until stopped), 'hang'."""
 
-    def __init__(self, script: str, clock: FakeClock, uptime: float = 1.0) -> None:
+    def __init__(
+        self, script: str, clock: FakeClock, uptime: float = 1.0, cleanup_s: float = 0.0
+    ) -> None:
         self.script = script
         self.clock = clock
         self.uptime = uptime
+        self.cleanup_s = cleanup_s
         self.backend_ready_event = asyncio.Event()
         self.engine_dead_event = asyncio.Event()
         self.log: list[str] = []
@@ -42,6 +45,7 @@ class ScriptedBackend:
             self.engine_dead_event.set()  # detected...
             await asyncio.sleep(0)
             self.log.append("cleanup")  # ...then the slow cleanup
+            self.clock.now += self.cleanup_s
             if self.on_cleanup is not None:
                 self.on_cleanup()
             raise EngineDiedError("engine died")
@@ -58,13 +62,16 @@ def supervise(
     *,
     restart: bool = True,
     uptime: float = 1.0,
+    cleanup_s: float = 0.0,
     after_last: Any = None,
+    phases_when_serving: dict[str, float] | None = None,
 ) -> tuple[Supervisor, FakeClock, list[ScriptedBackend]]:
     clock = FakeClock()
     made: list[ScriptedBackend] = []
 
     def make() -> Any:
-        backend = ScriptedBackend(scripts[len(made)], clock, uptime)
+        backend = ScriptedBackend(scripts[len(made)], clock, uptime, cleanup_s)
+        backend.phase_seconds = {"engine_start": 10.0 + len(made)}  # tells the starts apart
         made.append(backend)
         return backend
 
@@ -90,6 +97,9 @@ def supervise(
         task = asyncio.create_task(supervisor.run())
         while not task.done() and not last_one_is_serving():
             await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the supervisor notes the ready backend
+        if phases_when_serving is not None:
+            phases_when_serving.update(supervisor.stats.phase_seconds)
         if not task.done():
             supervisor.request_stop()
         await task
@@ -122,6 +132,22 @@ def test_deaths_after_ready_restart_with_growing_backoff() -> None:
     assert sup.stats.state is WorkerState.STOPPED
     assert sup.stats.last_restart_to_ready_s is not None
     assert made[-1].stop_calls == [False]
+
+
+def test_serving_again_counts_from_the_detection_and_phases_are_the_last_ones() -> None:
+    # died, 4 s of cleanup, 1 s of backoff, a restart that fails to boot, 2 s of
+    # backoff, then serving: 7 s from the detection of the death
+    phases: dict[str, float] = {}
+    sup, clock, _ = supervise(
+        ["die", "boot-fail", "serve"],
+        RestartPolicy(initial=1, factor=2, jitter=0),
+        cleanup_s=4,
+        phases_when_serving=phases,
+    )
+    assert clock.sleeps == [1.0, 2.0]
+    assert sup.stats.last_restart_to_ready_s == 7.0
+    assert phases["death_cleanup"] == 4.0 and phases["restart_delay"] == 2.0
+    assert phases["engine_start"] == 12.0  # the start now serving (the 3rd), not the first
 
 
 def test_a_restart_that_fails_to_boot_counts_as_a_crash_and_is_retried() -> None:

@@ -37,7 +37,7 @@ import psutil
 from common import bench_parser, pyplot, save_figure, save_report
 
 from ichat import reaper
-from ichat.backends.base_backend import BaseBackend
+from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
 from ichat.config import WorkerConfig
 from ichat.processes import free_port, is_python_helper, port_is_free, title
 from ichat.shared_memory import SHM_DIR
@@ -144,6 +144,7 @@ async def one_cycle(setup: Setup, port: int, guard_pid: int, trim: bool = False)
     backend.request_stop()
     await task
     stop_s = time.monotonic() - t1
+    collect_frozen_garbage()  # what the supervisor does before it starts another engine
     if trim:
         gc.collect()
         malloc_trim()

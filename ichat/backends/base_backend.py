@@ -133,7 +133,6 @@ class BaseBackend(abc.ABC):
                 await self._shutdown()
             finally:
                 self.cleanup()
-                collect_frozen_garbage()
                 self.phase_seconds["shutdown"] = time.monotonic() - t0
                 logger.info("backend stopped in %.2f s", self.phase_seconds["shutdown"])
                 self.state = BackendState.FAILED if self.failure else BackendState.STOPPED
@@ -420,13 +419,17 @@ class BaseBackend(abc.ABC):
 
 
 def collect_frozen_garbage() -> None:
-    """Make what the stopped engine left in reference cycles collectable, and collect it.
+    """Make what a stopped engine left in reference cycles collectable, and collect it:
+    whoever starts another engine in this process calls it first.
 
     vLLM freezes the garbage collector's heap at each app start (``gc.freeze()``: a
     pause-time saving for a server that runs until its process exits). Everything
     alive at that moment, the engine client, its app and processes' handles included,
     goes to the permanent generation; once the engine stops, its cycles would stay
-    there for the life of the worker, one engine's worth per in-process restart."""
+    there for the life of the worker, one engine's worth per in-process restart.
+    After the last stop it is not called: the process exits, and a frozen heap spares
+    the interpreter's final collection a walk over it (2 s of a 3 s SIGTERM-to-exit
+    on 2 cores, measured)."""
     if gc.get_freeze_count():
         gc.unfreeze()
         gc.collect()

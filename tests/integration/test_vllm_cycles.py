@@ -36,6 +36,7 @@ def check(report: dict[str, Any]) -> None:
     assert report["threads_growth"] == 0, [c["native_threads"] for c in report["cycles"]]
     assert report["open_fds_growth"] <= FDS_SLACK, [c["open_fd_kinds"] for c in report["cycles"]]
     # vLLM freezes the GC heap at each start; a stopped engine's frozen cycles leak
+    # unless unfrozen before the next start (the supervisor does, as the leak check)
     assert report["frozen_objects_after_stops"] == 0
     # the killed EngineCore's shared memory, and the semaphore of tqdm's lock that each
     # killed worker process left (told by inode: its creator maps it under a temporary

@@ -65,6 +65,7 @@ def supervise(
     cleanup_s: float = 0.0,
     after_last: Any = None,
     phases_when_serving: dict[str, float] | None = None,
+    reclaimed: list[int] | None = None,
 ) -> tuple[Supervisor, FakeClock, list[ScriptedBackend]]:
     clock = FakeClock()
     made: list[ScriptedBackend] = []
@@ -83,6 +84,7 @@ def supervise(
         clock=clock,
         wall_clock=clock,
         rand=lambda: 0.5,
+        reclaim=lambda: (reclaimed if reclaimed is not None else []).append(len(made)),
     )
 
     def last_one_is_serving() -> bool:
@@ -148,6 +150,14 @@ def test_serving_again_counts_from_the_detection_and_phases_are_the_last_ones() 
     assert sup.stats.last_restart_to_ready_s == 7.0
     assert phases["death_cleanup"] == 4.0 and phases["restart_delay"] == 2.0
     assert phases["engine_start"] == 12.0  # the start now serving (the 3rd), not the first
+
+
+def test_memory_is_reclaimed_before_each_restart_not_after_the_last_stop() -> None:
+    reclaimed: list[int] = []  # how many backends had been made at each reclaim
+    supervise(["die", "boot-fail", "serve"], reclaimed=reclaimed)
+    assert reclaimed == [1, 2]
+    supervise(["boot-fail"], reclaimed=reclaimed, after_last=StartupError)
+    assert reclaimed == [1, 2]  # a boot failure ends the worker: nothing to reclaim for
 
 
 def test_a_restart_that_fails_to_boot_counts_as_a_crash_and_is_retried() -> None:

@@ -29,6 +29,7 @@ from common import bench_parser, pyplot, save_figure, save_report
 
 from tests.support import (
     MODEL_NAME,
+    RESTART_PHASES,
     engine_core,
     kill_and_wait_serving,
     phase_seconds,
@@ -36,14 +37,10 @@ from tests.support import (
     stream_once,
 )
 
-# A restart's phases, in order (the worker's ichat_worker_phase_seconds)
-RESTART_PHASES = ("death_cleanup", "restart_delay", "engine_start", "ready", "warmup")
 
-
-def kills(model: str, count: int, tmp: Path, engine_args: list[str]) -> dict[str, Any]:
+def kills(worker_args: tuple[str, ...], count: int, tmp: Path) -> dict[str, Any]:
     t0 = time.monotonic()
-    args = ("--model-path", model, "--served-model-name", MODEL_NAME, *engine_args)
-    with start_worker(tmp, *args) as w:
+    with start_worker(tmp, *worker_args) as w:
         w.wait_ready()
         first_start = time.monotonic() - t0
         print(f"first start: ready {first_start:.1f} s after the worker started", flush=True)
@@ -69,11 +66,8 @@ def kills(model: str, count: int, tmp: Path, engine_args: list[str]) -> dict[str
     return {"first_start_s": first_start, "kills": rows}
 
 
-def drain(
-    model: str, inflight: int, tmp: Path, tokens: int, engine_args: list[str]
-) -> dict[str, Any]:
-    args = ("--model-path", model, "--served-model-name", MODEL_NAME, "--drain-timeout", "120")
-    with start_worker(tmp, *args, *engine_args) as w:
+def drain(worker_args: tuple[str, ...], inflight: int, tmp: Path, tokens: int) -> dict[str, Any]:
+    with start_worker(tmp, *worker_args, "--drain-timeout", "120") as w:
         w.wait_ready()
         with concurrent.futures.ThreadPoolExecutor(max(inflight, 1)) as pool:
             streams = [pool.submit(stream_once, w.url, tokens) for _ in range(inflight)]
@@ -130,16 +124,15 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
+    worker_args = ("--model-path", args.model_path, "--served-model-name", MODEL_NAME)
+    worker_args += tuple(args.engine_args)
     with tempfile.TemporaryDirectory() as tmp:
         report = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "engine_args": args.engine_args,
-            "kill": kills(args.model_path, args.kills, Path(tmp), args.engine_args),
-            "drain": [
-                drain(args.model_path, n, Path(tmp), args.tokens, args.engine_args)
-                for n in args.inflight
-            ],
+            "kill": kills(worker_args, args.kills, Path(tmp)),
+            "drain": [drain(worker_args, n, Path(tmp), args.tokens) for n in args.inflight],
         }
     stem = args.out / f"lifecycle-{args.tag}"
     save_report(report, stem, plot)

@@ -141,6 +141,20 @@ def metric(worker: Worker, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+# A restart's phases in order, as the worker reports them (ichat_worker_phase_seconds)
+RESTART_PHASES = ("death_cleanup", "restart_delay", "engine_start", "ready", "warmup")
+
+
+def check_restart_account(
+    detected_s: float, restart_s: float, phases: dict[str, float], serving_again_s: float
+) -> None:
+    """The worker's account of a restart against what a client saw: detection plus the
+    worker's time from the detection to ready fit in the client's kill-to-serving time,
+    and the restart's phases fit in the worker's time."""
+    assert detected_s + restart_s <= serving_again_s + 0.1, (detected_s, restart_s, serving_again_s)
+    assert sum(phases[k] for k in RESTART_PHASES) <= restart_s + 0.5, (phases, restart_s)
+
+
 def phase_seconds(worker: Worker) -> dict[str, float]:
     """The worker's last duration of each lifecycle phase (``ichat_worker_phase_seconds``)."""
     prefix = 'ichat_worker_phase_seconds{phase="'

@@ -20,8 +20,10 @@ import pytest
 from ichat.processes import free_port, title
 from tests.support import (
     MODEL_NAME,
+    RESTART_PHASES,
     Worker,
     chat_ok,
+    check_restart_account,
     engine_core,
     metric,
     our_processes,
@@ -110,14 +112,12 @@ def test_kill_9_engine_while_streaming_restarts_and_serves_again(
     # phase by phase (the client saw it later: it polls, and its first chat is slower)
     restart_s = metric(worker, "ichat_worker_last_restart_to_ready_seconds")
     phases = phase_seconds(worker)
-    assert detected + restart_s <= t_serving + 0.1, (detected, restart_s, t_serving)
-    steps = ("death_cleanup", "restart_delay", "engine_start", "ready", "warmup")
-    assert sum(phases[k] for k in steps) <= restart_s + 0.5, (phases, restart_s)
+    check_restart_account(detected, restart_s, phases, t_serving)
     print(
         f"kill -9 EngineCore: detected after {detected:.3f} s, "
         f"streams ended after {t_streams_ended:.2f} s "
         f"({outcomes}); serving again after {t_serving:.1f} s; the worker's phases: "
-        + ", ".join(f"{k} {phases[k]:.2f} s" for k in steps)
+        + ", ".join(f"{k} {phases[k]:.2f} s" for k in RESTART_PHASES)
     )
 
 

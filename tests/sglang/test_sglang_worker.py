@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from ichat.processes import free_port, not_running, port_is_free, title
-from tests.support import MODEL_NAME, Worker, ichat_cmd, start_worker
+from tests.support import MODEL_NAME, Worker, check_restart_account, ichat_cmd, start_worker
 
 from .conftest import CPU_FLAGS
 
@@ -140,10 +140,12 @@ def test_kill_9_of_the_scheduler_is_detected_within_1s_and_the_worker_serves_aga
     assert 0 <= detected <= 1.0, stats
     assert stats["restarts"] == 1 and stats["engine_deaths"] == 1
     # the worker's account of the restart, from the detection on, phase by phase
-    steps = ("death_cleanup", "restart_delay", "engine_start", "ready", "warmup")
-    restart_s, phases = stats["last_restart_to_ready_s"], stats["phase_seconds"]
-    assert detected + restart_s <= RESULTS["kill_to_serving_again_s"] + 0.1, stats
-    assert sum(phases[k] for k in steps) <= restart_s + 0.5, stats
+    check_restart_account(
+        detected,
+        stats["last_restart_to_ready_s"],
+        stats["phase_seconds"],
+        RESULTS["kill_to_serving_again_s"],
+    )
     scrape = worker.status("/metrics").text  # SGLang's own /metrics lacks iChat's lines
     assert "ichat_worker_restarts_total 1.0" in scrape
     assert 'ichat_worker_state{state="ready"} 1.0' in scrape

@@ -50,9 +50,9 @@ from common import (
     streams,
 )
 
-from ichat.gateway import GatewayConfig
-from ichat.probe import wait_healthy
-from ichat.processes import free_port, stop_gracefully
+from ichat.commands.gateway import GatewayConfig
+from ichat.process.processes import free_port, stop_gracefully
+from tests.probe import wait_healthy
 
 
 def smg_defaults(port: int, metrics_port: int) -> list[str]:

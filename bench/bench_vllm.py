@@ -45,8 +45,8 @@ from common import (
     streams,
 )
 
-from ichat.probe import wait_healthy
-from ichat.processes import free_port, stop_gracefully
+from ichat.process.processes import free_port, stop_gracefully
+from tests.probe import wait_healthy
 
 
 def native_cmd(engine: str, model: str, port: int, extra: list[str]) -> list[str]:

@@ -36,11 +36,11 @@ import httpx
 import psutil
 from common import bench_parser, pyplot, save_figure, save_report
 
-from ichat import reaper
 from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
 from ichat.config import WorkerConfig
-from ichat.processes import free_port, is_python_helper, port_is_free, title
-from ichat.shared_memory import SHM_DIR
+from ichat.process import reaper
+from ichat.process.processes import free_port, is_python_helper, port_is_free, title
+from ichat.process.shared_memory import SHM_DIR
 
 # What one start builds in this process; none of it may outlive its stop.
 ENGINE_OBJECTS = {

@@ -36,20 +36,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "serve":
-        from ichat import serve
+        from ichat.commands import serve
 
         return serve.main(rest)
     if command == "up":
-        from ichat import up
+        from ichat.commands import up
 
         return up.main(rest)
     if command == "gateway":
-        from ichat import gateway
+        from ichat.commands import gateway
 
         return gateway.main(rest)
     if command == "make-test-model":
-        from ichat import testmodel
+        from ichat.commands import make_test_model
 
-        return testmodel.main(rest)
+        return make_test_model.main(rest)
     print(f"ichat: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr, end="")
     return 2

@@ -8,11 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import openai
 
-from ichat.probe import OutputFollower
-from ichat.processes import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.probe
+
+from ichat.process.processes import free_port
+from tests.probe import OutputFollower
 
 READY_MARKER = "OpenAI endpoint:"
 

@@ -18,6 +18,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama generated here (random weights, a BPE tokenizer trained on the spot)."""
-    from ichat.testmodel import SHAPES, make_test_model
+    from ichat.commands.make_test_model import SHAPES, make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("model") / "tiny", SHAPES["tiny"])

@@ -18,8 +18,8 @@ import httpx
 import openai
 import psutil
 
-from ichat.probe import wait_healthy
-from ichat.processes import free_port, is_python_helper, stop_gracefully, title
+from ichat.process.processes import free_port, is_python_helper, stop_gracefully, title
+from tests.probe import wait_healthy
 
 MODEL_NAME = "tiny-chat"
 CONTEXT_LENGTH = 1024

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
 
-from ichat import processes, shared_memory
+from ichat.backends.monitor import HealthMonitor
 from ichat.config import WorkerConfig
 from ichat.errors import (
     EngineDiedError,
@@ -35,13 +35,13 @@ from ichat.errors import (
     ReadinessTimeoutError,
     StartupError,
 )
-from ichat.monitor import HealthMonitor
-from ichat.readiness import Backoff, wait_until_ready
+from ichat.process import processes, shared_memory
+from ichat.process.readiness import Backoff, wait_until_ready
 
 if TYPE_CHECKING:
     import httpx
 
-    from ichat.http_server import NoSignalServer
+    from ichat.backends.http_server import NoSignalServer
 
 logger = logging.getLogger("ichat.backend")
 
@@ -276,7 +276,7 @@ class BaseBackend(abc.ABC):
             raise StartupError(f"the {self.engine_name} engine failed to start: {exc}") from exc
 
     async def _startup(self) -> None:
-        from ichat.http_server import make_server
+        from ichat.backends.http_server import make_server
 
         config = self.framework_args
         try:

@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from ichat.argmap import flag_value
 from ichat.backends import sglang_compat, zmq_context
+from ichat.backends.argmap import flag_value
 from ichat.backends.base_backend import BaseBackend
 from ichat.backends.model_path import check_model_path
 from ichat.config import WorkerConfig
 from ichat.errors import ConfigError, EngineDiedError, StartupError
-from ichat.processes import is_python_helper, not_running
+from ichat.process.processes import is_python_helper, not_running
 
 if TYPE_CHECKING:
     import httpx

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
 
-from ichat.argmap import rename_flags
 from ichat.backends import vllm_compat, zmq_context
+from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BaseBackend
 from ichat.backends.model_path import check_model_path
 from ichat.config import WorkerConfig
 from ichat.errors import ConfigError, EngineDiedError, StartupError
-from ichat.processes import not_running, title
+from ichat.process.processes import not_running, title
 
 if TYPE_CHECKING:
     import httpx

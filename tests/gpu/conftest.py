@@ -37,7 +37,7 @@ def gpu_env() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def gpu_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ICHAT_GPU_MODEL if set (made once per machine), else a ~1B model made now."""
-    from ichat.testmodel import SHAPES, make_test_model
+    from ichat.commands.make_test_model import SHAPES, make_test_model
 
     given = os.environ.get("ICHAT_GPU_MODEL")
     if given and (Path(given) / "config.json").exists():

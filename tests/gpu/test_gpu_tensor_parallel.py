@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ichat.processes import title
+from ichat.process.processes import title
 from tests.support import (
     MODEL_NAME,
     Worker,

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from ichat.processes import free_port, port_is_free
+from ichat.process.processes import free_port, port_is_free
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,

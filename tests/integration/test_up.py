@@ -10,8 +10,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from ichat.probe import OutputFollower
-from ichat.processes import free_port, port_is_free
+from ichat.process.processes import free_port, port_is_free
+from tests.probe import OutputFollower
 from tests.support import CONTEXT_LENGTH, MODEL_NAME, ichat_cmd, our_processes, reap_zombies
 
 pytest.importorskip("smg", reason="`ichat up` needs smg (ichat[gateway])")

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from ichat.processes import free_port, port_is_free, title
+from ichat.process.processes import free_port, port_is_free, title
 from tests.support import MODEL_NAME, chat_ok, start_worker, vllm_processes
 
 pytestmark = pytest.mark.timeout(900)

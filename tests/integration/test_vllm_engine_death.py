@@ -20,7 +20,7 @@ from ichat.backends.base_backend import BackendState
 from ichat.backends.vllm_backend import VLLMBackend
 from ichat.config import WorkerConfig
 from ichat.errors import EngineDiedError
-from ichat.processes import free_port, port_is_free, title
+from ichat.process.processes import free_port, port_is_free, title
 from tests.support import MODEL_NAME
 
 

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from ichat.processes import free_port, title
+from ichat.process.processes import free_port, title
 from tests.support import (
     MODEL_NAME,
     RESTART_PHASES,

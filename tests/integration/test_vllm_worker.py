@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from ichat.processes import port_is_free, title
+from ichat.process.processes import port_is_free, title
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,

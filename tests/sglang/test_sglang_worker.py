@@ -19,7 +19,7 @@ import openai
 import psutil
 import pytest
 
-from ichat.processes import free_port, not_running, port_is_free, title
+from ichat.process.processes import free_port, not_running, port_is_free, title
 from tests.support import MODEL_NAME, Worker, check_restart_account, ichat_cmd, start_worker
 
 from .conftest import CPU_FLAGS

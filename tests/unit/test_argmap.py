@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ichat.argmap import rename_flags
+from ichat.backends.argmap import rename_flags
 from ichat.backends.vllm_backend import VLLMBackend
 from ichat.errors import ConfigError
 
@@ -56,7 +56,7 @@ def test_both_spellings_of_one_setting_is_an_error() -> None:
 
 
 def test_flag_value_reads_both_spellings_and_the_last_one_wins() -> None:
-    from ichat.argmap import flag_value
+    from ichat.backends.argmap import flag_value
 
     assert flag_value(["--model-path", "/a", "--x", "1"], "--model-path") == "/a"
     assert flag_value(["--model_path=/b"], "--model-path") == "/b"

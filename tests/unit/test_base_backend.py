@@ -15,7 +15,7 @@ import pytest
 from ichat.backends.base_backend import BackendState, collect_frozen_garbage
 from ichat.config import WorkerConfig
 from ichat.errors import EngineDiedError, PortInUseError, ReadinessTimeoutError, StartupError
-from ichat.processes import free_port, port_is_free
+from ichat.process.processes import free_port, port_is_free
 
 from .fake_backend import FakeBackend
 

@@ -22,11 +22,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ichat import gateway
+from ichat.commands import gateway
+from ichat.commands.serve import parse_args
 from ichat.config import WorkerConfig
-from ichat.serve import parse_args
-from ichat.status_server import StatusServer
-from ichat.supervisor import WorkerState, WorkerStats
+from ichat.worker.status_server import StatusServer
+from ichat.worker.supervisor import WorkerState, WorkerStats
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -34,7 +34,7 @@ MANIFESTS = sorted(DEPLOY.rglob("*.yaml"))
 # the oldest Kubernetes the manifests are meant for, and the newest schema known
 K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
 # seconds a stopped worker needs after draining: the engine's processes are
-# terminated, waited for and killed if need be (ichat.processes.terminate: 5 s)
+# terminated, waited for and killed if need be (ichat.process.processes.terminate: 5 s)
 CLEANUP_MARGIN_S = 15.0
 # SMG's discovery batches pod events for 1 s before it removes a terminating pod
 # (model_gateway/src/service_discovery.rs): the preStop hook must outlast that

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ichat import gateway, up
+from ichat.commands import gateway, up
 from ichat.errors import ConfigError
 
 

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
+from ichat.backends.monitor import HealthMonitor
 from ichat.errors import EngineDiedError
-from ichat.monitor import HealthMonitor
 
 
 class Stop(Exception):

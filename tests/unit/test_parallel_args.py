@@ -15,8 +15,8 @@ from unittest import mock
 
 import pytest
 
+from ichat.commands.serve import parse_args
 from ichat.errors import ConfigError
-from ichat.serve import parse_args
 
 # flag -> (value given, attribute of vLLM's namespace, value expected there)
 PARALLEL_FLAGS: dict[str, tuple[str, str, object]] = {

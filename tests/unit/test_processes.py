@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from ichat import processes
+from ichat.process import processes
 
 
 def test_a_multiprocessing_child_is_reaped_through_multiprocessing() -> None:

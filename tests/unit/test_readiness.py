@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from ichat.errors import EngineDiedError, ReadinessTimeoutError
-from ichat.readiness import Backoff, wait_until_ready
+from ichat.process.readiness import Backoff, wait_until_ready
 from tests.unit.fakes import FakeClock
 
 

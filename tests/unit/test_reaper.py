@@ -12,7 +12,7 @@ import pytest
 # grandchild), prints their pids and waits to be killed.
 WORKER = """
 import subprocess, sys, time
-from ichat import reaper
+from ichat.process import reaper
 guard = reaper.Reaper(interval=float(sys.argv[2]))
 guard.start()
 engine = subprocess.Popen([sys.executable, "-c",

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from ichat.registration import GatewayRegistration, GatewaySettings
+from ichat.worker.registration import GatewayRegistration, GatewaySettings
 
 SETTINGS = GatewaySettings(
     url="http://gw", worker_url="http://10.0.0.5:8000", model="tiny", api_key="admin-key"

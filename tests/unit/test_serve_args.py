@@ -1,7 +1,7 @@
 from __future__ import annotations
 
+from ichat.commands.serve import parse_args
 from ichat.config import WorkerConfig
-from ichat.serve import parse_args
 
 
 def test_framework_flags_are_taken_and_the_rest_goes_to_the_engine_unchanged() -> None:

@@ -10,11 +10,11 @@ import time
 import pytest
 
 from ichat.backends.base_backend import BackendState
+from ichat.commands.serve import serve
 from ichat.config import WorkerConfig
 from ichat.errors import EngineDiedError, IChatError
-from ichat.processes import free_port
-from ichat.serve import serve
-from ichat.supervisor import Supervisor
+from ichat.process.processes import free_port
+from ichat.worker.supervisor import Supervisor
 
 from .fake_backend import FakeBackend
 
@@ -102,7 +102,7 @@ def test_first_signal_returns_the_signal_or_what_the_check_raises() -> None:
     import asyncio
     import signal
 
-    from ichat.signals import first_signal
+    from ichat.process.signals import first_signal
 
     async def main() -> None:
         received: asyncio.Queue[signal.Signals] = asyncio.Queue()

@@ -12,8 +12,8 @@ from multiprocessing import shared_memory
 import psutil
 import pytest
 
-from ichat import shared_memory as shm
-from ichat.processes import wait_stopped
+from ichat.process import shared_memory as shm
+from ichat.process.processes import wait_stopped
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import httpx
 
-from ichat.processes import free_port
-from ichat.status_server import StatusServer, liveness, readiness
-from ichat.supervisor import WorkerState, WorkerStats
+from ichat.process.processes import free_port
+from ichat.worker.status_server import StatusServer, liveness, readiness
+from ichat.worker.supervisor import WorkerState, WorkerStats
 
 
 def test_ready_only_while_a_backend_serves() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from ichat.errors import CrashLoopError, EngineDiedError, StartupError
 from ichat.restart_policy import RestartPolicy
-from ichat.supervisor import Supervisor, WorkerState
+from ichat.worker.supervisor import Supervisor, WorkerState
 from tests.unit.fakes import FakeClock
 
 

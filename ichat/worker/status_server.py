@@ -25,8 +25,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from ichat import metrics
-from ichat.supervisor import WorkerState, WorkerStats
+from ichat.worker import metrics
+from ichat.worker.supervisor import WorkerState, WorkerStats
 
 logger = logging.getLogger("ichat.status")
 

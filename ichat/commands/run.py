@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ichat import reaper
 from ichat.errors import IChatError
+from ichat.process import reaper
 
 
 def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:

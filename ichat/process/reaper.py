@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import psutil
 
-from ichat.processes import is_python_helper, wait_stopped
+from ichat.process.processes import is_python_helper, wait_stopped
 
 BYE = b"bye\n"
 TOKEN_ENV = "ICHAT_REAPER_TOKEN"
@@ -112,7 +112,7 @@ class Reaper:
             [
                 sys.executable,
                 "-m",
-                "ichat.reaper",
+                "ichat.process.reaper",
                 str(os.getpid()),
                 str(self.interval),
                 self.token,

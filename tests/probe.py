@@ -11,7 +11,7 @@ from typing import TextIO
 
 import httpx
 
-from ichat.readiness import Backoff
+from ichat.process.readiness import Backoff
 
 
 def wait_healthy(

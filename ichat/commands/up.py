@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from ichat import processes
-from ichat.command import run_command
+from ichat.commands.gateway import GatewayConfig, GatewayProcess
+from ichat.commands.run import run_command
 from ichat.errors import (
     ConfigError,
     IChatError,
@@ -37,9 +37,9 @@ from ichat.errors import (
     PortInUseError,
     ReadinessTimeoutError,
 )
-from ichat.gateway import GatewayConfig, GatewayProcess
-from ichat.readiness import Backoff, wait_until_ready
-from ichat.signals import captured_signals, first_signal
+from ichat.process import processes
+from ichat.process.readiness import Backoff, wait_until_ready
+from ichat.process.signals import captured_signals, first_signal
 
 logger = logging.getLogger("ichat.up")
 

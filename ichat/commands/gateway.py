@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
-from ichat import processes
-from ichat.command import run_command
+from ichat.commands.run import run_command
 from ichat.errors import ConfigError, GatewayError, PortInUseError, ReadinessTimeoutError
-from ichat.readiness import Backoff, wait_until_ready
-from ichat.signals import captured_signals, first_signal
+from ichat.process import processes
+from ichat.process.readiness import Backoff, wait_until_ready
+from ichat.process.signals import captured_signals, first_signal
 
 logger = logging.getLogger("ichat.gateway")
 

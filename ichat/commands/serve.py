@@ -15,15 +15,16 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from ichat import metrics, reaper
 from ichat.backends import BACKENDS, backend_class
 from ichat.backends.base_backend import BaseBackend
 from ichat.config import WorkerConfig
 from ichat.errors import IChatError, PortInUseError
-from ichat.registration import GatewayRegistration, GatewaySettings
-from ichat.signals import captured_signals
-from ichat.status_server import StatusServer
-from ichat.supervisor import Supervisor
+from ichat.process import reaper
+from ichat.process.signals import captured_signals
+from ichat.worker import metrics
+from ichat.worker.registration import GatewayRegistration, GatewaySettings
+from ichat.worker.status_server import StatusServer
+from ichat.worker.supervisor import Supervisor
 
 logger = logging.getLogger("ichat.serve")
 

@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from ichat.supervisor import WorkerState, WorkerStats
+from ichat.worker.supervisor import WorkerState, WorkerStats
 
 
 class WorkerCollector:

@@ -12,6 +12,31 @@ from ichat.restart_policy import RestartPolicy
 
 
 @dataclass(frozen=True)
+class StopDeadlines:
+    """Every bound of a stop, in seconds, named once. A step that outlives its bound is
+    abandoned and the next, harsher one follows; the engine's processes are killed last
+    in any case."""
+
+    # on SIGTERM: at most this long to leave the gateway before draining starts
+    gateway_leave: float = 3.0
+    # beyond --drain-timeout, before the HTTP server's connections are closed
+    drain_grace: float = 5.0
+    # the HTTP server, once forced, to end
+    server_close: float = 10.0
+    # the health monitor to end once told to
+    monitor_stop: float = 5.0
+    # the engine's own shutdown, before its processes are killed instead
+    engine_shutdown: float = 30.0
+    # a cancelled step to end before it is abandoned
+    cancelled_step: float = 5.0
+    # SIGTERM to SIGKILL for the engine's processes, and after SIGKILL to reaping them
+    terminate: float = 5.0
+    # ichat up: beyond --drain-timeout, for a worker to exit after SIGTERM before it is
+    # killed
+    worker_exit: float = 30.0
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """Framework settings of one worker (everything else goes to the engine)."""
 
@@ -38,12 +63,11 @@ class WorkerConfig:
     gateway_api_key: str | None = None
     # The URL the gateway uses to reach this worker (default: base_url).
     advertise_url: str | None = None
-    # On SIGTERM: at most this long to leave the gateway before draining starts.
-    gateway_leave_timeout: float = 3.0
     # /livez, /readyz, /status on a port of their own (None: off); /livez fails once
     # the engine has been down (restarting) for longer than liveness_grace seconds.
     status_port: int | None = None
     liveness_grace: float = 600.0
+    deadlines: StopDeadlines = field(default_factory=StopDeadlines)
 
     @property
     def client_host(self) -> str:

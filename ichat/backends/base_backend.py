@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
 
+from ichat.aio import first_completed
+from ichat.backends.compat import Workaround, Workarounds
 from ichat.backends.monitor import HealthMonitor
 from ichat.config import WorkerConfig
 from ichat.errors import (
@@ -59,6 +61,8 @@ class BaseBackend(abc.ABC):
     """Run one engine in this process and serve its HTTP app until stopped."""
 
     engine_name: ClassVar[str]
+    # where the engine's compat module reaches into its internals (recorded per backend)
+    WORKAROUNDS: ClassVar[tuple[Workaround, ...]] = ()
 
     def __init__(
         self,
@@ -76,6 +80,7 @@ class BaseBackend(abc.ABC):
         self.failure: BaseException | None = None
         self.monitor: HealthMonitor | None = None
         self.phase_seconds: dict[str, float] = {}
+        self.workarounds = Workarounds(self.engine_name, self.WORKAROUNDS)
         self._backend_args = self.parse_args(framework_args, self.backend_argv)
         self._sock: socket.socket | None = None
         self._stack: contextlib.AsyncExitStack | None = None
@@ -140,15 +145,9 @@ class BaseBackend(abc.ABC):
 
     async def wait_for_server_ready(self, timeout: float | None = None) -> None:
         """Return once ready; raise at once if the backend stopped before that."""
-        ready = asyncio.ensure_future(self.backend_ready_event.wait())
-        finished = asyncio.ensure_future(self._finished.wait())
-        try:
-            await asyncio.wait(
-                {ready, finished}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            ready.cancel()
-            finished.cancel()
+        await first_completed(
+            self.backend_ready_event.wait(), self._finished.wait(), timeout=timeout
+        )
         if self.backend_ready_event.is_set():
             return
         if self._finished.is_set():
@@ -182,7 +181,7 @@ class BaseBackend(abc.ABC):
         self._engine_procs = []
         self._children_before = None
         if procs:
-            survivors = processes.terminate(procs)
+            survivors = processes.terminate(procs, self.framework_args.deadlines.terminate)
             if survivors:
                 logger.error("could not stop processes: %s", [p.pid for p in survivors])
         self.kill_engine_processes()
@@ -377,29 +376,35 @@ class BaseBackend(abc.ABC):
         """Every step is bounded: a step that hangs is abandoned, and ``cleanup()``
         (which always follows) kills the engine's processes."""
         config = self.framework_args
+        deadlines = config.deadlines
         self._record_engine_shm()  # segments made after ready
         if self._monitor_task is not None:
             if self.monitor is not None:
                 self.monitor.stop()
             self._monitor_task.cancel()
-            await _settle(self._monitor_task, 5, "health monitor")
+            await _settle(self._monitor_task, deadlines.monitor_stop, "health monitor")
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             t0 = time.monotonic()
-            done, _ = await asyncio.wait({self._server_task}, timeout=config.drain_timeout + 5)
+            drain = config.drain_timeout + deadlines.drain_grace
+            done, _ = await asyncio.wait({self._server_task}, timeout=drain)
             if not done:
-                logger.warning(
-                    "HTTP server still draining after %.0f s; forcing", config.drain_timeout + 5
-                )
+                logger.warning("HTTP server still draining after %.0f s; forcing", drain)
                 self._server.force_exit = True
                 self._server_task.cancel()
-            await _settle(self._server_task, 10, "HTTP server")
+            await _settle(self._server_task, deadlines.server_close, "HTTP server")
             self._log_phase("drain", t0, "HTTP server drained and closed")
         if self._stack is not None:
             stack, self._stack = self._stack, None
             t0 = time.monotonic()
             closing = asyncio.ensure_future(stack.aclose())
-            if not await _settle(closing, 30, "engine shutdown", cancel_after=True):
+            settled = await _settle(
+                closing,
+                deadlines.engine_shutdown,
+                "engine shutdown",
+                cancelled_within=deadlines.cancelled_step,
+            )
+            if not settled:
                 logger.warning("killing the engine's processes instead")
             elif not closing.cancelled() and closing.exception() is not None:
                 # the engine may already be dead; cleanup() kills what is left
@@ -436,16 +441,17 @@ def collect_frozen_garbage() -> None:
 
 
 async def _settle(
-    task: asyncio.Future[Any], timeout: float, what: str, *, cancel_after: bool = False
+    task: asyncio.Future[Any], timeout: float, what: str, *, cancelled_within: float = 0.0
 ) -> bool:
-    """Wait at most ``timeout`` for ``task`` to end; never wait forever on it.
+    """Wait at most ``timeout`` for ``task`` to end; never wait forever on it. With
+    ``cancelled_within``, a task still running then is cancelled and waited for that long.
 
     ``asyncio.wait_for`` would wait for a cancelled task without limit, so a step that
     ignores cancellation could hang the stop; here it is abandoned and logged."""
     done, _ = await asyncio.wait({task}, timeout=timeout)
-    if not done and cancel_after:
+    if not done and cancelled_within:
         task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=5)
+        done, _ = await asyncio.wait({task}, timeout=cancelled_within)
     if not done:
         logger.error("%s did not end within %.0f s; abandoning it", what, timeout)
         return False

@@ -29,13 +29,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from ichat.auth import bearer_headers
 from ichat.backends import sglang_compat, zmq_context
 from ichat.backends.argmap import flag_value
 from ichat.backends.base_backend import BaseBackend
@@ -70,6 +69,7 @@ class FailureReport:
 
 class SGLangBackend(BaseBackend):
     engine_name = "sglang"
+    WORKAROUNDS = sglang_compat.WORKAROUNDS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._launched: sglang_compat.Launched | None = None
@@ -91,6 +91,7 @@ class SGLangBackend(BaseBackend):
 
     def parse_args(self, config: WorkerConfig, argv: list[str]) -> Any:
         self._api = api = sglang_compat.load()
+        sglang_compat.record_release_workarounds(api, self.workarounds)
         # iChat's unified names (--model-path, --tokenizer-path, --context-length,
         # --served-model-name, --trust-remote-code) are SGLang's own: nothing to rename.
         # The model folder is checked before SGLang reads its config (``--model`` is
@@ -144,16 +145,15 @@ class SGLangBackend(BaseBackend):
         launched = sglang_compat.launch(self._api, self._backend_args)
         self._launched = launched
         stack.push_async_callback(self._stop_engine)
+        sglang_compat.record_launch_workarounds(launched, self.workarounds)
         if launched.watchdog is not None:
             launched.watchdog.stop()  # the health monitor watches the same processes
-        with _signals_stay_with_the_worker(asyncio.get_running_loop()):
-            launched.tokenizer_manager.auto_create_handle_loop()
+        sglang_compat.start_tokenizer_manager_loop(launched, self.workarounds)
 
     async def _stop_engine(self) -> None:
         launched = self._launched
         if launched is not None:
-            for task in list(getattr(launched.tokenizer_manager, "asyncio_tasks", ())):
-                task.cancel()
+            sglang_compat.cancel_tokenizer_manager_tasks(launched)
         # SGLang's own cleanup: every child of this process, waited for (bounded by the
         # caller; cleanup() kills what is left)
         await asyncio.to_thread(
@@ -199,11 +199,10 @@ class SGLangBackend(BaseBackend):
         return app
 
     def uvicorn_options(self) -> dict[str, Any]:
-        args, envs = self._backend_args, self._api.envs
-        keep_alive = envs.SGLANG_TIMEOUT_KEEP_ALIVE.get() if envs is not None else 5
+        args = self._backend_args
         options: dict[str, Any] = {
             "root_path": getattr(args, "fastapi_root_path", "") or "",
-            "timeout_keep_alive": keep_alive,
+            "timeout_keep_alive": sglang_compat.keep_alive_seconds(self._api),
             "ssl_keyfile": getattr(args, "ssl_keyfile", None),
             "ssl_certfile": getattr(args, "ssl_certfile", None),
             "ssl_ca_certs": getattr(args, "ssl_ca_certs", None),
@@ -215,19 +214,17 @@ class SGLangBackend(BaseBackend):
         return options
 
     def on_server_created(self, server: Any) -> None:
-        # SGLang stops the HTTP server through this hook when it gives up on its engine.
         assert self._launched is not None
-        tokenizer_manager = self._launched.tokenizer_manager
-        if hasattr(tokenizer_manager, "set_server_stop_hook"):
-            tokenizer_manager.set_server_stop_hook(lambda: setattr(server, "should_exit", True))
+        sglang_compat.set_server_stop_hook(
+            self._launched, lambda: setattr(server, "should_exit", True)
+        )
 
     def served_model_name(self) -> str:
         args = self._backend_args
         return str(args.served_model_name or args.model_path)
 
     def _auth_headers(self) -> dict[str, str]:
-        key = self._backend_args.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        return bearer_headers(self._backend_args.api_key)
 
     async def probe_ready(self, client: httpx.AsyncClient) -> bool:
         """SGLang's model info answers (``/model_info``; ``/get_model_info`` before)."""
@@ -269,19 +266,3 @@ class SGLangBackend(BaseBackend):
 
     async def check_engine_alive(self) -> None:
         self.check_engine_processes()
-
-
-@contextlib.contextmanager
-def _signals_stay_with_the_worker(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
-    """Decline the loop signal handlers SGLang's tokenizer manager adds for a standalone
-    server (SIGTERM: its own drain; SIGQUIT: kill the process tree): the worker owns
-    them. Only this loop object is touched, for the duration of the call."""
-
-    def decline(sig: int, callback: Any, *args: Any) -> None:
-        logger.debug("kept the worker's handling of %s", signal.Signals(sig).name)
-
-    loop.add_signal_handler = decline  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        del loop.add_signal_handler

@@ -15,14 +15,22 @@ what ``_launch_subprocesses`` returns is read by type, not by position, and its
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import importlib.util
 import inspect
-from collections.abc import Callable
+import logging
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ichat.backends.compat import call_with, find
+from ichat.backends import zmq_context
+from ichat.backends.compat import Workaround, Workarounds, call_with, find
 from ichat.errors import ConfigError, EngineNotInstalledError
+
+logger = logging.getLogger("ichat.sglang")
 
 HTTP_SERVER = "sglang.srt.entrypoints.http_server"
 CANDIDATES: dict[str, tuple[str, ...]] = {
@@ -41,6 +49,55 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "set_uvicorn_logging_configs": (HTTP_SERVER, "sglang.srt.utils"),
     "envs": (HTTP_SERVER,),
 }
+# SGLang's watchdog of its subprocesses (0.5.23; older releases have none)
+WATCHDOG_MODULES = ("sglang.srt.utils.watchdog", "sglang.srt.utils.common", "sglang.srt.utils")
+# Where iChat reaches into SGLang's internals; each is recorded when reached for
+# (``Workarounds``), and a test per installed release fails when one stops resolving.
+WORKAROUNDS = (
+    Workaround(
+        "custom_sigquit_handler",
+        "ServerArgs has no custom_sigquit_handler: a failing SGLang process's SIGQUIT "
+        "kills the whole worker (SGLang's default handler) instead of a restart",
+    ),
+    Workaround(
+        "skip_server_warmup",
+        "ServerArgs has no skip_server_warmup: SGLang's own warmup runs, and kills the "
+        "worker's process if it fails",
+    ),
+    Workaround(
+        "keep_alive_env",
+        "SGLang's envs.SGLANG_TIMEOUT_KEEP_ALIVE is gone: uvicorn keeps connections 5 s",
+    ),
+    Workaround(
+        "watchdog_found",
+        "SGLang's SubprocessWatchdog is not among what its launch returns: it keeps "
+        "polling (1 s) and may SIGQUIT the worker next to iChat's monitor",
+    ),
+    Workaround(
+        "loop_signal_handlers_declined",
+        "SGLang's tokenizer manager added no loop signal handler to decline: it may "
+        "now take SIGTERM/SIGQUIT another way, away from the worker",
+    ),
+    Workaround(
+        "tokenizer_manager_tasks",
+        "the tokenizer manager has no asyncio_tasks: its loops are not cancelled at stop",
+    ),
+    Workaround(
+        "server_stop_hook",
+        "the tokenizer manager has no set_server_stop_hook: SGLang cannot stop the HTTP "
+        "server when it gives up (the health monitor still notices the death)",
+    ),
+    Workaround(
+        "tokenizer_manager_zmq_context",
+        "no ZMQ socket on the tokenizer manager: each restart leaves its context's "
+        "threads and descriptors until the process exits",
+    ),
+    Workaround(
+        "pyzmq_shadow_context",
+        "pyzmq's shadow context no longer names what it shadows (_shadow_obj): engine "
+        "ZMQ contexts are left to the process exit",
+    ),
+)
 # the launch functions' parameters, with the defaults SGLang's own launch_server uses
 LAUNCH_FUNCS = ("init_tokenizer_manager_func", "run_scheduler_process_func",
                 "run_detokenizer_process_func")  # fmt: skip
@@ -123,7 +180,7 @@ def launch(api: SGLangServerAPI, server_args: Any) -> Launched:
             scheduler_info = item  # older releases: the scheduler info itself
         elif hasattr(item, "scheduler_infos"):
             scheduler_info = item.scheduler_infos[0]
-        elif type(item).__name__.endswith("Watchdog"):
+        elif type(item).__name__.endswith("Watchdog"):  # its class is not exported
             watchdog = item
     if tokenizer_manager is None or scheduler_info is None:
         raise ConfigError(
@@ -133,4 +190,82 @@ def launch(api: SGLangServerAPI, server_args: Any) -> Launched:
     return Launched(tokenizer_manager, template_manager, scheduler_info, watchdog)
 
 
-__all__ = ["Launched", "SGLangServerAPI", "call_with", "launch", "load"]
+def record_release_workarounds(api: SGLangServerAPI, workarounds: Workarounds) -> None:
+    """The workarounds that the installed release's modules decide (at parse)."""
+    fields = {f.name for f in dataclasses.fields(api.ServerArgs)}
+    workarounds.record("custom_sigquit_handler", "custom_sigquit_handler" in fields)
+    workarounds.record("skip_server_warmup", "skip_server_warmup" in fields)
+    keep_alive = getattr(api.envs, "SGLANG_TIMEOUT_KEEP_ALIVE", None)
+    workarounds.record("keep_alive_env", callable(getattr(keep_alive, "get", None)))
+    workarounds.record("pyzmq_shadow_context", zmq_context.shadow_names_its_owner())
+
+
+def record_launch_workarounds(launched: Launched, workarounds: Workarounds) -> None:
+    """The workarounds that what SGLang's launch returned decides."""
+    has_watchdog_class = find("SubprocessWatchdog", WATCHDOG_MODULES) is not None
+    workarounds.record("watchdog_found", launched.watchdog is not None or not has_watchdog_class)
+    manager = launched.tokenizer_manager
+    workarounds.record("tokenizer_manager_tasks", hasattr(manager, "asyncio_tasks"))
+    workarounds.record("server_stop_hook", hasattr(manager, "set_server_stop_hook"))
+    workarounds.record(
+        "tokenizer_manager_zmq_context", bool(zmq_context.find_contexts(manager))
+    )
+
+
+def keep_alive_seconds(api: SGLangServerAPI) -> Any:
+    keep_alive: Any = getattr(api.envs, "SGLANG_TIMEOUT_KEEP_ALIVE", None)
+    return keep_alive.get() if callable(getattr(keep_alive, "get", None)) else 5
+
+
+def cancel_tokenizer_manager_tasks(launched: Launched) -> None:
+    for task in list(getattr(launched.tokenizer_manager, "asyncio_tasks", ())):
+        task.cancel()
+
+
+def set_server_stop_hook(launched: Launched, stop: Callable[[], None]) -> None:
+    """SGLang stops the HTTP server through this hook when it gives up on its engine."""
+    manager = launched.tokenizer_manager
+    if hasattr(manager, "set_server_stop_hook"):
+        manager.set_server_stop_hook(stop)
+
+
+def start_tokenizer_manager_loop(launched: Launched, workarounds: Workarounds) -> None:
+    """Start the tokenizer manager's loops on the running event loop, declining the
+    loop signal handlers it adds for a standalone server (SIGTERM: its own drain;
+    SIGQUIT: kill the process tree): the worker owns them. Only this loop object is
+    touched, for the duration of the call."""
+    loop = asyncio.get_running_loop()
+    declined: list[str] = []
+
+    def decline(sig: int, callback: Any, *args: Any) -> None:
+        declined.append(signal.Signals(sig).name)
+
+    with _patched(loop, "add_signal_handler", decline):
+        launched.tokenizer_manager.auto_create_handle_loop()
+    logger.debug("kept the worker's handling of %s", declined)
+    workarounds.record("loop_signal_handlers_declined", bool(declined))
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        delattr(obj, name)
+
+
+__all__ = [
+    "WORKAROUNDS",
+    "Launched",
+    "SGLangServerAPI",
+    "call_with",
+    "cancel_tokenizer_manager_tasks",
+    "keep_alive_seconds",
+    "launch",
+    "load",
+    "record_launch_workarounds",
+    "record_release_workarounds",
+    "set_server_stop_hook",
+    "start_tokenizer_manager_loop",
+]

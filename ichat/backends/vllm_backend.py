@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
 
+from ichat.auth import bearer_headers
 from ichat.backends import vllm_compat, zmq_context
 from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BaseBackend
@@ -33,6 +34,7 @@ WARMUP_PROMPT = "Hello"
 
 class VLLMBackend(BaseBackend):
     engine_name = "vllm"
+    WORKAROUNDS = vllm_compat.WORKAROUNDS
     # iChat's unified names -> vLLM's own flags.
     FLAG_NAMES: ClassVar[dict[str, str]] = {
         "--model-path": "--model",
@@ -42,6 +44,7 @@ class VLLMBackend(BaseBackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._engine_client: Any = None
+        self._zmq_contexts: list[Any] = []
         self._watched: list[psutil.Process] | None = None
         self._app: Any = None
         self._supported_tasks: tuple[str, ...] = ()
@@ -65,6 +68,7 @@ class VLLMBackend(BaseBackend):
     def parse_args(self, config: WorkerConfig, argv: list[str]) -> Any:
         self._api = api = vllm_compat.load()
         api.cli_env_setup()  # VLLM_WORKER_MULTIPROC_METHOD=spawn, as `vllm serve` does
+        vllm_compat.record_release_workarounds(api, self.workarounds)
         try:
             args = self._parser(api).parse_args(rename_flags(argv, self.FLAG_NAMES))
         except SystemExit as exc:  # argparse printed vLLM's own message to stderr
@@ -116,6 +120,9 @@ class VLLMBackend(BaseBackend):
         stack.callback(self._clear_engine_keyed_caches)
         stack.push_async_callback(self._end_zmq_contexts)
         self._engine_client = await stack.enter_async_context(client)
+        self._zmq_contexts = vllm_compat.engine_core_contexts(self._engine_client)
+        self.workarounds.record("engine_core_zmq_context", bool(self._zmq_contexts))
+        self.workarounds.record("engine_errored_flag", hasattr(self._engine_client, "errored"))
 
     def _clear_engine_keyed_caches(self) -> None:
         """vLLM's memo caches that would keep this engine's tokenizer copies after it
@@ -126,8 +133,7 @@ class VLLMBackend(BaseBackend):
     async def _end_zmq_contexts(self) -> None:
         """vLLM's shutdown closes its sockets but leaves the engine-core client's ZMQ
         context (2 I/O threads, a reaper, 7 descriptors) to the process exit."""
-        core = getattr(self._engine_client, "engine_core", None)
-        await zmq_context.end_contexts(zmq_context.find_contexts(core))
+        await zmq_context.end_contexts([c for c in self._zmq_contexts if not c.closed])
 
     async def build_app(self) -> Any:
         client, args = self._engine_client, self._backend_args
@@ -153,10 +159,10 @@ class VLLMBackend(BaseBackend):
         return app
 
     def uvicorn_options(self) -> dict[str, Any]:
-        args, envs = self._backend_args, self._api.envs
+        args = self._backend_args
         options: dict[str, Any] = {
             "access_log": not args.disable_uvicorn_access_log,
-            "timeout_keep_alive": getattr(envs, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", 5),
+            "timeout_keep_alive": vllm_compat.keep_alive_seconds(self._api),
             "ssl_keyfile": args.ssl_keyfile,
             "ssl_certfile": args.ssl_certfile,
             "ssl_ca_certs": args.ssl_ca_certs,
@@ -188,11 +194,8 @@ class VLLMBackend(BaseBackend):
     async def warmup(self, client: httpx.AsyncClient) -> None:
         args = self._backend_args
         model = self.served_model_name()
-        headers = {}
         api_key = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
-        if api_key:
-            key = api_key[0] if isinstance(api_key, list) else api_key
-            headers["Authorization"] = f"Bearer {key}"
+        headers = bearer_headers(api_key[0] if isinstance(api_key, list) else api_key)
         if "generate" in self._supported_tasks:
             path = "/v1/completions"
             body: dict[str, Any] = {"model": model, "prompt": WARMUP_PROMPT, "max_tokens": 1}
@@ -210,8 +213,10 @@ class VLLMBackend(BaseBackend):
     def check_engine_processes(self) -> None:
         if self._engine_client is None:
             return
-        if self._watched is None:  # vLLM names its processes VLLM::EngineCore, ::Worker_TP1...
-            self._watched = [p for p in self.engine_processes if "VLLM::" in title(p)]
+        if self._watched is None:
+            self._watched = vllm_compat.engine_processes(self.engine_processes, title)
+            if self.engine_processes:  # none: the engine runs in this process
+                self.workarounds.record("engine_process_titles", bool(self._watched))
             logger.info("watching engine processes %s", [p.pid for p in self._watched])
         dead = not_running(self._watched)
         if dead:
@@ -223,7 +228,7 @@ class VLLMBackend(BaseBackend):
         if client is None:
             return
         self.check_engine_processes()
-        if client.errored:
+        if vllm_compat.engine_has_errored(client):
             raise EngineDiedError("the vLLM engine is dead (engine_client.errored)")
         try:
             await client.check_health()

@@ -22,10 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ichat.backends.compat import call_with, find
+from ichat.backends import zmq_context
+from ichat.backends.compat import Workaround, Workarounds, call_with, find
 from ichat.errors import ConfigError, EngineNotInstalledError
 
-__all__ = ["VLLMServerAPI", "call_with", "find", "load"]
+__all__ = ["WORKAROUNDS", "VLLMServerAPI", "call_with", "find", "load"]
 
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "FlexibleArgumentParser": ("vllm.utils.argparse_utils", "vllm.utils"),
@@ -67,6 +68,42 @@ OPTIONAL = {
 ENGINE_KEYED_CACHES: dict[str, tuple[str, ...]] = {
     "_supports_kw": ("vllm.utils.func_utils",),
 }
+
+
+# Where iChat reaches into vLLM's internals; each is recorded when reached for
+# (``Workarounds``), and a test per installed release fails when one stops resolving.
+WORKAROUNDS = (
+    Workaround(
+        "keyword_check_cache",
+        "vllm.utils.func_utils._supports_kw is gone: a restarted engine may keep the "
+        "stopped one's tokenizer copies (memory grows with each restart)",
+    ),
+    Workaround(
+        "keep_alive_env",
+        "vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE is gone: uvicorn keeps connections 5 s",
+    ),
+    Workaround(
+        "engine_process_titles",
+        "no engine process is titled VLLM::*: a dead engine process is noticed through "
+        "vLLM's own health check only (seconds, not 0.1 s)",
+    ),
+    Workaround(
+        "engine_errored_flag",
+        "the engine client has no 'errored' flag: a dead engine is noticed through its "
+        "processes and check_health only",
+    ),
+    Workaround(
+        "engine_core_zmq_context",
+        "no ZMQ context on the engine client's engine_core: each restart leaves its "
+        "I/O threads and descriptors until the process exits",
+    ),
+    Workaround(
+        "pyzmq_shadow_context",
+        "pyzmq's shadow context no longer names what it shadows (_shadow_obj): engine "
+        "ZMQ contexts are left to the process exit",
+    ),
+)
+ENGINE_PROCESS_TITLE = "VLLM::"  # EngineCore, Worker_TP1, DPCoordinator...
 
 
 @dataclass(frozen=True)
@@ -124,3 +161,29 @@ def load() -> VLLMServerAPI:
     return VLLMServerAPI(
         version=version, envs=vllm.envs, engine_keyed_caches=keyed, **found, **optional
     )
+
+
+def record_release_workarounds(api: VLLMServerAPI, workarounds: Workarounds) -> None:
+    """The workarounds that the installed release's modules decide (at parse)."""
+    workarounds.record("keyword_check_cache", bool(api.engine_keyed_caches))
+    workarounds.record("keep_alive_env", hasattr(api.envs, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"))
+    workarounds.record("pyzmq_shadow_context", zmq_context.shadow_names_its_owner())
+
+
+def keep_alive_seconds(api: VLLMServerAPI) -> Any:
+    return getattr(api.envs, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", 5)
+
+
+def engine_processes(procs: list[Any], title: Callable[[Any], str]) -> list[Any]:
+    """Those of ``procs`` that are vLLM's engine processes (by the titles vLLM sets)."""
+    return [p for p in procs if ENGINE_PROCESS_TITLE in title(p)]
+
+
+def engine_has_errored(client: Any) -> bool:
+    """vLLM's own verdict on its engine (False where the client has no such flag)."""
+    return bool(getattr(client, "errored", False))
+
+
+def engine_core_contexts(client: Any) -> list[Any]:
+    """The ZMQ contexts of the engine client's core client (``engine_core``)."""
+    return zmq_context.find_contexts(getattr(client, "engine_core", None))

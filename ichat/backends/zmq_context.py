@@ -87,3 +87,21 @@ async def end_contexts(contexts: list[Any], timeout: float = 5.0) -> bool:
         logger.warning("ending the engine's ZMQ context failed: %r", ended.result())
         return False
     return True
+
+
+def shadow_names_its_owner() -> bool:
+    """Whether this pyzmq's shadow context names the context it shadows (``_shadow_obj``),
+    which :func:`find_contexts` follows to the owner; True without pyzmq (nothing to end)."""
+    try:
+        import zmq
+        import zmq.asyncio
+    except ImportError:
+        return True
+    owner = zmq.Context()
+    try:
+        shadow = zmq.asyncio.Context(owner)
+        return bool(getattr(shadow, "_shadow", False)) and (
+            getattr(shadow, "_shadow_obj", None) is owner
+        )
+    finally:
+        owner.term()

@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -18,13 +17,9 @@ from typing import Any
 from ichat.backends import BACKENDS, backend_class
 from ichat.backends.base_backend import BaseBackend
 from ichat.config import WorkerConfig
-from ichat.errors import IChatError, PortInUseError
+from ichat.errors import IChatError
 from ichat.process import reaper
-from ichat.process.signals import captured_signals
-from ichat.worker import metrics
-from ichat.worker.registration import GatewayRegistration, GatewaySettings
-from ichat.worker.status_server import StatusServer
-from ichat.worker.supervisor import Supervisor
+from ichat.worker.worker import Worker
 
 logger = logging.getLogger("ichat.serve")
 
@@ -176,59 +171,6 @@ def parse_args(argv: Sequence[str]) -> tuple[WorkerConfig, list[str], str | None
     return config, engine_argv, help_mode
 
 
-async def serve(
-    supervisor: Supervisor,
-    registration: GatewayRegistration | None = None,
-    leave_timeout: float = 3.0,
-    status: StatusServer | None = None,
-) -> None:
-    """Run the supervised worker until it stops; SIGTERM/SIGINT drain, a second forces.
-
-    With a gateway, the first signal takes the worker out of the gateway (bounded by
-    ``leave_timeout``) before draining starts, so no new request is routed here.
-    """
-    loop = asyncio.get_running_loop()
-    received: asyncio.Queue[signal.Signals] = asyncio.Queue()
-
-    async def act_on_signals() -> None:
-        count = 0
-        while True:
-            sig = await received.get()
-            count += 1
-            if count == 1:
-                logger.info(
-                    "%s received: stopping (in-flight requests may finish within "
-                    "the drain timeout; send it again to force)",
-                    sig.name,
-                )
-                if registration is not None:
-                    registration.leave()
-                    await registration.wait_settled(leave_timeout)
-                supervisor.request_stop()
-            else:
-                logger.warning("%s received again: forcing the stop", sig.name)
-                supervisor.request_stop(force=True)
-
-    if status is not None:
-        try:
-            status.start()
-        except OSError as exc:
-            raise PortInUseError(status.host, status.port, exc) from exc
-    with captured_signals(loop, received), metrics.registered(supervisor.stats):
-        watcher = asyncio.create_task(act_on_signals())
-        membership = None if registration is None else asyncio.create_task(registration.run())
-        try:
-            await supervisor.run()
-        finally:
-            watcher.cancel()
-            if registration is not None and membership is not None:
-                registration.leave()  # a worker that gives up leaves the gateway too
-                await registration.wait_settled(leave_timeout)
-                membership.cancel()
-            if status is not None:
-                status.stop()
-
-
 def configure_logging(level: str) -> None:
     """iChat's own handler on the ``ichat`` logger, as vLLM keeps one on ``vllm``:
     an engine that reconfigures the root logger leaves iChat's lines alone."""
@@ -263,40 +205,23 @@ def main(argv: Sequence[str]) -> int:
             print(cls.engine_help())
         if help_mode is not None:
             return 0
-        run_event_loop(lambda: _serve_new(cls, config, engine_argv))
+        run_event_loop(lambda: run_worker(cls, config, engine_argv))
     except IChatError as exc:
         print(f"ichat serve: error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
 
 
-async def _serve_new(cls: type[BaseBackend], config: WorkerConfig, argv: list[str]) -> None:
-    first = cls(config, argv)  # parses the engine's flags: a bad one fails before any start
-    fresh = iter([first])
+async def run_worker(cls: type[BaseBackend], config: WorkerConfig, argv: list[str]) -> None:
+    """Run a ``Worker`` whose supervisor makes backends of ``cls`` from ``argv``.
+
+    The first backend is made here, so that a bad engine flag fails before anything
+    starts; the supervisor takes it for its first start and makes the next ones."""
+    first: list[BaseBackend] = [cls(config, argv)]
 
     def make_backend() -> BaseBackend:
-        return next(fresh, None) or cls(config, argv)
+        return first.pop() if first else cls(config, argv)
 
-    registration = None
-    if config.gateway_url:
-        registration = GatewayRegistration(
-            GatewaySettings(
-                url=config.gateway_url.rstrip("/"),
-                worker_url=config.advertise_url or config.base_url,
-                model=first.served_model_name(),
-                api_key=config.gateway_api_key,
-            )
-        )
-    supervisor = Supervisor(
-        make_backend, config.restart_policy, restart=config.restart, membership=registration
-    )
-    status = None
-    if config.status_port is not None:
-        status = StatusServer(
-            supervisor.stats,
-            config.host,
-            config.status_port,
-            liveness_grace=config.liveness_grace,
-        )
+    worker = Worker.from_config(config, make_backend, model=first[0].served_model_name())
     with reaper.guarded():  # engine processes die with this process, even on SIGKILL
-        await serve(supervisor, registration, config.gateway_leave_timeout, status)
+        await worker.serve()

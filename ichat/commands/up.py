@@ -28,8 +28,11 @@ from pathlib import Path
 import httpx
 import psutil
 
+from ichat.aio import first_completed
+from ichat.auth import bearer_headers
 from ichat.commands.gateway import GatewayConfig, GatewayProcess
 from ichat.commands.run import run_command
+from ichat.config import StopDeadlines
 from ichat.errors import (
     ConfigError,
     IChatError,
@@ -137,7 +140,7 @@ class Group:
 
     async def wait_routable(self) -> float:
         config = self.config
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        headers = bearer_headers(config.api_key)
         async with httpx.AsyncClient(base_url=config.gateway.url, headers=headers, timeout=5) as c:
 
             async def routable() -> bool:
@@ -160,7 +163,8 @@ class Group:
         for worker in self.workers:
             if worker.poll() is None:
                 worker.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.drain_timeout + 30
+        deadlines = StopDeadlines()
+        deadline = time.monotonic() + self.config.drain_timeout + deadlines.worker_exit
         while any(w.poll() is None for w in self.workers) and time.monotonic() < deadline:
             if not received.empty():
                 logger.warning("signal received again: killing the workers")
@@ -168,7 +172,7 @@ class Group:
             await asyncio.sleep(0.1)
         for worker in self.workers:
             with contextlib.suppress(psutil.NoSuchProcess):
-                processes.terminate([psutil.Process(worker.pid)], timeout=5)
+                processes.terminate([psutil.Process(worker.pid)], deadlines.terminate)
             with contextlib.suppress(ChildProcessError):
                 worker.wait()
         self.gateway.stop()
@@ -184,14 +188,10 @@ async def run_up(config: UpConfig) -> int:
         try:
             await group.gateway.wait_ready(timeout=60)
             group.start_workers(model_path)
-            waiting = asyncio.ensure_future(group.wait_routable())
-            got_signal = asyncio.ensure_future(received.get())
-            await asyncio.wait({waiting, got_signal}, return_when=asyncio.FIRST_COMPLETED)
+            waiting, got_signal = await first_completed(group.wait_routable(), received.get())
             if got_signal.done():
-                waiting.cancel()
                 logger.info("stopping before the workers were ready")
                 return 0
-            got_signal.cancel()
             print_endpoint(config, waiting.result())
             sig = await first_signal(received, group.check_running)
             logger.info("%s received: stopping workers, then the gateway", sig.name)

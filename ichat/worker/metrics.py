@@ -73,6 +73,15 @@ class WorkerCollector:
         for phase, seconds in sorted(s.phase_seconds.items()):
             phases.add_metric([phase], seconds)
         yield phases
+        workarounds = GaugeMetricFamily(
+            "ichat_worker_workaround_missing",
+            "1 for an engine internal iChat reaches for that no longer resolves "
+            "(see /status: workarounds), 0 for one that resolves.",
+            labels=["workaround"],
+        )
+        for name, outcome in sorted(s.workarounds.items()):
+            workarounds.add_metric([name], 0.0 if outcome == "resolved" else 1.0)
+        yield workarounds
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from ichat.aio import first_completed
+from ichat.auth import bearer_headers
 from ichat.errors import GatewayRefused
 
 logger = logging.getLogger("ichat.registration")
@@ -81,7 +83,7 @@ class GatewayRegistration:
     async def run(self) -> None:
         """Reconcile until cancelled; never raises for the gateway's sake."""
         settings = self.settings
-        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        headers = bearer_headers(settings.api_key)
         async with httpx.AsyncClient(
             base_url=settings.url,
             headers=headers,
@@ -120,13 +122,7 @@ class GatewayRegistration:
         if timeout is None:
             await self._changed.wait()
             return
-        waiter = asyncio.ensure_future(self._changed.wait())
-        sleeper = asyncio.ensure_future(self._sleep(timeout))
-        try:
-            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            sleeper.cancel()
+        await first_completed(self._changed.wait(), self._sleep(timeout))
 
     async def _reconcile(self, client: httpx.AsyncClient) -> None:
         if self._want_member:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ichat.aio import first_completed
 from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
 from ichat.errors import CrashLoopError, EngineDiedError, StartupError
 from ichat.restart_policy import CrashHistory, GiveUp, Restart, RestartPolicy
@@ -53,6 +54,9 @@ class WorkerStats:
     last_death_detected_unix: float | None = None
     last_restart_to_ready_s: float | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # where the backends reach into the engine's internals: name -> "resolved", or
+    # "missing: <what degrades>" (see ichat.backends.compat.Workarounds)
+    workarounds: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +142,7 @@ class Supervisor:
                 if self.membership is not None:
                     self.membership.leave()
                 self.stats.phase_seconds.update(backend.phase_seconds)
+                self.stats.workarounds.update(backend.workarounds.status())
             if self._stop.is_set():
                 break  # nothing reclaimed: the process exits (faster with a frozen heap)
             self._reclaim()
@@ -167,6 +172,7 @@ class Supervisor:
         self.stats.state = WorkerState.READY
         self.stats.last_ready_unix = self._wall_clock()
         self.stats.phase_seconds.update(backend.phase_seconds)  # this start's phases
+        self.stats.workarounds.update(backend.workarounds.status())
         if died_at is not None:
             self.stats.last_restart_to_ready_s = now - died_at
             logger.info("serving again %.2f s after the engine death was detected", now - died_at)
@@ -190,13 +196,7 @@ class Supervisor:
         self.stats.state = WorkerState.RESTARTING
         self.stats.phase_seconds["restart_delay"] = decision.delay
         logger.warning("engine died; restart %d in %.2f s", self.stats.restarts + 1, decision.delay)
-        sleeper = asyncio.ensure_future(self._sleep(decision.delay))
-        stopper = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            stopper.cancel()
+        await first_completed(self._sleep(decision.delay), self._stop.wait())
         if not self._stop.is_set():
             self.stats.restarts += 1
             self.stats.state = WorkerState.STARTING

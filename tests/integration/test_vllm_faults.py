@@ -66,6 +66,20 @@ def test_worker_metrics_are_served_next_to_the_engines(worker: Worker) -> None:
     assert metric(worker, "ichat_worker_restarts_total") == 0
 
 
+def test_every_vllm_workaround_resolves_in_the_installed_release(
+    worker: Worker, status_port: int
+) -> None:
+    """Each place iChat reaches into vLLM's internals still resolves: a vLLM upgrade
+    that moves one fails here instead of degrading silently."""
+    from ichat.backends.vllm_compat import WORKAROUNDS
+
+    status = httpx.get(f"http://127.0.0.1:{status_port}/status", timeout=5).json()
+    assert status["workarounds"] == {w.name: "resolved" for w in WORKAROUNDS}
+    assert 'ichat_worker_workaround_missing{workaround="engine_process_titles"} 0.0' in (
+        httpx.get(f"{worker.url}/metrics", timeout=10).text
+    )
+
+
 def probe_codes(status_port: int) -> tuple[int, int]:
     """(/readyz, /livez) status codes of the worker's always-on status server."""
     base = f"http://127.0.0.1:{status_port}"

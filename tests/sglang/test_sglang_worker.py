@@ -121,6 +121,17 @@ def test_the_status_endpoints_report_ready(worker: SGLangWorker) -> None:
     assert "ichat_worker_restarts_total 0.0" in worker.status("/metrics").text
 
 
+def test_every_sglang_workaround_resolves_in_the_installed_release(
+    worker: SGLangWorker,
+) -> None:
+    """Each place iChat reaches into SGLang's internals still resolves: an SGLang upgrade
+    that moves one fails here instead of degrading silently."""
+    from ichat.backends.sglang_compat import WORKAROUNDS
+
+    workarounds = worker.status("/status").json()["workarounds"]
+    assert workarounds == {w.name: "resolved" for w in WORKAROUNDS}
+
+
 def test_kill_9_of_the_scheduler_is_detected_within_1s_and_the_worker_serves_again(
     worker: SGLangWorker,
 ) -> None:

@@ -10,11 +10,11 @@ import time
 import pytest
 
 from ichat.backends.base_backend import BackendState
-from ichat.commands.serve import serve
 from ichat.config import WorkerConfig
 from ichat.errors import EngineDiedError, IChatError
 from ichat.process.processes import free_port
 from ichat.worker.supervisor import Supervisor
+from ichat.worker.worker import Worker
 
 from .fake_backend import FakeBackend
 
@@ -24,7 +24,7 @@ def test_sigterm_stops_the_worker_and_restores_handlers() -> None:
     backend = FakeBackend(WorkerConfig(port=free_port(), health_interval=0.05))
 
     async def main() -> None:
-        task = asyncio.create_task(serve(Supervisor(lambda: backend)))
+        task = asyncio.create_task(Worker(Supervisor(lambda: backend)).serve())
         await backend.wait_for_server_ready(timeout=30)
         os.kill(os.getpid(), signal.SIGTERM)  # recorded by the handler, acted on by the loop
         await asyncio.wait_for(task, 10)
@@ -38,7 +38,7 @@ def test_engine_death_propagates_out_of_serve_without_restart() -> None:
     backend = FakeBackend(WorkerConfig(port=free_port(), health_interval=0.05))
 
     async def main() -> None:
-        task = asyncio.create_task(serve(Supervisor(lambda: backend, restart=False)))
+        task = asyncio.create_task(Worker(Supervisor(lambda: backend, restart=False)).serve())
         await backend.wait_for_server_ready(timeout=30)
         backend.dead = True
         await asyncio.wait_for(task, 10)
@@ -123,3 +123,59 @@ def test_first_signal_returns_the_signal_or_what_the_check_raises() -> None:
             raise AssertionError("the check's exception did not end the wait")
 
     asyncio.run(main())
+
+
+def test_a_second_signal_forces_the_stop() -> None:
+    class Recording:
+        def __init__(self) -> None:
+            self.calls: list[bool] = []
+
+        def request_stop(self, *, force: bool = False) -> None:
+            self.calls.append(force)
+
+    supervisor = Recording()
+    worker = Worker(supervisor)  # type: ignore[arg-type]
+    worker.handle_signal(signal.SIGTERM)
+    assert (worker.should_exit, worker.force_exit, supervisor.calls) == (True, False, [])
+    worker.handle_signal(signal.SIGINT)
+    assert (worker.force_exit, supervisor.calls) == (True, [True])
+
+
+def test_the_worker_leaves_the_gateway_before_it_drains() -> None:
+    order: list[str] = []
+
+    class Membership:
+        def leave(self) -> None:
+            order.append("leave")
+
+        def join(self) -> None:
+            order.append("join")
+
+        async def wait_settled(self, timeout: float) -> bool:
+            order.append("settled")
+            return True
+
+        async def run(self) -> None:
+            await asyncio.Event().wait()
+
+    backend = FakeBackend(WorkerConfig(port=free_port(), health_interval=0.05))
+    original_stop = backend.request_stop
+
+    def request_stop(*, force: bool = False) -> None:
+        order.append("drain")
+        original_stop(force=force)
+
+    backend.request_stop = request_stop  # type: ignore[method-assign]
+    membership = Membership()
+    supervisor = Supervisor(lambda: backend, membership=membership)
+
+    async def main() -> None:
+        worker = Worker(supervisor, registration=membership)  # type: ignore[arg-type]
+        task = asyncio.create_task(worker.serve())
+        await backend.wait_for_server_ready(timeout=30)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    assert order.index("settled") < order.index("drain")
+    assert order[order.index("join") :].count("leave") >= 1

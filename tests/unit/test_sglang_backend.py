@@ -9,21 +9,28 @@ from types import SimpleNamespace
 
 import pytest
 
-from ichat.backends.sglang_backend import (
-    FailureReport,
-    SGLangBackend,
-    _signals_stay_with_the_worker,
-)
+from ichat.backends import sglang_compat
+from ichat.backends.compat import Workarounds
+from ichat.backends.sglang_backend import FailureReport, SGLangBackend
 from ichat.errors import ConfigError
 
 
 def test_the_loop_keeps_the_workers_signal_handlers_while_sglang_adds_its_own() -> None:
+    workarounds = Workarounds("sglang", sglang_compat.WORKAROUNDS)
+
     async def main() -> list[str]:
         loop = asyncio.get_running_loop()
         seen: list[str] = []
         loop.add_signal_handler(signal.SIGUSR1, seen.append, "worker")
-        with _signals_stay_with_the_worker(loop):
-            loop.add_signal_handler(signal.SIGUSR1, seen.append, "sglang")  # declined
+
+        class TokenizerManager:  # adds its handler as SGLang's does
+            def auto_create_handle_loop(self) -> None:
+                asyncio.get_running_loop().add_signal_handler(
+                    signal.SIGUSR1, seen.append, "sglang"
+                )
+
+        launched = sglang_compat.Launched(TokenizerManager(), None, {}, None)
+        sglang_compat.start_tokenizer_manager_loop(launched, workarounds)  # declined
         signal.raise_signal(signal.SIGUSR1)
         await asyncio.sleep(0.05)
         # the loop's own method is back: a handler added afterwards takes effect
@@ -34,6 +41,7 @@ def test_the_loop_keeps_the_workers_signal_handlers_while_sglang_adds_its_own() 
         return seen
 
     assert asyncio.run(main()) == ["worker", "later"]
+    assert workarounds.status() == {"loop_signal_handlers_declined": "resolved"}
 
 
 def test_a_failure_report_only_records_and_travels_with_the_server_args() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from ichat.backends.compat import Workarounds
 from ichat.errors import CrashLoopError, EngineDiedError, StartupError
 from ichat.restart_policy import RestartPolicy
 from ichat.worker.supervisor import Supervisor, WorkerState
@@ -27,6 +28,7 @@ class ScriptedBackend:
         self.engine_dead_event = asyncio.Event()
         self.log: list[str] = []
         self.phase_seconds = {"engine_start": 1.0}
+        self.workarounds = Workarounds("scripted", ())
         self.monitor = None
         self._stopped = asyncio.Event()
         self.stop_calls: list[bool] = []

@@ -43,7 +43,7 @@ class WorkerConfig:
     backend: str = "vllm"
     host: str = "127.0.0.1"
     port: int = 8000
-    # None: iChat logs at info, the engine keeps its own default level.
+    # None: iChat logs at info, the engine its warnings and errors only (engine_log_level).
     log_level: str | None = None
     # Readiness: give up on a backend that is not healthy after this many seconds.
     ready_timeout: float = 1800.0
@@ -68,6 +68,12 @@ class WorkerConfig:
     status_port: int | None = None
     liveness_grace: float = 600.0
     deadlines: StopDeadlines = field(default_factory=StopDeadlines)
+
+    @property
+    def engine_log_level(self) -> str:
+        """The engine's (and its HTTP server's) log level: ``log_level`` when given,
+        else "warning" (the engine's full log is ``--log-level info`` away)."""
+        return self.log_level or "warning"
 
     @property
     def client_host(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,6 +117,23 @@ def start_worker(tmp_path: Path, *args: str, backend: str = "vllm") -> Iterator[
             with contextlib.suppress(psutil.NoSuchProcess):
                 leftover.kill()
         reap_zombies()
+
+
+ENGINE_INFO_LINE = re.compile(r"\) INFO \d\d-\d\d ")  # vLLM's "(EngineCore pid=1) INFO 12-01"
+
+
+def console_noise(output: str) -> list[str]:
+    """Lines a user should not see by default: leak reports at exit (triton's nanobind
+    bindings, multiprocessing's resource tracker), the engine's info lines, the HTTP
+    access log."""
+    return [
+        line
+        for line in output.splitlines()
+        if "nanobind" in line
+        or "resource_tracker" in line
+        or ENGINE_INFO_LINE.search(line)
+        or 'HTTP/1.1" 200' in line
+    ]
 
 
 def vllm_processes(root_pid: int | None = None) -> list[psutil.Process]:

@@ -61,6 +61,7 @@ class BaseBackend(abc.ABC):
     """Run one engine in this process and serve its HTTP app until stopped."""
 
     engine_name: ClassVar[str]
+    engine_package: ClassVar[str]  # the engine's top-level package ("vllm")
     # where the engine's compat module reaches into its internals (recorded per backend)
     WORKAROUNDS: ClassVar[tuple[Workaround, ...]] = ()
 
@@ -197,6 +198,12 @@ class BaseBackend(abc.ABC):
     def engine_help(cls) -> str:
         """The engine's own ``--help`` text (imports the engine)."""
 
+    @classmethod
+    def engine_environment(cls, config: WorkerConfig) -> dict[str, str]:
+        """Environment the engine reads at import (and its processes inherit), set by
+        the CLI before the engine is imported unless the user set it (default: none)."""
+        return {}
+
     @abc.abstractmethod
     def parse_args(self, config: WorkerConfig, argv: list[str]) -> Any:
         """Parse ``argv`` with the engine's own parser; merge the framework settings."""
@@ -299,7 +306,7 @@ class BaseBackend(abc.ABC):
         )
         app = await self.build_app()
         options = self.uvicorn_options()
-        options.setdefault("log_level", config.log_level or "info")
+        options.setdefault("log_level", config.engine_log_level)
         self._server = make_server(app, drain_timeout=config.drain_timeout, **options)
         self.on_server_created(self._server)
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))

@@ -69,6 +69,7 @@ class FailureReport:
 
 class SGLangBackend(BaseBackend):
     engine_name = "sglang"
+    engine_package = "sglang"
     WORKAROUNDS = sglang_compat.WORKAROUNDS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -98,8 +99,7 @@ class SGLangBackend(BaseBackend):
         # SGLang's alias of --model-path).
         check_model_path(flag_value(argv, "--model-path") or flag_value(argv, "--model"))
         framework = ["--host", config.host, "--port", str(config.port)]
-        if config.log_level is not None:
-            framework += ["--log-level", LOG_LEVELS.get(config.log_level, "info")]
+        framework += ["--log-level", LOG_LEVELS.get(config.engine_log_level, "info")]
         try:  # SGLang's parsing, then its own checks (resolve_once: newer releases)
             server_args = api.prepare_server_args([*argv, *framework])  # the last one wins
             self._reject_unsupported_modes(server_args)

@@ -32,8 +32,14 @@ logger = logging.getLogger("ichat.vllm")
 WARMUP_PROMPT = "Hello"
 
 
+def vllm_log_level(config: WorkerConfig) -> str:
+    level = config.engine_log_level
+    return ("debug" if level == "trace" else level).upper()
+
+
 class VLLMBackend(BaseBackend):
     engine_name = "vllm"
+    engine_package = "vllm"
     WORKAROUNDS = vllm_compat.WORKAROUNDS
     # iChat's unified names -> vLLM's own flags.
     FLAG_NAMES: ClassVar[dict[str, str]] = {
@@ -76,9 +82,8 @@ class VLLMBackend(BaseBackend):
         if getattr(args, "model_tag", None):
             args.model = args.model_tag
         args.host, args.port = config.host, config.port
-        if config.log_level is not None and api.configure_logging_from_args is not None:
-            level = "debug" if config.log_level == "trace" else config.log_level
-            args.log_level = level.upper()  # vLLM >= 0.32 has --log-level of its own
+        if api.configure_logging_from_args is not None:  # vLLM >= 0.32: --log-level
+            args.log_level = vllm_log_level(config)
         self._reject_unsupported_modes(args)
         check_model_path(args.model)
         try:
@@ -105,6 +110,11 @@ class VLLMBackend(BaseBackend):
             )
         if hasattr(args, "api_server_count"):
             args.api_server_count = 1
+
+    @classmethod
+    def engine_environment(cls, config: WorkerConfig) -> dict[str, str]:
+        # read when vLLM is imported (0.26 has no --log-level) and by its processes
+        return {"VLLM_LOGGING_LEVEL": vllm_log_level(config)}
 
     # ---------------------------------------------------------------------- hooks
 
@@ -135,7 +145,16 @@ class VLLMBackend(BaseBackend):
         context (2 I/O threads, a reaper, 7 descriptors) to the process exit."""
         await zmq_context.end_contexts([c for c in self._zmq_contexts if not c.closed])
 
+    def _watch_engine_processes(self) -> list[psutil.Process]:
+        """vLLM's own processes among those the engine start left (by their titles)."""
+        self._watched = watched = vllm_compat.engine_processes(self.engine_processes, title)
+        if self.engine_processes:  # none: the engine runs in this process
+            self.workarounds.record("engine_process_titles", bool(watched))
+        logger.debug("watching engine processes %s", [p.pid for p in watched])
+        return watched
+
     async def build_app(self) -> Any:
+        self._watch_engine_processes()  # the engine's processes are recorded by now
         client, args = self._engine_client, self._backend_args
         if hasattr(client, "get_supported_tasks"):
             self._supported_tasks = tuple(await client.get_supported_tasks())
@@ -168,7 +187,7 @@ class VLLMBackend(BaseBackend):
             "ssl_ca_certs": args.ssl_ca_certs,
             "ssl_cert_reqs": args.ssl_cert_reqs,
         }
-        if getattr(args, "uvicorn_log_level", None):
+        if getattr(args, "uvicorn_log_level", "info") != "info":  # vLLM's default: ours
             options["log_level"] = args.uvicorn_log_level
         for name in ("ssl_ciphers", "h11_max_incomplete_event_size"):
             if getattr(args, name, None) is not None:
@@ -213,12 +232,8 @@ class VLLMBackend(BaseBackend):
     def check_engine_processes(self) -> None:
         if self._engine_client is None:
             return
-        if self._watched is None:
-            self._watched = vllm_compat.engine_processes(self.engine_processes, title)
-            if self.engine_processes:  # none: the engine runs in this process
-                self.workarounds.record("engine_process_titles", bool(self._watched))
-            logger.info("watching engine processes %s", [p.pid for p in self._watched])
-        dead = not_running(self._watched)
+        watched = self._watched if self._watched is not None else self._watch_engine_processes()
+        dead = not_running(watched)
         if dead:
             # vLLM itself may take seconds to notice a dead tensor-parallel worker.
             raise EngineDiedError(f"vLLM engine process {dead[0].pid} exited")

@@ -140,16 +140,31 @@ class GatewayProcess:
         if proc is not None and proc.poll() is not None:
             raise GatewayError(f"the gateway exited unexpectedly with code {proc.returncode}")
 
+    async def drain(self, received: asyncio.Queue[signal.Signals]) -> None:
+        """SMG's own drain, then ``stop()``: SIGTERM, and SMG keeps its listener open
+        5 s for load balancers to notice, then lets the requests in flight finish, for
+        at most the grace period; a signal received meanwhile ends the wait at once."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            logger.info("gateway draining (a second signal stops it at once)")
+            while proc.poll() is None and received.empty():
+                if time.monotonic() - t0 > self.config.shutdown_grace:
+                    break
+                await asyncio.sleep(0.05)
+            logger.info("gateway drained for %.2f s", time.monotonic() - t0)
+        self.stop()
+
     def stop(self) -> None:
-        """SIGTERM, SIGKILL of the tree after the grace period; nothing is left."""
+        """SIGKILL of the tree at once, reaped: nothing is left. For a gateway whose
+        workers are gone (``ichat up`` stops them first) or that drained already."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         t0 = time.monotonic()
         with contextlib.suppress(psutil.NoSuchProcess):
-            left = processes.terminate(
-                [psutil.Process(proc.pid)], timeout=self.config.shutdown_grace
-            )
+            left = processes.kill([psutil.Process(proc.pid)])
             if left:
                 logger.error("gateway processes still running after SIGKILL: %s", left)
         with contextlib.suppress(ChildProcessError):
@@ -201,7 +216,7 @@ async def run_gateway(config: GatewayConfig) -> int:
             sig = await first_signal(received, gateway.check_running)
             logger.info("%s received: stopping the gateway", sig.name)
         finally:
-            gateway.stop()
+            await gateway.drain(received)
     return 0
 
 

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -198,18 +199,46 @@ def main(argv: Sequence[str]) -> int:
     configure_logging(config.log_level or "info")
     if help_mode is not None:
         build_parser().print_help()
+    code = 0
     try:
         cls = backend_class(config.backend)
+        for name, value in cls.engine_environment(config).items():
+            os.environ.setdefault(name, value)  # the user's own setting wins
         if help_mode == "engine":
             print(f"\n{config.backend} engine flags (passed through unchanged):\n")
             print(cls.engine_help())
-        if help_mode is not None:
-            return 0
-        run_event_loop(lambda: run_worker(cls, config, engine_argv))
+        if help_mode is None:
+            run_event_loop(lambda: run_worker(cls, config, engine_argv))
     except IChatError as exc:
         print(f"ichat serve: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+        code = exc.exit_code
+    if any(loaded.engine_package in sys.modules for loaded in backend_classes_loaded()):
+        exit_skipping_finalization(code)
+    return code
+
+
+def backend_classes_loaded() -> list[type[BaseBackend]]:
+    """The backend classes whose modules this process imported."""
+    return [
+        getattr(sys.modules[module], name)
+        for module, name in BACKENDS.values()
+        if module in sys.modules
+    ]
+
+
+def exit_skipping_finalization(code: int) -> None:
+    """Exit once everything is stopped, without the interpreter's finalization.
+
+    An engine leaves its extension modules loaded: at finalization triton's nanobind
+    bindings print a report of every object still alive (several hundred lines), and
+    the final collection walks the engine's whole heap (seconds). The engine and its
+    processes are stopped and reaped by now, and iChat's own output is flushed here;
+    what finalization would still do is that noise and that wait (``os._exit``, as
+    gunicorn's and multiprocessing's workers end)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def run_worker(cls: type[BaseBackend], config: WorkerConfig, argv: list[str]) -> None:

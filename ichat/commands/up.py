@@ -175,7 +175,7 @@ class Group:
                 processes.terminate([psutil.Process(worker.pid)], deadlines.terminate)
             with contextlib.suppress(ChildProcessError):
                 worker.wait()
-        self.gateway.stop()
+        self.gateway.stop()  # no worker left to route to: nothing to drain
 
 
 async def run_up(config: UpConfig) -> int:

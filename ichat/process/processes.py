@@ -97,6 +97,16 @@ def terminate(procs: Iterable[psutil.Process], timeout: float = 5.0) -> list[psu
     return wait_stopped(alive, timeout)
 
 
+def kill(procs: Iterable[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
+    """SIGKILL ``procs`` and their descendants at once (for a process with nothing left
+    to finish); return those still alive after ``timeout`` (should be none)."""
+    targets = [p for p in with_descendants(procs) if p.pid != os.getpid()]
+    for proc in targets:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
+    return wait_stopped(targets, timeout)
+
+
 def wait_stopped(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Wait until each of ``procs`` exited; return those still running at ``timeout``.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing.resource_tracker
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -86,4 +87,37 @@ def unlink_left_behind(
                     removed.append(entry.path)
     if removed:
         logger.info("removed shared memory the engine left: %s", ", ".join(removed))
+        forget_in_resource_tracker(removed)
     return removed
+
+
+def tracker_names(paths: Iterable[str]) -> list[tuple[str, str]]:
+    """``(name, resource type)`` of those of ``paths`` that multiprocessing created and
+    registered with its resource tracker: ``SharedMemory`` segments (``psm_*``) and its
+    semaphores (``sem.mp-*``), under the names the tracker knows them by."""
+    found = []
+    for path in paths:
+        name = path.removeprefix(SHM_DIR)
+        if name.startswith("psm_"):
+            found.append(("/" + name, "shared_memory"))
+        elif name.startswith("sem.mp-"):
+            found.append(("/" + name.removeprefix("sem."), "semaphore"))
+    return found
+
+
+def forget_in_resource_tracker(removed: Iterable[str]) -> None:
+    """Tell this process's resource tracker that ``removed`` are gone: it would
+    otherwise try to unlink them again when the worker exits and warn about each
+    ("leaked semaphore objects", "No such file or directory"). Only a tracker that
+    already runs as this process's child is told (telling would start one)."""
+    if not any(_is_resource_tracker(p) for p in psutil.Process().children()):
+        return
+    for name, rtype in tracker_names(removed):
+        multiprocessing.resource_tracker.unregister(name, rtype)
+
+
+def _is_resource_tracker(proc: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False

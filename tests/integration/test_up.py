@@ -12,7 +12,14 @@ import pytest
 
 from ichat.process.processes import free_port, port_is_free
 from tests.probe import OutputFollower
-from tests.support import CONTEXT_LENGTH, MODEL_NAME, ichat_cmd, our_processes, reap_zombies
+from tests.support import (
+    CONTEXT_LENGTH,
+    MODEL_NAME,
+    console_noise,
+    ichat_cmd,
+    our_processes,
+    reap_zombies,
+)
 
 pytest.importorskip("smg", reason="`ichat up` needs smg (ichat[gateway])")
 
@@ -58,6 +65,7 @@ def test_ichat_up_serves_through_the_gateway_and_ctrl_c_leaves_nothing(model_dir
     reap_zombies()
     out = follower.output()
     assert code == 0, out[-3000:]
+    assert console_noise(out) == []  # no leak report, engine info line or access log
     assert 0 <= out.find("deregistered") < out.find("gateway stopped")  # workers leave first
     assert not our_processes()
     assert port_is_free("127.0.0.1", port) and port_is_free("127.0.0.1", worker_port)

@@ -19,6 +19,7 @@ import pytest
 
 from ichat.process.processes import free_port, title
 from tests.support import (
+    ENGINE_INFO_LINE,
     MODEL_NAME,
     RESTART_PHASES,
     Worker,
@@ -54,9 +55,17 @@ def worker(
         "20",
         "--status-port",
         str(status_port),
+        "--log-level",
+        "info",  # the engine's full log
     ) as w:
         w.wait_ready()
         yield w
+
+
+def test_log_level_info_shows_the_engines_full_log(worker: Worker) -> None:
+    lines = worker.output().splitlines()
+    assert [line for line in lines if ENGINE_INFO_LINE.search(line)]
+    assert [line for line in lines if 'GET /health HTTP/1.1" 200' in line]  # access log
 
 
 def test_worker_metrics_are_served_next_to_the_engines(worker: Worker) -> None:

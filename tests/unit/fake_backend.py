@@ -19,6 +19,7 @@ from ichat.errors import EngineDiedError
 
 class FakeBackend(BaseBackend):
     engine_name = "fake"
+    engine_package = "fake_engine"
 
     def __init__(
         self,

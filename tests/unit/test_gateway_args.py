@@ -48,3 +48,33 @@ def test_up_workers_get_ports_the_gateway_url_the_key_and_engine_flags() -> None
 def test_up_refuses_zero_workers() -> None:
     with pytest.raises(ConfigError):
         up.parse_args(["--workers", "0"])
+
+
+def test_a_second_signal_ends_the_gateways_drain_at_once() -> None:
+    import asyncio
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ichat.commands.gateway import GatewayConfig, GatewayProcess
+
+    ignores_sigterm = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+        "print(flush=True); time.sleep(60)"
+    gateway = GatewayProcess(GatewayConfig(shutdown_grace=30))
+    proc = subprocess.Popen([sys.executable, "-c", ignores_sigterm], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline()  # its handler is set
+    gateway.proc = proc
+
+    async def main() -> float:
+        received: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, received.put_nowait, signal.SIGINT)
+        t0 = time.monotonic()
+        await gateway.drain(received)
+        return time.monotonic() - t0
+
+    waited = asyncio.run(main())
+    assert proc.poll() is not None  # gone (reaped by the kill's wait)
+    assert waited < 10  # killed after the second signal, not waited out for 30 s
+    assert gateway.proc is None

@@ -48,3 +48,27 @@ def test_stop_gracefully_terminates_and_kills_what_ignores_sigterm() -> None:
     assert processes.stop_gracefully(stubborn, timeout=0.5) == -signal.SIGKILL
     assert time.monotonic() - t0 < 5
     stubborn.stdout.close()
+
+
+def test_kill_ends_a_process_tree_at_once() -> None:
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from ichat.process.processes import kill
+
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', " \
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)']);" \
+        " time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(0.5)
+    tree = [psutil.Process(parent.pid), *psutil.Process(parent.pid).children()]
+    assert len(tree) == 2
+    t0 = time.monotonic()
+    assert kill([psutil.Process(parent.pid)]) == []
+    assert time.monotonic() - t0 < 5  # SIGKILL: no SIGTERM grace to wait out
+    parent.wait(5)
+    for proc in tree[1:]:
+        assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE

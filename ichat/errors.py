@@ -9,8 +9,10 @@
     │   └── ReadinessTimeoutError
     ├── EngineDiedError             exit 4  the engine died after it was ready
     ├── CrashLoopError              exit 5  it kept dying: the supervisor gave up
-    └── GatewayError                exit 6  the gateway (SMG) cannot start or answers wrong
-        └── GatewayRefused                  a control-plane call got an unexpected status
+    ├── GatewayError                exit 6  the gateway (SMG) cannot start or answers wrong
+    │   └── GatewayRefused                  a control-plane call got an unexpected status
+    └── WorkerExitedError           exit 2-5 (the worker's own) or 7: ``ichat up``'s worker
+                                            exited on its own
 
 Engine exceptions are translated into these at the backend boundary with
 ``raise X(...) from exc``; only the CLI turns them into exit codes.
@@ -58,7 +60,8 @@ class PortInUseError(StartupError):
     """The listening address is taken; found before the engine starts."""
 
     def __init__(self, host: str, port: int, cause: BaseException | None = None) -> None:
-        super().__init__(f"port {port} on {host or '0.0.0.0'} is already in use ({cause})")
+        reason = f" ({cause})" if cause is not None else ""
+        super().__init__(f"port {port} on {host or '0.0.0.0'} is already in use{reason}")
         self.host = host
         self.port = port
 
@@ -93,3 +96,19 @@ class GatewayRefused(GatewayError):
     def __init__(self, call: str, status: int, text: str) -> None:
         super().__init__(f"{call} -> HTTP {status} {text[:200]}")
         self.status = status
+
+
+class WorkerExitedError(IChatError):
+    """A worker of ``ichat up`` exited on its own. ``ichat up`` exits with the worker's
+    code when it is one of iChat's (2 configuration, 3 boot failure, 4 died without
+    restart, 5 crash loop), else with 7 (killed by a signal, or an unknown code)."""
+
+    OWN_CODES = (2, 3, 4, 5)
+    OTHER = 7
+
+    def __init__(self, index: int, returncode: int) -> None:
+        how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+        super().__init__(f"worker {index} exited ({how}); see its log above")
+        self.index = index
+        self.returncode = returncode
+        self.exit_code = returncode if returncode in self.OWN_CODES else self.OTHER

@@ -93,6 +93,7 @@ class BaseBackend(abc.ABC):
         self._engine_procs: list[psutil.Process] = []
         self._engine_shm: set[shared_memory.Mapped] = set()  # /dev/shm files it mapped
         self._stop_requested = False
+        self._stop_requested_at: float | None = None  # the drain starts here (monotonic)
         self._finished = asyncio.Event()
         self._ran = False
 
@@ -160,6 +161,8 @@ class BaseBackend(abc.ABC):
     def request_stop(self, *, force: bool = False) -> None:
         """Ask ``run()`` to stop: drain in-flight requests, or close them (``force``)."""
         self._stop_requested = True
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()
         if self._server is not None:
@@ -178,18 +181,27 @@ class BaseBackend(abc.ABC):
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
-        procs = processes.with_descendants([*self._engine_procs, *self._new_children()])
+        self.stop_engine_processes()
         self._engine_procs = []
         self._children_before = None
-        if procs:
-            survivors = processes.terminate(procs, self.framework_args.deadlines.terminate)
-            if survivors:
-                logger.error("could not stop processes: %s", [p.pid for p in survivors])
         self.kill_engine_processes()
         if self._engine_shm:
             me = psutil.Process()
             shared_memory.unlink_left_behind(self._engine_shm, [me, *processes.children()])
             self._engine_shm = set()
+
+    def stop_engine_processes(self, *, at_once: bool = False) -> None:
+        """SIGTERM the engine's processes (those that appeared while it started, and
+        since) with their descendants, SIGKILL what is left after the deadline, wait;
+        ``at_once``: SIGKILL them at once. This process's other children (the orphan
+        guard, multiprocessing's resource tracker) are left alone."""
+        procs = processes.with_descendants([*self._engine_procs, *self._new_children()])
+        if procs:
+            deadline = self.framework_args.deadlines.terminate
+            stop = processes.kill if at_once else processes.terminate
+            survivors = stop(procs, deadline)
+            if survivors:
+                logger.error("could not stop processes: %s", [p.pid for p in survivors])
 
     # ---------------------------------------------------------------------- hooks
 
@@ -211,6 +223,10 @@ class BaseBackend(abc.ABC):
     @abc.abstractmethod
     def served_model_name(self) -> str:
         """The model name clients send (what the gateway routes by)."""
+
+    def api_key(self) -> str | None:
+        """The key the engine's API requires (``Authorization: Bearer``), if any."""
+        return None
 
     def bind_socket(self) -> socket.socket:
         """Create and bind the listening socket before the engine starts."""
@@ -392,9 +408,11 @@ class BaseBackend(abc.ABC):
             await _settle(self._monitor_task, deadlines.monitor_stop, "health monitor")
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
-            t0 = time.monotonic()
+            # the server has been draining since the stop was requested, if it was
+            t0 = self._stop_requested_at or time.monotonic()
             drain = config.drain_timeout + deadlines.drain_grace
-            done, _ = await asyncio.wait({self._server_task}, timeout=drain)
+            left = t0 + drain - time.monotonic()
+            done, _ = await asyncio.wait({self._server_task}, timeout=max(left, 0.0))
             if not done:
                 logger.warning("HTTP server still draining after %.0f s; forcing", drain)
                 self._server.force_exit = True

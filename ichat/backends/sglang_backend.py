@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -154,15 +153,10 @@ class SGLangBackend(BaseBackend):
         launched = self._launched
         if launched is not None:
             sglang_compat.cancel_tokenizer_manager_tasks(launched)
-        # SGLang's own cleanup: every child of this process, waited for (bounded by the
-        # caller; cleanup() kills what is left)
-        await asyncio.to_thread(
-            sglang_compat.call_with,
-            self._api.kill_process_tree,
-            parent_pid=os.getpid(),
-            include_parent=False,
-            wait_timeout=20,  # 0.5.16+; older releases do not wait
-        )
+        # Exactly the engine's processes, SIGKILLed and waited for, as SGLang's own
+        # cleanup does; not its kill_process_tree(this process), which kills every
+        # child of the worker, the orphan guard and multiprocessing's tracker included.
+        await asyncio.to_thread(self.stop_engine_processes, at_once=True)
         if launched is not None:  # its ZMQ context and sockets (3 threads, 9 descriptors)
             manager = launched.tokenizer_manager
             await zmq_context.end_contexts(zmq_context.find_contexts(manager))
@@ -223,8 +217,11 @@ class SGLangBackend(BaseBackend):
         args = self._backend_args
         return str(args.served_model_name or args.model_path)
 
+    def api_key(self) -> str | None:
+        return self._backend_args.api_key or None
+
     def _auth_headers(self) -> dict[str, str]:
-        return bearer_headers(self._backend_args.api_key)
+        return bearer_headers(self.api_key())
 
     async def probe_ready(self, client: httpx.AsyncClient) -> bool:
         """SGLang's model info answers (``/model_info``; ``/get_model_info`` before)."""

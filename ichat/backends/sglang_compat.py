@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib.util
 import inspect
 import logging
@@ -41,7 +40,6 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "set_global_state": (HTTP_SERVER,),
     "_GlobalState": (HTTP_SERVER,),
     "add_api_key_middleware": ("sglang.srt.utils.auth", "sglang.srt.utils"),
-    "kill_process_tree": ("sglang.srt.utils", "sglang.srt.utils.common"),
 }
 OPTIONAL: dict[str, tuple[str, ...]] = {
     # 0.5.23: admin-only endpoints need the auth middleware even without a key
@@ -116,7 +114,6 @@ class SGLangServerAPI:
     set_global_state: Callable[[Any], None]
     _GlobalState: type[Any]
     add_api_key_middleware: Callable[..., None]
-    kill_process_tree: Callable[..., None]
     app_has_admin_force_endpoints: Callable[[Any], bool] | None
     set_uvicorn_logging_configs: Callable[[Any], None] | None
     envs: Any
@@ -192,12 +189,16 @@ def launch(api: SGLangServerAPI, server_args: Any) -> Launched:
 
 def record_release_workarounds(api: SGLangServerAPI, workarounds: Workarounds) -> None:
     """The workarounds that the installed release's modules decide (at parse)."""
-    fields = {f.name for f in dataclasses.fields(api.ServerArgs)}
-    workarounds.record("custom_sigquit_handler", "custom_sigquit_handler" in fields)
-    workarounds.record("skip_server_warmup", "skip_server_warmup" in fields)
+    for field in ("custom_sigquit_handler", "skip_server_warmup"):
+        workarounds.record(field, _declares(api.ServerArgs, field))
     keep_alive = getattr(api.envs, "SGLANG_TIMEOUT_KEEP_ALIVE", None)
     workarounds.record("keep_alive_env", callable(getattr(keep_alive, "get", None)))
     workarounds.record("pyzmq_shadow_context", zmq_context.shadow_names_its_owner())
+
+
+def _declares(cls: type[Any], field: str) -> bool:
+    """Whether ``cls`` declares ``field`` (a dataclass, or a msgspec Struct as in 0.5.23)."""
+    return any(field in getattr(klass, "__annotations__", {}) for klass in cls.__mro__)
 
 
 def record_launch_workarounds(launched: Launched, workarounds: Workarounds) -> None:

@@ -210,11 +210,13 @@ class VLLMBackend(BaseBackend):
         names = args.served_model_name or [args.model]
         return str(names[0] if isinstance(names, list) else names)
 
+    def api_key(self) -> str | None:
+        key = getattr(self._backend_args, "api_key", None) or os.environ.get("VLLM_API_KEY")
+        return str(key[0] if isinstance(key, list) else key) if key else None
+
     async def warmup(self, client: httpx.AsyncClient) -> None:
-        args = self._backend_args
         model = self.served_model_name()
-        api_key = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
-        headers = bearer_headers(api_key[0] if isinstance(api_key, list) else api_key)
+        headers = bearer_headers(self.api_key())
         if "generate" in self._supported_tasks:
             path = "/v1/completions"
             body: dict[str, Any] = {"model": model, "prompt": WARMUP_PROMPT, "max_tokens": 1}

@@ -251,6 +251,9 @@ async def run_worker(cls: type[BaseBackend], config: WorkerConfig, argv: list[st
     def make_backend() -> BaseBackend:
         return first.pop() if first else cls(config, argv)
 
-    worker = Worker.from_config(config, make_backend, model=first[0].served_model_name())
+    engine = first[0]
+    worker = Worker.from_config(
+        config, make_backend, model=engine.served_model_name(), api_key=engine.api_key()
+    )
     with reaper.guarded():  # engine processes die with this process, even on SIGKILL
         await worker.serve()

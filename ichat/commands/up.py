@@ -39,6 +39,7 @@ from ichat.errors import (
     ModelNotFoundError,
     PortInUseError,
     ReadinessTimeoutError,
+    WorkerExitedError,
 )
 from ichat.process import processes
 from ichat.process.readiness import Backoff, wait_until_ready
@@ -136,7 +137,7 @@ class Group:
         self.gateway.check_running()
         for i, worker in enumerate(self.workers):
             if worker.poll() is not None:
-                raise IChatError(f"worker {i} exited with code {worker.returncode}")
+                raise WorkerExitedError(i, worker.returncode)
 
     async def wait_routable(self) -> float:
         config = self.config

@@ -99,8 +99,11 @@ def terminate(procs: Iterable[psutil.Process], timeout: float = 5.0) -> list[psu
 
 def kill(procs: Iterable[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
     """SIGKILL ``procs`` and their descendants at once (for a process with nothing left
-    to finish); return those still alive after ``timeout`` (should be none)."""
-    targets = [p for p in with_descendants(procs) if p.pid != os.getpid()]
+    to finish); return those still alive after ``timeout`` (should be none). Python's
+    multiprocessing helpers are left alone, as by ``terminate``."""
+    targets = [
+        p for p in with_descendants(procs) if p.pid != os.getpid() and not is_python_helper(p)
+    ]
     for proc in targets:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.kill()

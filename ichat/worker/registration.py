@@ -31,6 +31,8 @@ class GatewaySettings:
     worker_url: str  # how the gateway reaches this worker
     model: str  # the served model name
     api_key: str | None = None  # the gateway's admin key (Bearer)
+    # the engine's own API key: what the gateway sends this worker with each request
+    worker_api_key: str | None = None
     retry_initial: float = 0.2
     retry_max: float = 5.0
     recheck: float = 5.0
@@ -95,7 +97,7 @@ class GatewayRegistration:
             while True:
                 self._changed.clear()
                 try:
-                    await self._reconcile(client)
+                    called = await self._reconcile(client)
                 except (httpx.HTTPError, GatewayRefused) as exc:
                     self.failures += 1
                     failing += 1
@@ -111,7 +113,7 @@ class GatewayRegistration:
                     await self._wait_change(delay)
                     delay = min(delay * 2, settings.retry_max)
                     continue
-                if failing:
+                if failing and called:  # not when nothing was left to ask it
                     logger.info("gateway %s answers again", settings.url)
                 failing = 0
                 delay = settings.retry_initial
@@ -124,17 +126,23 @@ class GatewayRegistration:
             return
         await first_completed(self._changed.wait(), self._sleep(timeout))
 
-    async def _reconcile(self, client: httpx.AsyncClient) -> None:
+    async def _reconcile(self, client: httpx.AsyncClient) -> bool:
+        """Bring the gateway to what is wanted; whether the gateway was called."""
         if self._want_member:
             if self.worker_id is not None and await self._still_known(client, self.worker_id):
-                return
+                return True
             await self._post(client)
         elif self.worker_id is not None:
             await self._delete(client, self.worker_id)
+        else:
+            return False
+        return True
 
     async def _post(self, client: httpx.AsyncClient) -> None:
         settings = self.settings
-        body = {"url": settings.worker_url, "models": [{"id": settings.model}]}
+        body: dict[str, object] = {"url": settings.worker_url, "models": [{"id": settings.model}]}
+        if settings.worker_api_key:
+            body["api_key"] = settings.worker_api_key
         response = await client.post("/workers", json=body)
         if response.status_code == 409:  # our URL is there already (e.g. we restarted in place)
             await self._adopt(client)

@@ -53,10 +53,14 @@ class Worker:
 
     @classmethod
     def from_config(
-        cls, config: WorkerConfig, make_backend: Callable[[], BaseBackend], model: str
+        cls,
+        config: WorkerConfig,
+        make_backend: Callable[[], BaseBackend],
+        model: str,
+        api_key: str | None = None,
     ) -> Worker:
         """The worker ``ichat serve`` runs: ``model`` is the served model name (what the
-        gateway routes by)."""
+        gateway routes by), ``api_key`` the engine's own (what the gateway sends it)."""
         registration = None
         if config.gateway_url:
             registration = GatewayRegistration(
@@ -65,6 +69,7 @@ class Worker:
                     worker_url=config.advertise_url or config.base_url,
                     model=model,
                     api_key=config.gateway_api_key,
+                    worker_api_key=api_key,
                 )
             )
         supervisor = Supervisor(

@@ -37,6 +37,9 @@ from tests.support import (
 pytest.importorskip("smg", reason="the gateway tests need smg (ichat[gateway])")
 
 KEY = "sk-ichat-test"
+# worker b's engine has a key of its own: the gateway must send b that key (its
+# registration gives it), while clients use the gateway's
+WORKER_B_KEY = "sk-ichat-worker-b"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -98,7 +101,9 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "--context-length", str(CONTEXT_LENGTH), "--api-key", KEY,
         "--gateway-url", gateway_url, "--gateway-api-key", KEY, "--drain-timeout", "20",
     ]  # fmt: skip
-    with start_worker(tmp, *args) as a, start_worker(tmp, *args) as b:
+    args_b = [WORKER_B_KEY if arg == KEY and args[i - 1] == "--api-key" else arg
+              for i, arg in enumerate(args)]  # fmt: skip
+    with start_worker(tmp, *args) as a, start_worker(tmp, *args_b) as b:
         a.wait_ready()
         b.wait_ready()
         # the gateway does not exist yet: both serve directly

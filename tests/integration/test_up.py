@@ -4,6 +4,7 @@ Ctrl-C stops everything (exit 0, no process left, ports free)."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -69,3 +70,32 @@ def test_ichat_up_serves_through_the_gateway_and_ctrl_c_leaves_nothing(model_dir
     assert 0 <= out.find("deregistered") < out.find("gateway stopped")  # workers leave first
     assert not our_processes()
     assert port_is_free("127.0.0.1", port) and port_is_free("127.0.0.1", worker_port)
+
+
+def test_a_worker_that_fails_to_boot_gives_ichat_up_its_exit_code(model_dir: Path) -> None:
+    port, worker_port = free_port(), free_port()
+    args = ["--port", str(port), "--worker-port", str(worker_port),
+            "--model-path", str(model_dir), "--no-such-engine-flag"]  # fmt: skip
+    proc = subprocess.run(
+        ichat_cmd("up", *args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    reap_zombies()
+    assert proc.returncode == 2, proc.stderr[-3000:]  # the worker's: configuration
+    assert "worker 0 exited (exit code 2)" in proc.stderr
+    assert not our_processes()
+    assert port_is_free("127.0.0.1", port) and port_is_free("127.0.0.1", worker_port)
+
+
+def test_ichat_gateway_on_a_busy_port_names_the_port_and_exits_3() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            ichat_cmd("gateway", "--port", str(port)), capture_output=True, text=True, timeout=60
+        )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"port {port} on 127.0.0.1 is already in use\n" in proc.stderr  # no "(None)"

@@ -132,11 +132,25 @@ def test_every_sglang_workaround_resolves_in_the_installed_release(
     assert workarounds == {w.name: "resolved" for w in WORKAROUNDS}
 
 
+def orphan_guard(worker_pid: int) -> psutil.Process:
+    """The worker's orphan guard (``ichat.process.reaper``), a child of the worker."""
+    def cmdline(proc: psutil.Process) -> str:
+        try:
+            return " ".join(proc.cmdline())
+        except psutil.Error:  # a zombie has none
+            return ""
+
+    children = psutil.Process(worker_pid).children()
+    [guard] = [p for p in children if "ichat.process.reaper" in cmdline(p)]
+    return guard
+
+
 def test_kill_9_of_the_scheduler_is_detected_within_1s_and_the_worker_serves_again(
     worker: SGLangWorker,
 ) -> None:
     before = sglang_processes(worker.proc.pid)
     assert set(before) == {"scheduler", "detoken"}, worker.output()[-3000:]
+    guard = orphan_guard(worker.proc.pid)
     t_kill, wall_kill = time.monotonic(), time.time()
     os.kill(before["scheduler"].pid, signal.SIGKILL)
     while worker.status("/status").json()["engine_deaths"] == 0:
@@ -163,6 +177,8 @@ def test_kill_9_of_the_scheduler_is_detected_within_1s_and_the_worker_serves_aga
     after = sglang_processes(worker.proc.pid)
     assert set(after) == {"scheduler", "detoken"}
     assert after["scheduler"].pid != before["scheduler"].pid
+    # the restart stopped exactly the engine's processes: the orphan guard still runs
+    assert guard.status() != psutil.STATUS_ZOMBIE and orphan_guard(worker.proc.pid) == guard
     assert not_running([before["detoken"]]) == [before["detoken"]]  # cleaned up, not leaked
     chat = client(worker.url).chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3

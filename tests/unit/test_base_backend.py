@@ -202,3 +202,20 @@ def test_what_a_stopped_engine_left_frozen_is_collected_before_another_start() -
         assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
+
+
+def test_the_drain_phase_counts_from_the_stop_request() -> None:
+    backend = FakeBackend(config())
+
+    async def main() -> None:
+        task = asyncio.create_task(backend.run())
+        await backend.wait_for_server_ready(timeout=30)
+        async with httpx.AsyncClient(base_url=backend.framework_args.base_url) as client:
+            slow = asyncio.ensure_future(client.get("/slow"))  # answers after 1 s
+            await asyncio.sleep(0.2)
+            backend.request_stop()  # the server drains from here, before _shutdown runs
+            assert (await slow).status_code == 200
+        await asyncio.wait_for(task, 10)
+
+    run(main)
+    assert backend.phase_seconds["drain"] >= 0.5  # the in-flight request's last 0.8 s

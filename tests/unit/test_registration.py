@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 from collections.abc import Callable
 
 import httpx
@@ -52,6 +54,7 @@ class Gateway:
 
 def scenario(
     steps: Callable[[GatewayRegistration, Gateway], object],
+    settings: GatewaySettings = SETTINGS,
 ) -> tuple[GatewayRegistration, Gateway, list[float]]:
     gateway = Gateway()
     slept: list[float] = []
@@ -61,7 +64,7 @@ def scenario(
         await asyncio.sleep(0)
 
     registration = GatewayRegistration(
-        SETTINGS, transport=httpx.MockTransport(gateway.handle), sleep=sleep
+        settings, transport=httpx.MockTransport(gateway.handle), sleep=sleep
     )
 
     async def main() -> None:
@@ -90,6 +93,18 @@ def test_join_posts_the_worker_url_and_served_model_with_the_admin_key() -> None
     ]
     assert reg.worker_id in gw.workers and reg.joins == 1
     assert gw.auth == {"Bearer admin-key"}
+
+
+def test_the_engines_own_key_is_given_to_the_gateway_for_its_calls_to_the_worker() -> None:
+    async def steps(reg: GatewayRegistration, gw: Gateway) -> None:
+        reg.join()
+        assert await reg.wait_settled(1)
+
+    settings = dataclasses.replace(SETTINGS, worker_api_key="engine-key")
+    _, gw, _ = scenario(steps, settings)
+    [registered] = gw.workers.values()
+    assert registered["api_key"] == "engine-key"
+    assert gw.auth == {"Bearer admin-key"}  # the control plane still gets the admin key
 
 
 def test_leave_deletes_the_registration() -> None:
@@ -171,3 +186,20 @@ def test_an_entry_at_our_url_for_another_model_is_replaced() -> None:
     assert [w["models"] for w in gw.workers.values()] == [[{"id": "tiny"}]]
     assert reg.worker_id is not None and reg.worker_id != "old"
     assert slept[0] == 0.2  # one short back-off between the refused and the accepted POST
+
+
+def test_a_gateway_that_never_answered_is_not_said_to_answer_again_when_the_worker_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def steps(reg: GatewayRegistration, gw: Gateway) -> None:
+        gw.down = 1000
+        reg.join()
+        while reg.failures < 2:
+            await asyncio.sleep(0)
+        reg.leave()  # SIGTERM: never joined, so nothing to ask the gateway
+        assert await reg.wait_settled(1)
+
+    with caplog.at_level(logging.DEBUG, logger="ichat.registration"):
+        reg, _, _ = scenario(steps)
+    assert reg.joins == 0 and reg.failures >= 2
+    assert not [r for r in caplog.records if "answers again" in r.getMessage()]

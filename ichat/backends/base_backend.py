@@ -94,6 +94,8 @@ class BaseBackend(abc.ABC):
         self._engine_shm: set[shared_memory.Mapped] = set()  # /dev/shm files it mapped
         self._stop_requested = False
         self._stop_requested_at: float | None = None  # the drain starts here (monotonic)
+        self._drain_deadline: asyncio.TimerHandle | None = None
+        self._aborting: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self._ran = False
 
@@ -163,6 +165,8 @@ class BaseBackend(abc.ABC):
         self._stop_requested = True
         if self._stop_requested_at is None:
             self._stop_requested_at = time.monotonic()
+            if not force:
+                self._abort_at_the_drain_deadline()
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()
         if self._server is not None:
@@ -170,11 +174,30 @@ class BaseBackend(abc.ABC):
             if force:
                 self._server.force_exit = True
 
+    def _abort_at_the_drain_deadline(self) -> None:
+        """Once ``--drain-timeout`` has passed, abort the requests still in flight in the
+        engine: each stream then ends well-formed (its final chunk, ``finish_reason``
+        "abort", and ``[DONE]``) instead of being cut when the server closes."""
+        if self.state is not BackendState.READY:
+            return
+        loop = asyncio.get_running_loop()
+
+        def abort() -> None:
+            logger.warning(
+                "drain timeout (%g s) reached: aborting the requests still in flight",
+                self.framework_args.drain_timeout,
+            )
+            self._aborting = loop.create_task(self.abort_requests())
+
+        self._drain_deadline = loop.call_later(self.framework_args.drain_timeout, abort)
+
     def cleanup(self) -> None:
         """Release everything; idempotent and safe after a half-finished start."""
+        if self._drain_deadline is not None:
+            self._drain_deadline.cancel()
         if self._server is not None:
             self._server.should_exit = True
-        for task in (self._startup_task, self._monitor_task, self._server_task):
+        for task in (self._startup_task, self._monitor_task, self._server_task, self._aborting):
             if task is not None and not task.done():
                 task.cancel()
         if self._sock is not None:
@@ -286,6 +309,11 @@ class BaseBackend(abc.ABC):
         """Engine-specific last line of defence against orphans (default: nothing)."""
         return None
 
+    async def abort_requests(self) -> None:
+        """Abort every request in flight in the engine (at the drain deadline), so that
+        each ends with the engine's own "abort" finish (default: nothing)."""
+        return None
+
     # --------------------------------------------------------------------- phases
 
     async def _start_and_become_ready(self) -> None:
@@ -323,7 +351,11 @@ class BaseBackend(abc.ABC):
         app = await self.build_app()
         options = self.uvicorn_options()
         options.setdefault("log_level", config.engine_log_level)
-        self._server = make_server(app, drain_timeout=config.drain_timeout, **options)
+        # uvicorn cuts what is left at its own deadline: after ours, when the engine has
+        # aborted the requests still in flight and their streams have ended
+        self._server = make_server(
+            app, drain_timeout=config.drain_timeout + config.deadlines.drain_grace, **options
+        )
         self.on_server_created(self._server)
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
 

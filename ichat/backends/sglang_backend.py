@@ -102,6 +102,7 @@ class SGLangBackend(BaseBackend):
         try:  # SGLang's parsing, then its own checks (resolve_once: newer releases)
             server_args = api.prepare_server_args([*argv, *framework])  # the last one wins
             self._reject_unsupported_modes(server_args)
+            self._check_the_gateways_key(server_args, config)
             server_args.skip_server_warmup = True  # iChat warms up (see the module docstring)
             server_args.custom_sigquit_handler = self._failure_report
             if hasattr(server_args, "resolve_once"):
@@ -128,6 +129,19 @@ class SGLangBackend(BaseBackend):
             raise ConfigError(
                 "--node-rank >= 1 serves no HTTP: start SGLang's own launcher "
                 "(python -m sglang.launch_server) on the other nodes, ichat serve on node 0"
+            )
+
+    @staticmethod
+    def _check_the_gateways_key(server_args: Any, config: WorkerConfig) -> None:
+        """SMG sends the worker each client's own ``Authorization`` header (the gateway's
+        key); SGLang takes a single ``--api-key``, so a different one would refuse
+        every request routed to this worker."""
+        key, own = config.gateway_api_key, server_args.api_key
+        if config.gateway_url and key and own and own != key:
+            raise ConfigError(
+                "--api-key differs from --gateway-api-key: the gateway (SMG) forwards each "
+                "client's key, which SGLang's single --api-key would refuse; give the "
+                "worker the gateway's key"
             )
 
     # ---------------------------------------------------------------------- hooks
@@ -260,6 +274,10 @@ class SGLangBackend(BaseBackend):
         dead = not_running(self._watched)
         if dead:
             raise EngineDiedError(f"SGLang engine process {dead[0].pid} exited")
+
+    async def abort_requests(self) -> None:
+        if self._launched is not None:
+            sglang_compat.abort_all_requests(self._launched)
 
     async def check_engine_alive(self) -> None:
         self.check_engine_processes()

@@ -91,6 +91,11 @@ WORKAROUNDS = (
         "threads and descriptors until the process exits",
     ),
     Workaround(
+        "abort_all_requests",
+        "the tokenizer manager has no abort_request(abort_all=True): at the drain "
+        "deadline streams are cut, not aborted",
+    ),
+    Workaround(
         "pyzmq_shadow_context",
         "pyzmq's shadow context no longer names what it shadows (_shadow_obj): engine "
         "ZMQ contexts are left to the process exit",
@@ -208,6 +213,7 @@ def record_launch_workarounds(launched: Launched, workarounds: Workarounds) -> N
     manager = launched.tokenizer_manager
     workarounds.record("tokenizer_manager_tasks", hasattr(manager, "asyncio_tasks"))
     workarounds.record("server_stop_hook", hasattr(manager, "set_server_stop_hook"))
+    workarounds.record("abort_all_requests", _abort_request(launched) is not None)
     workarounds.record(
         "tokenizer_manager_zmq_context", bool(zmq_context.find_contexts(manager))
     )
@@ -216,6 +222,19 @@ def record_launch_workarounds(launched: Launched, workarounds: Workarounds) -> N
 def keep_alive_seconds(api: SGLangServerAPI) -> Any:
     keep_alive: Any = getattr(api.envs, "SGLANG_TIMEOUT_KEEP_ALIVE", None)
     return keep_alive.get() if callable(getattr(keep_alive, "get", None)) else 5
+
+
+def _abort_request(launched: Launched) -> Callable[..., Any] | None:
+    abort = getattr(launched.tokenizer_manager, "abort_request", None)
+    declared = abort is not None and "abort_all" in inspect.signature(abort).parameters
+    return abort if declared else None
+
+
+def abort_all_requests(launched: Launched) -> None:
+    """Abort every request in flight (each ends with SGLang's own abort finish)."""
+    abort = _abort_request(launched)
+    if abort is not None:
+        abort(abort_all=True)
 
 
 def cancel_tokenizer_manager_tasks(launched: Launched) -> None:
@@ -260,6 +279,7 @@ __all__ = [
     "WORKAROUNDS",
     "Launched",
     "SGLangServerAPI",
+    "abort_all_requests",
     "call_with",
     "cancel_tokenizer_manager_tasks",
     "keep_alive_seconds",

@@ -85,6 +85,7 @@ class VLLMBackend(BaseBackend):
         if api.configure_logging_from_args is not None:  # vLLM >= 0.32: --log-level
             args.log_level = vllm_log_level(config)
         self._reject_unsupported_modes(args)
+        self._accept_the_gateways_key(args, config)
         check_model_path(args.model)
         try:
             api.validate_parsed_serve_args(args)
@@ -116,6 +117,21 @@ class VLLMBackend(BaseBackend):
         # read when vLLM is imported (0.26 has no --log-level) and by its processes
         return {"VLLM_LOGGING_LEVEL": vllm_log_level(config)}
 
+    @staticmethod
+    def _accept_the_gateways_key(args: Any, config: WorkerConfig) -> None:
+        """SMG sends the worker each client's own ``Authorization`` header (the key the
+        client gave the gateway); the key registered with the worker serves only SMG's
+        own calls (health, models, loads). An engine with keys of its own also accepts
+        the gateway's, or every request routed to it would get 401."""
+        key = config.gateway_api_key
+        own = args.api_key if isinstance(args.api_key, list) else [args.api_key]
+        own = [k for k in own if k] or [os.environ.get("VLLM_API_KEY", "")]
+        own = [k for k in own if k]
+        if not config.gateway_url or not key or not own or key in own:
+            return
+        args.api_key = [*own, key]
+        logger.info("the engine accepts the gateway's key too (SMG forwards clients' keys)")
+
     # ---------------------------------------------------------------------- hooks
 
     def bind_socket(self) -> socket.socket:
@@ -133,6 +149,8 @@ class VLLMBackend(BaseBackend):
         self._zmq_contexts = vllm_compat.engine_core_contexts(self._engine_client)
         self.workarounds.record("engine_core_zmq_context", bool(self._zmq_contexts))
         self.workarounds.record("engine_errored_flag", hasattr(self._engine_client, "errored"))
+        abortable = vllm_compat.can_abort_all_requests(self._engine_client)
+        self.workarounds.record("abort_all_requests", abortable)
 
     def _clear_engine_keyed_caches(self) -> None:
         """vLLM's memo caches that would keep this engine's tokenizer copies after it
@@ -239,6 +257,10 @@ class VLLMBackend(BaseBackend):
         if dead:
             # vLLM itself may take seconds to notice a dead tensor-parallel worker.
             raise EngineDiedError(f"vLLM engine process {dead[0].pid} exited")
+
+    async def abort_requests(self) -> None:
+        if self._engine_client is not None:
+            await vllm_compat.abort_all_requests(self._engine_client)
 
     async def check_engine_alive(self) -> None:
         client = self._engine_client

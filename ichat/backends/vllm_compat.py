@@ -18,6 +18,7 @@ function declares.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,11 @@ WORKAROUNDS = (
         "engine_core_zmq_context",
         "no ZMQ context on the engine client's engine_core: each restart leaves its "
         "I/O threads and descriptors until the process exits",
+    ),
+    Workaround(
+        "abort_all_requests",
+        "the engine client has neither pause_generation(mode='abort') nor the output "
+        "processor's request_states: at the drain deadline streams are cut, not aborted",
     ),
     Workaround(
         "pyzmq_shadow_context",
@@ -182,6 +188,35 @@ def engine_processes(procs: list[Any], title: Callable[[Any], str]) -> list[Any]
 def engine_has_errored(client: Any) -> bool:
     """vLLM's own verdict on its engine (False where the client has no such flag)."""
     return bool(getattr(client, "errored", False))
+
+
+def _pause_aborting(client: Any) -> Callable[..., Any] | None:
+    pause = getattr(client, "pause_generation", None)
+    return pause if pause is not None and "mode" in inspect.signature(pause).parameters else None
+
+
+def _tracked_requests(client: Any) -> dict[str, Any] | None:
+    states = getattr(getattr(client, "output_processor", None), "request_states", None)
+    return states if isinstance(states, dict) else None
+
+
+def can_abort_all_requests(client: Any) -> bool:
+    return _pause_aborting(client) is not None or _tracked_requests(client) is not None
+
+
+async def abort_all_requests(client: Any) -> None:
+    """Abort every request in flight: ``pause_generation(mode="abort")`` (0.32; the
+    engine is stopping, so it is never resumed), else ``abort()`` of the ids the output
+    processor tracks."""
+    pause = _pause_aborting(client)
+    if pause is not None:
+        await call_with(pause, mode="abort", clear_cache=False)
+        return
+    ids = list(_tracked_requests(client) or ())
+    if ids:
+        aborted = client.abort(ids)
+        if inspect.isawaitable(aborted):
+            await aborted
 
 
 def engine_core_contexts(client: Any) -> list[Any]:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import psutil
 
+from ichat.process import shared_memory
 from ichat.process.processes import is_python_helper, wait_stopped
 
 BYE = b"bye\n"
@@ -58,14 +59,23 @@ def marked(token: str) -> dict[int, float]:
 
 
 def kill_snapshot(seen: dict[int, float]) -> list[int]:
-    """SIGKILL every process of ``seen`` still alive (same create time) and its tree."""
+    """SIGKILL every process of ``seen`` still alive (same create time) and its tree,
+    then unlink the ``/dev/shm`` files they mapped that no process maps any more.
+
+    Python's multiprocessing helpers are spared: a worker's resource tracker, once every
+    holder of its pipe is dead, unlinks the segments and semaphores registered with it
+    (those of a worker that died with nothing else mapping them). Files not registered
+    there (SGLang's ``sglang_loads_*``) are unlinked here."""
     targets: dict[int, psutil.Process] = {}
     for pid, created in seen.items():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc = psutil.Process(pid)
             if proc.create_time() == created:
                 targets[pid] = proc
-                targets.update((c.pid, c) for c in proc.children(recursive=True))
+                targets.update(
+                    (c.pid, c) for c in proc.children(recursive=True) if not is_python_helper(c)
+                )
+    mapped = shared_memory.mapped(targets.values())  # while they still map them
     killed = []
     for proc in targets.values():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
@@ -74,6 +84,8 @@ def kill_snapshot(seen: dict[int, float]) -> list[int]:
     # orphans now: a zombie has ended (whoever adopted them reaps it), so it is not
     # waited for (psutil.wait_procs would, until that reaping or the timeout)
     wait_stopped(list(targets.values()), timeout=5)
+    if mapped:
+        shared_memory.unlink_left_behind(mapped, psutil.process_iter())
     return killed
 
 

@@ -316,3 +316,29 @@ def test_a_worker_killed_whole_is_dropped_by_the_gateways_own_health_check(
     dropped_s = wait_for(lambda: not cluster.routable(a), 30, "the gateway dropped it")
     print(f"SIGKILL of a worker: the gateway's health check dropped it after {dropped_s:.1f} s")
     assert dropped_s <= 5 * 2 + 5
+
+
+def test_what_the_gateway_answers_differently_from_a_worker_is_as_documented(
+    cluster: Cluster,
+) -> None:
+    """SMG 1.13's own API surface, which iChat passes on unchanged (README: "Through the
+    gateway"): its public routes need no key, it requires ``model``, checks
+    ``max_tokens`` against the context itself, and serves no /tokenize, /detokenize,
+    /version. Each is pinned here so an SMG upgrade that changes one is noticed."""
+    gateway, worker = cluster.gateway_url, cluster.workers[0].url
+    # public by SMG's design (its route groups): the model list answers without a key
+    assert httpx.get(f"{gateway}/v1/models", timeout=10).status_code == 200
+    assert httpx.get(f"{worker}/v1/models", timeout=10).status_code == 401
+    no_model = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    assert post(gateway, "/v1/chat/completions", no_model).status_code == 400
+    assert post(worker, "/v1/chat/completions", no_model).status_code == 200
+    for path in ("/tokenize", "/detokenize", "/version"):
+        body = {"model": MODEL_NAME, "prompt": "hi", "tokens": [1]}
+        through = httpx.post(f"{gateway}{path}", json=body, headers=AUTH, timeout=10)
+        if path == "/version":
+            through = httpx.get(f"{gateway}{path}", headers=AUTH, timeout=10)
+        assert through.status_code == 404, (path, through.text)
+
+
+def post(url: str, path: str, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, headers=AUTH, timeout=60)

@@ -219,3 +219,44 @@ def test_the_drain_phase_counts_from_the_stop_request() -> None:
 
     run(main)
     assert backend.phase_seconds["drain"] >= 0.5  # the in-flight request's last 0.8 s
+
+
+class AbortingBackend(FakeBackend):
+    """Records when the engine is told to abort what is in flight."""
+
+    aborted_after: float | None = None
+
+    async def abort_requests(self) -> None:
+        assert self._stop_requested_at is not None
+        self.aborted_after = time.monotonic() - self._stop_requested_at
+
+
+def test_requests_still_in_flight_at_the_drain_timeout_are_aborted_in_the_engine() -> None:
+    backend = AbortingBackend(config(drain_timeout=0.3))
+
+    async def main() -> None:
+        task = asyncio.create_task(backend.run())
+        await backend.wait_for_server_ready(timeout=30)
+        async with httpx.AsyncClient(base_url=backend.framework_args.base_url) as client:
+            slow = asyncio.ensure_future(client.get("/slow"))  # answers after 1 s
+            await asyncio.sleep(0.1)
+            backend.request_stop()
+            await slow
+        await asyncio.wait_for(task, 10)
+
+    run(main)
+    assert backend.aborted_after is not None and backend.aborted_after >= 0.3
+
+
+def test_a_drain_that_ends_in_time_aborts_nothing() -> None:
+    backend = AbortingBackend(config(drain_timeout=0.3))
+
+    async def main() -> None:
+        task = asyncio.create_task(backend.run())
+        await backend.wait_for_server_ready(timeout=30)
+        backend.request_stop()
+        await asyncio.wait_for(task, 10)
+        await asyncio.sleep(0.5)  # past the drain timeout
+
+    run(main)
+    assert backend.aborted_after is None

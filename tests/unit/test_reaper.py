@@ -87,3 +87,49 @@ def test_a_clean_stop_kills_nothing_and_the_guard_exits() -> None:
         for pid in (engine, grandchild):
             if psutil.pid_exists(pid):
                 psutil.Process(pid).kill()
+
+
+# A stand-in `ichat up`: starts the orphan guard, then a "worker" that makes a shared
+# memory segment through multiprocessing (registered with the worker's resource
+# tracker, as vLLM's are) and an "engine" child that maps a /dev/shm file of its own
+# (registered nowhere, as SGLang's sglang_loads_* are); prints their names.
+UP = """
+import subprocess, sys, time
+from ichat.process import reaper
+guard = reaper.Reaper(interval=0.05)
+guard.start()
+worker = subprocess.Popen([sys.executable, "-c", '''
+import mmap, os, subprocess, sys, time
+from multiprocessing import shared_memory
+segment = shared_memory.SharedMemory(create=True, size=4096)
+engine = subprocess.Popen([sys.executable, "-c", (
+    "import mmap, os, sys, time; name = f'/dev/shm/ichat-test-{os.getpid()}'; "
+    "fd = os.open(name, os.O_CREAT | os.O_RDWR); os.ftruncate(fd, 4096); "
+    "m = mmap.mmap(fd, 4096); print(name, flush=True); time.sleep(300)")],
+    stdout=subprocess.PIPE, text=True)
+print(segment.name, engine.stdout.readline().strip(), flush=True)
+time.sleep(300)
+'''], stdout=subprocess.PIPE, text=True)
+print(worker.stdout.readline().strip(), flush=True)
+time.sleep(300)
+"""
+
+
+def test_sigkill_leaves_nothing_in_dev_shm() -> None:
+    import os
+
+    up = subprocess.Popen([sys.executable, "-c", UP], stdout=subprocess.PIPE, text=True)
+    assert up.stdout is not None
+    segment, engine_file = up.stdout.readline().split()
+    tracked = f"/dev/shm/{segment.lstrip('/')}"
+    assert os.path.exists(tracked) and os.path.exists(engine_file)
+    time.sleep(0.3)  # a few snapshot intervals
+    up.send_signal(signal.SIGKILL)
+    up.wait(5)
+    t0 = time.monotonic()
+    while (os.path.exists(tracked) or os.path.exists(engine_file)) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    left = [path for path in (tracked, engine_file) if os.path.exists(path)]
+    for path in left:
+        os.unlink(path)
+    assert left == []

@@ -72,3 +72,14 @@ def test_the_default_mode_is_accepted() -> None:
     SGLangBackend._reject_unsupported_modes(
         SimpleNamespace(tokenizer_worker_num=1, enable_http2=False, node_rank=0)
     )
+
+
+def test_a_key_other_than_the_gateways_is_refused_behind_a_gateway() -> None:
+    from ichat.config import WorkerConfig
+
+    behind = WorkerConfig(gateway_url="http://gw:8080", gateway_api_key="K1")
+    with pytest.raises(ConfigError, match="--api-key differs from --gateway-api-key"):
+        SGLangBackend._check_the_gateways_key(SimpleNamespace(api_key="K2"), behind)
+    for fine in ("K1", None):  # the gateway's key, or none at all
+        SGLangBackend._check_the_gateways_key(SimpleNamespace(api_key=fine), behind)
+    SGLangBackend._check_the_gateways_key(SimpleNamespace(api_key="K2"), WorkerConfig())

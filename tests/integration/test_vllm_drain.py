@@ -1,0 +1,56 @@
+"""The drain deadline with streams that outlast it (real vLLM on CPU): at
+``--drain-timeout`` the worker aborts them in the engine, so each stream still ends
+well-formed (its final chunk with finish_reason "abort", then [DONE]) instead of being
+cut mid-body, and the worker exits 0 with nothing left."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ichat.process.processes import port_is_free
+from tests.support import (
+    CONTEXT_LENGTH,
+    MODEL_NAME,
+    our_processes,
+    start_worker,
+    stream_once,
+)
+
+STREAMS = 16
+DRAIN_TIMEOUT_S = 2
+
+
+def test_streams_that_outlast_the_drain_timeout_end_with_abort_not_a_cut(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    args = ["--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
+            "--context-length", str(CONTEXT_LENGTH),
+            "--drain-timeout", str(DRAIN_TIMEOUT_S)]  # fmt: skip
+    with start_worker(tmp_path_factory.mktemp("drain"), *args) as worker:
+        worker.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
+            streams = [
+                pool.submit(stream_once, worker.url, CONTEXT_LENGTH - 64) for _ in range(STREAMS)
+            ]
+            time.sleep(1.0)
+            assert not any(s.done() for s in streams), "streams should still be running"
+            t0 = time.monotonic()
+            worker.proc.send_signal(signal.SIGTERM)
+            outcomes = [s.result(timeout=120) for s in streams]
+        assert worker.proc.wait(60) == 0, worker.output()[-3000:]
+        elapsed = time.monotonic() - t0
+        out = worker.output()
+    # every stream ended well-formed: finished, or aborted at the deadline; none cut
+    assert set(outcomes) <= {"finished", "ended:abort"}, outcomes
+    assert "ended:abort" in outcomes, outcomes  # the deadline was reached
+    assert "drain timeout (2 s) reached: aborting" in out
+    assert "Traceback" not in out, out[-3000:]
+    assert port_is_free("127.0.0.1", worker.port)
+    assert not our_processes()
+    print(f"{outcomes.count('ended:abort')} of {STREAMS} streams aborted at the drain "
+          f"deadline, exit 0 {elapsed:.2f} s after SIGTERM")  # fmt: skip

@@ -49,6 +49,14 @@ def engine_env_set(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def running(proc: psutil.Process) -> bool:
+    """Still running (a zombie has ended: only its parent must reap it)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def our_processes() -> list[psutil.Process]:
     """Live (non-zombie) descendants of this test process, but for Python's own
     multiprocessing helpers (this process's resource tracker lives as long as it)."""
@@ -109,14 +117,21 @@ def start_worker(tmp_path: Path, *args: str, backend: str = "vllm") -> Iterator[
             text=True,
         )
     worker = Worker(proc, port, log)
+    tree: list[psutil.Process] = []
     try:
         yield worker
     finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(proc.pid).children(recursive=True)
         worker.stop()
-        for leftover in our_processes():  # never leave an engine behind for the next test
+        time.sleep(0.5)  # the worker's resource tracker ends once its pipe closed
+        leftovers = [p for p in tree if running(p) and not is_python_helper(p)]
+        for leftover in leftovers:  # never leave an engine behind for the next test
             with contextlib.suppress(psutil.NoSuchProcess):
                 leftover.kill()
         reap_zombies()
+    # reached when the test passed: what the worker left running is a failure of its own
+    assert not leftovers, f"left running after the worker stopped: {leftovers}"
 
 
 ENGINE_INFO_LINE = re.compile(r"\) INFO \d\d-\d\d ")  # vLLM's "(EngineCore pid=1) INFO 12-01"

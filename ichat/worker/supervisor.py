@@ -65,6 +65,7 @@ class _Life:
 
     ready_at: float | None = None
     death_detected_at: float | None = None
+    uptime: float = 0.0  # from ready to the death (0: it never became ready)
 
 
 class Membership(Protocol):
@@ -116,42 +117,56 @@ class Supervisor:
     async def run(self) -> None:
         """Serve until stopped; raise on boot failure or crash loop."""
         history = CrashHistory(self.policy)
-        died_at: float | None = None
+        died_at: float | None = None  # the last death's detection: serving again counts from
         while not self._stop.is_set():
-            backend = self._make_backend()
-            self.backend = backend
-            life = _Life()
-            watcher = asyncio.create_task(self._on_ready(backend, life, died_at))
-            try:
-                await backend.run()
-                break
-            except StartupError:
-                if not self._ever_ready or not self.restart:
-                    self.stats.state = WorkerState.FAILED
-                    raise
-                logger.error("restart %d failed to boot", self.stats.restarts)
-                uptime = 0.0
-            except EngineDiedError:
-                self._record_death(backend, life)
-                if not self.restart:
-                    self.stats.state = WorkerState.FAILED
-                    raise
-                uptime = self._clock() - life.ready_at if life.ready_at is not None else 0.0
-            finally:
-                watcher.cancel()
-                if self.membership is not None:
-                    self.membership.leave()
-                self.stats.phase_seconds.update(backend.phase_seconds)
-                self.stats.workarounds.update(backend.workarounds.status())
-            if self._stop.is_set():
+            life = await self._serve_one(died_at)
+            if life is None or self._stop.is_set():
                 break  # nothing reclaimed: the process exits (faster with a frozen heap)
-            self._reclaim()
-            crashed_at = self._clock()
-            if life.death_detected_at is not None:  # a death, not a restart that failed to boot
-                self.stats.phase_seconds["death_cleanup"] = crashed_at - life.death_detected_at
-                died_at = crashed_at = life.death_detected_at  # serving again counts from here
-            await self._backoff(history.record(crashed_at, uptime, self._rand()))
+            died_at = await self._prepare_restart(history, life, died_at)
         self.stats.state = WorkerState.STOPPED
+
+    async def _serve_one(self, died_at: float | None) -> _Life | None:
+        """Run one backend to its end. None: it stopped on request. Its life: its engine
+        died, or a restart failed to boot; raised instead when no restart may follow."""
+        backend = self._make_backend()
+        self.backend = backend
+        life = _Life()
+        watcher = asyncio.create_task(self._on_ready(backend, life, died_at))
+        try:
+            await backend.run()
+            return None
+        except StartupError:
+            if not self._ever_ready or not self.restart:
+                self.stats.state = WorkerState.FAILED
+                raise
+            logger.error("restart %d failed to boot", self.stats.restarts)
+        except EngineDiedError:
+            self._record_death(backend, life)
+            if not self.restart:
+                self.stats.state = WorkerState.FAILED
+                raise
+            if life.ready_at is not None:
+                life.uptime = self._clock() - life.ready_at
+        finally:
+            watcher.cancel()
+            if self.membership is not None:
+                self.membership.leave()
+            self.stats.phase_seconds.update(backend.phase_seconds)
+            self.stats.workarounds.update(backend.workarounds.status())
+        return life
+
+    async def _prepare_restart(
+        self, history: CrashHistory, life: _Life, died_at: float | None
+    ) -> float | None:
+        """Reclaim what the stopped engine left, account for its end, wait the back-off
+        (or raise ``CrashLoopError``); return the death serving again counts from."""
+        self._reclaim()
+        crashed_at = self._clock()
+        if life.death_detected_at is not None:  # a death, not a restart that failed to boot
+            self.stats.phase_seconds["death_cleanup"] = crashed_at - life.death_detected_at
+            died_at = crashed_at = life.death_detected_at
+        await self._backoff(history.record(crashed_at, life.uptime, self._rand()))
+        return died_at
 
     def _record_death(self, backend: BaseBackend, life: _Life) -> None:
         """Count this backend's death once, when it is first seen."""

@@ -91,6 +91,24 @@ def wait_for(check: object, timeout: float, what: str) -> float:
     return time.monotonic() - t0
 
 
+def gateway_answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def start_gateway(port: int, log: Path) -> subprocess.Popen[str]:
+    args = ["--port", str(port), "--api-key", KEY, "--prometheus-port", str(free_port())]
+    with log.open("a") as out:
+        return subprocess.Popen(
+            ichat_cmd("gateway", *args),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
 @pytest.fixture(scope="module")
 def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("gateway")
@@ -109,22 +127,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # the gateway does not exist yet: both serve directly
         direct = openai.OpenAI(base_url=f"{a.url}/v1", api_key=KEY, max_retries=0)
         direct_ok = chat(direct) == "length"
-        log = tmp / "gateway.log"
-        with log.open("w") as out:
-            gateway = subprocess.Popen(
-                ichat_cmd(
-                    "gateway",
-                    "--port",
-                    str(port),
-                    "--api-key",
-                    KEY,
-                    "--prometheus-port",
-                    str(free_port()),
-                ),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+        gateway = start_gateway(port, tmp / "gateway.log")
         cluster = Cluster(gateway_url, gateway, [a, b], direct_ok, 0.0)
         try:
             cluster.registered_after_gateway_up_s = wait_for(
@@ -134,6 +137,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             )
             yield cluster
         finally:
+            gateway = cluster.gateway  # a test may have restarted it
             gateway.terminate()
             try:
                 gateway.wait(60)
@@ -185,6 +189,28 @@ def test_a_missing_or_wrong_key_gets_401_at_the_gateway_and_at_the_worker(
         assert r.status_code == 200, (url, r.text)
 
 
+def test_what_the_gateway_answers_differently_from_a_worker_is_as_documented(
+    cluster: Cluster,
+) -> None:
+    """SMG 1.13's own API surface, which iChat passes on unchanged (README: "Through the
+    gateway"): its public routes need no key, it requires ``model``, checks
+    ``max_tokens`` against the context itself, and serves no /tokenize, /detokenize,
+    /version. Each is pinned here so an SMG upgrade that changes one is noticed."""
+    gateway, worker = cluster.gateway_url, cluster.workers[0].url
+    # public by SMG's design (its route groups): the model list answers without a key
+    assert httpx.get(f"{gateway}/v1/models", timeout=10).status_code == 200
+    assert httpx.get(f"{worker}/v1/models", timeout=10).status_code == 401
+    no_model = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    assert post(gateway, "/v1/chat/completions", no_model).status_code == 400
+    assert post(worker, "/v1/chat/completions", no_model).status_code == 200
+    for path in ("/tokenize", "/detokenize", "/version"):
+        body = {"model": MODEL_NAME, "prompt": "hi", "tokens": [1]}
+        through = httpx.post(f"{gateway}{path}", json=body, headers=AUTH, timeout=10)
+        if path == "/version":
+            through = httpx.get(f"{gateway}{path}", headers=AUTH, timeout=10)
+        assert through.status_code == 404, (path, through.text)
+
+
 class Load:
     """Sequential chat requests through the gateway from a thread: (start, ok) each."""
 
@@ -222,6 +248,8 @@ def test_kill_9_of_one_engine_the_worker_leaves_at_once_the_other_carries_then_i
         t_kill, wall_kill = time.monotonic(), time.time()
         core.kill()
         left_s = wait_for(lambda: not cluster.routable(a), 10, "the dead worker left")
+        # out of SMG's list, not merely marked unhealthy
+        gone_s = wait_for(lambda: a.url not in cluster.listed(), 10, "the dead worker unlisted")
         time.sleep(3.0)  # b alone carries the load
         b_before = successes(b)
         time.sleep(1.0)
@@ -234,6 +262,7 @@ def test_kill_9_of_one_engine_the_worker_leaves_at_once_the_other_carries_then_i
     failed = [r for r in after_detection if not r[1]]
     assert after_detection and not failed, failed[:3]
     assert left_s <= 1.0, f"the dead worker was still routable {left_s:.2f} s after the kill"
+    assert left_s + gone_s <= 10.0
     print(
         f"kill -9 EngineCore: detected {detected_unix - wall_kill:.3f} s, out of the "
         f"gateway {left_s:.3f} s after the kill; {len(load.results)} requests, "
@@ -284,6 +313,26 @@ def test_a_client_that_disconnects_mid_stream_aborts_the_request_in_the_engine(
     print(f"closed stream: {generated:.0f} of {max_tokens} tokens generated, then aborted")
 
 
+def test_a_restarted_gateway_gets_both_workers_back_within_5_s(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    port = int(cluster.gateway_url.rsplit(":", 1)[1])
+    cluster.gateway.kill()  # gone with every registration it held
+    cluster.gateway.wait()
+    wait_for(lambda: port_is_free("127.0.0.1", port), 10, "the gateway's port freed")
+    cluster.gateway = start_gateway(port, tmp_path / "gateway-restarted.log")
+    wait_for(lambda: gateway_answers(cluster.gateway_url), 30, "the new gateway answers")
+    t0 = time.monotonic()
+    while not all(cluster.routable(w) for w in cluster.workers):
+        assert time.monotonic() - t0 < 30, cluster.listed()
+        time.sleep(0.1)
+    back_s = time.monotonic() - t0
+    assert chat(cluster.client()) == "length"
+    # each worker rechecks its registration every 5 s; SMG then probes it once
+    assert back_s <= 10.0, back_s
+    print(f"both workers routable {back_s:.2f} s after the new gateway answered")
+
+
 def test_sigterm_of_one_worker_under_load_leaves_the_gateway_first_and_fails_nothing(
     cluster: Cluster,
 ) -> None:
@@ -316,28 +365,6 @@ def test_a_worker_killed_whole_is_dropped_by_the_gateways_own_health_check(
     dropped_s = wait_for(lambda: not cluster.routable(a), 30, "the gateway dropped it")
     print(f"SIGKILL of a worker: the gateway's health check dropped it after {dropped_s:.1f} s")
     assert dropped_s <= 5 * 2 + 5
-
-
-def test_what_the_gateway_answers_differently_from_a_worker_is_as_documented(
-    cluster: Cluster,
-) -> None:
-    """SMG 1.13's own API surface, which iChat passes on unchanged (README: "Through the
-    gateway"): its public routes need no key, it requires ``model``, checks
-    ``max_tokens`` against the context itself, and serves no /tokenize, /detokenize,
-    /version. Each is pinned here so an SMG upgrade that changes one is noticed."""
-    gateway, worker = cluster.gateway_url, cluster.workers[0].url
-    # public by SMG's design (its route groups): the model list answers without a key
-    assert httpx.get(f"{gateway}/v1/models", timeout=10).status_code == 200
-    assert httpx.get(f"{worker}/v1/models", timeout=10).status_code == 401
-    no_model = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    assert post(gateway, "/v1/chat/completions", no_model).status_code == 400
-    assert post(worker, "/v1/chat/completions", no_model).status_code == 200
-    for path in ("/tokenize", "/detokenize", "/version"):
-        body = {"model": MODEL_NAME, "prompt": "hi", "tokens": [1]}
-        through = httpx.post(f"{gateway}{path}", json=body, headers=AUTH, timeout=10)
-        if path == "/version":
-            through = httpx.get(f"{gateway}{path}", headers=AUTH, timeout=10)
-        assert through.status_code == 404, (path, through.text)
 
 
 def post(url: str, path: str, body: dict[str, object]) -> httpx.Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,12 +12,15 @@ from pathlib import Path
 
 import psutil
 
+from ichat.process.processes import free_port
 from tests.support import ichat_cmd, our_processes, reap_zombies
 
 
 def run_ichat(
     *args: str, cmd: list[str] | None = None, timeout: float = 180
 ) -> tuple[subprocess.CompletedProcess[str], float]:
+    if args[:1] == ("serve",):  # the engine's own log too: what it loaded shows there
+        args = ("serve", "--log-level", "info", *args[1:])
     t0 = time.monotonic()
     proc = subprocess.run(cmd or ichat_cmd(*args), capture_output=True, text=True, timeout=timeout)
     elapsed = time.monotonic() - t0
@@ -95,3 +100,22 @@ def test_no_process_of_a_failed_start_is_left(model_dir: Path) -> None:
         for p in psutil.process_iter(["cmdline"])
         if "EngineCore" in " ".join(p.info["cmdline"] or [])
     ]
+
+
+def test_a_model_that_fails_to_load_after_the_engine_launched_is_a_boot_failure(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken-weights"
+    shutil.copytree(model_dir, broken)
+    weights = sorted(broken.glob("*.safetensors"))
+    assert weights
+    for path in weights:
+        path.write_bytes(path.read_bytes()[:64])  # a header that promises more than is there
+    shm_before = set(os.listdir("/dev/shm"))
+    proc, _ = run_ichat("serve", "--backend", "vllm", "--port", str(free_port()),
+                        "--model-path", str(broken), timeout=300)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]  # boot failure, not a crash
+    assert "ichat serve: error:" in proc.stderr
+    assert "EngineCore" in proc.stderr  # it failed after the engine process launched
+    assert "restart" not in proc.stderr  # a boot failure is never restarted
+    assert set(os.listdir("/dev/shm")) <= shm_before  # nothing left in /dev/shm either

@@ -54,3 +54,29 @@ def test_streams_that_outlast_the_drain_timeout_end_with_abort_not_a_cut(
     assert not our_processes()
     print(f"{outcomes.count('ended:abort')} of {STREAMS} streams aborted at the drain "
           f"deadline, exit 0 {elapsed:.2f} s after SIGTERM")  # fmt: skip
+
+
+def test_a_second_signal_forces_the_stop_while_streams_drain(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    args = ["--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
+            "--context-length", str(CONTEXT_LENGTH), "--drain-timeout", "120"]  # fmt: skip
+    with start_worker(tmp_path_factory.mktemp("force"), *args) as worker:
+        worker.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
+            streams = [
+                pool.submit(stream_once, worker.url, CONTEXT_LENGTH - 64) for _ in range(STREAMS)
+            ]
+            time.sleep(1.0)
+            worker.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert worker.proc.poll() is None, "still draining after the first signal"
+            worker.proc.send_signal(signal.SIGTERM)  # the second: force
+            code = worker.proc.wait(60)  # well before the 120 s drain timeout
+            outcomes = [s.result(timeout=120) for s in streams]
+        out = worker.output()
+    assert code == 0, out[-3000:]
+    assert "received again: forcing the stop" in out
+    assert "finished" not in outcomes  # cut by the forced stop, not drained to the end
+    assert port_is_free("127.0.0.1", worker.port)
+    assert not our_processes()

@@ -6,6 +6,7 @@ in the same worker process), then SIGTERM (exit 0, no child, port free).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -186,11 +187,50 @@ def test_kill_9_of_the_scheduler_is_detected_within_1s_and_the_worker_serves_aga
     assert chat.choices[0].message.content is not None
 
 
-def test_sigterm_exits_0_with_no_child_left_and_the_port_free(worker: SGLangWorker) -> None:
+def test_kill_9_of_the_detokenizer_is_an_engine_death_too(worker: SGLangWorker) -> None:
+    before = sglang_processes(worker.proc.pid)
+    deaths = worker.status("/status").json()["engine_deaths"]
+    t_kill, wall_kill = time.monotonic(), time.time()
+    os.kill(before["detoken"].pid, signal.SIGKILL)
+    while worker.status("/status").json()["engine_deaths"] == deaths:
+        assert time.monotonic() - t_kill < 10, "the death was not noticed within 10 s"
+        time.sleep(0.05)
+    worker.wait_status_ready(timeout=400)
+    stats = worker.status("/status").json()
+    assert 0 <= stats["last_death_detected_unix"] - wall_kill <= 1.0, stats
+    after = sglang_processes(worker.proc.pid)
+    assert set(after) == {"scheduler", "detoken"}
+    assert after["detoken"].pid != before["detoken"].pid
+    assert not_running([before["scheduler"]]) == [before["scheduler"]]  # its engine went too
+
+
+def stream_to_the_end(url: str, max_tokens: int) -> str:
+    """'finished' when the stream ran to its length, else what ended it."""
+    try:
+        stream = client(url).chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "go on"}],
+            max_tokens=max_tokens, stream=True,
+            extra_body={"ignore_eos": True, "min_tokens": max_tokens},
+        )  # fmt: skip
+        finish = [c.choices[0].finish_reason for c in stream if c.choices]
+        return "finished" if finish and finish[-1] == "length" else f"ended:{finish[-1:]}"
+    except Exception as exc:  # the point: every stream ends, one way or the other
+        return type(exc).__name__
+
+
+def test_sigterm_drains_streams_in_flight_exits_0_no_child_left_port_free(
+    worker: SGLangWorker,
+) -> None:
     children = psutil.Process(worker.proc.pid).children(recursive=True)
     assert children
-    t0 = time.monotonic()
-    worker.proc.send_signal(signal.SIGTERM)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(stream_to_the_end, worker.url, 400) for _ in range(4)]
+        time.sleep(1.0)
+        assert not any(s.done() for s in streams), "streams should still be running"
+        t0 = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        outcomes = [s.result(timeout=120) for s in streams]
+    assert outcomes == ["finished"] * 4  # in flight at SIGTERM, drained to the end
     assert worker.proc.wait(60) == 0, worker.output()[-3000:]
     RESULTS["sigterm_to_exit_s"] = time.monotonic() - t0
     _, alive = psutil.wait_procs(children, timeout=10)

@@ -1,0 +1,66 @@
+"""A crash loop with a real engine (vLLM on CPU): kill -9 of the engine under
+``--crash-loop-max 2`` restarts it with a growing back-off, then gives up with exit 5;
+threads, descriptors and /dev/shm stay flat over the restarts, and nothing is left."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from ichat.process.processes import free_port, port_is_free
+from tests.support import MODEL_NAME, engine_core, our_processes, start_worker
+
+
+def status(port: int) -> dict[str, object]:
+    return httpx.get(f"http://127.0.0.1:{port}/status", timeout=10).json()  # type: ignore[no-any-return]
+
+
+def wait_serving_again(port: int, restarts: int, timeout: float = 300) -> dict[str, object]:
+    t0 = time.monotonic()
+    while True:
+        stats = status(port)
+        if stats["restarts"] == restarts and stats["state"] == "ready":
+            return stats
+        assert time.monotonic() - t0 < timeout, stats
+        time.sleep(0.1)
+
+
+def footprint(pid: int) -> tuple[int, int, int]:
+    """The worker's threads and descriptors, the files in /dev/shm (each engine start
+    makes its own, under new names: the count stays when the dead one's are gone)."""
+    worker = psutil.Process(pid)
+    return worker.num_threads(), worker.num_fds(), len(os.listdir("/dev/shm"))
+
+
+def test_repeated_engine_deaths_back_off_more_each_time_then_exit_5(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    status_port = free_port()
+    args = ["--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
+            "--status-port", str(status_port), "--crash-loop-max", "2"]  # fmt: skip
+    with start_worker(tmp_path_factory.mktemp("crash-loop"), *args) as worker:
+        worker.wait_ready()
+        delays, footprints = [], []
+        for restarts in (1, 2):
+            engine_core(worker.proc.pid).kill()
+            stats = wait_serving_again(status_port, restarts)
+            phases = stats["phase_seconds"]
+            assert isinstance(phases, dict)
+            delays.append(phases["restart_delay"])
+            footprints.append(footprint(worker.proc.pid))
+        engine_core(worker.proc.pid).kill()  # the third death within the window
+        code = worker.proc.wait(120)
+        out = worker.output()
+    assert code == 5, out[-3000:]
+    assert "crash loop" in out
+    assert delays[1] > delays[0], delays  # the back-off grows (1 s, then 2 s, ±10 %)
+    (threads_1, fds_1, shm_1), (threads_2, fds_2, shm_2) = footprints
+    assert threads_2 <= threads_1 + 2 and fds_2 <= fds_1 + 2, footprints
+    assert shm_2 == shm_1
+    assert port_is_free("127.0.0.1", worker.port) and port_is_free("127.0.0.1", status_port)
+    assert not our_processes()

@@ -14,6 +14,7 @@
 # (gateway needs smg: stage.sh vllm==0.26.0 smg==1.13.0)
 set -uo pipefail
 MODE=$1 OUT=$2
+rc=0
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 export ICHAT_GPU_MODEL=/tmp/llama-1b
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
@@ -23,10 +24,12 @@ fi
 case $MODE in
   tests) ICHAT_RESULTS=$OUT/gpu-results.json python3 -m pytest tests/gpu/test_gpu_vllm.py \
            -v -s -p no:cacheprovider 2>&1 | grep -v "Route:" > $OUT/gpu-tests.log
+         rc=${PIPESTATUS[0]}
          tail -n 30 $OUT/gpu-tests.log ;;
   tp)    ICHAT_RESULTS_TP=$OUT/gpu-tp-results.json python3 -m pytest \
            tests/gpu/test_gpu_tensor_parallel.py -v -s -p no:cacheprovider 2>&1 \
            | grep -v "Route:" > $OUT/gpu-tp.log
+         rc=${PIPESTATUS[0]}
          tail -n 30 $OUT/gpu-tp.log ;;
   bench) python3 bench/bench_vllm.py --model-path $ICHAT_GPU_MODEL --rounds ${ROUNDS:-2} \
            --concurrency 256 --requests 1024 --max-tokens 128 --client-processes 8 \
@@ -71,3 +74,5 @@ case $MODE in
          wait
          tail -n 25 /tmp/gateway.out /tmp/bench.out ;;
 esac
+# the suite's own exit status (a failed test fails the run), 0 for the benchmarks
+exit "${rc:-0}"

@@ -15,10 +15,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
 
+from ichat.process.processes import free_port
 from tests.support import (
     MODEL_NAME,
     Worker,
@@ -49,7 +51,15 @@ def gpu_memory_used_mib() -> tuple[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def worker(gpu_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+def status_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def worker(
+    gpu_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, status_port: int
+) -> Iterator[Worker]:
+    RESULTS["gpu_memory_used_before_start_mib"] = gpu_memory_used_mib()[0]
     t0 = time.monotonic()
     with start_worker(
         tmp_path_factory.mktemp("gpu"),
@@ -61,6 +71,8 @@ def worker(gpu_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "2048",
         "--gpu-memory-utilization",
         "0.85",
+        "--status-port",
+        str(status_port),
     ) as w:
         w.wait_ready(timeout=900)
         RESULTS["ready_s"] = time.monotonic() - t0
@@ -99,6 +111,16 @@ def test_chat_and_stream_through_openai(worker: Worker) -> None:
     assert stream_once(worker.url, 64) == "finished"
 
 
+def test_every_vllm_workaround_resolves_in_the_gpu_release(
+    worker: Worker, status_port: int
+) -> None:
+    from ichat.backends.vllm_compat import WORKAROUNDS
+
+    status = httpx.get(f"http://127.0.0.1:{status_port}/status", timeout=10).json()
+    RESULTS["workarounds"] = status["workarounds"]
+    assert status["workarounds"] == {w.name: "resolved" for w in WORKAROUNDS}
+
+
 def test_kill_9_of_the_engine_is_detected_within_1s_and_serves_again(worker: Worker) -> None:
     result = kill_and_wait_serving(worker, engine_core(worker.proc.pid).pid)
     RESULTS["kill_to_serving_again_s"] = result.serving_again_s
@@ -117,3 +139,4 @@ def test_sigterm_exits_0_and_frees_the_gpu(worker: Worker) -> None:
     RESULTS["gpu_memory_used_after_stop_mib"] = used
     RESULTS["gpu_processes_after_stop"] = apps
     assert apps == []
+    assert used <= RESULTS["gpu_memory_used_before_start_mib"]  # 0 MiB on the H200

@@ -52,6 +52,10 @@ class GatewayConfig:
     health_check_interval: int = 5
     health_failure_threshold: int = 2
     shutdown_grace: int = 30
+    # After SIGTERM the gateway keeps serving this long for load balancers to notice it
+    # leaving, then stops as soon as no request is in flight (SMG's own window is 5 s;
+    # iChat ends it early: a gateway no load balancer sends to has nothing to wait for).
+    drain_settle: float = 0.0
     log_level: str = "warn"
     extra: list[str] = field(default_factory=list)  # SMG flags, unchanged
 
@@ -86,6 +90,20 @@ def check_installed() -> None:
         raise ConfigError(
             "the gateway (SMG) is not installed; install it with: pip install 'ichat[gateway]'"
         )
+
+
+IN_FLIGHT_METRICS = ("smg_worker_requests_active", "smg_admission_inflight")
+
+
+def requests_in_flight(metrics: str) -> float:
+    """The requests SMG has in flight, from its Prometheus text (0 when it has served
+    none: its gauges appear with the first request)."""
+    total = 0.0
+    for line in metrics.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in IN_FLIGHT_METRICS:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 class GatewayProcess:
@@ -141,20 +159,46 @@ class GatewayProcess:
             raise GatewayError(f"the gateway exited unexpectedly with code {proc.returncode}")
 
     async def drain(self, received: asyncio.Queue[signal.Signals]) -> None:
-        """SMG's own drain, then ``stop()``: SIGTERM, and SMG keeps its listener open
-        5 s for load balancers to notice, then lets the requests in flight finish, for
-        at most the grace period; a signal received meanwhile ends the wait at once."""
+        """SMG's own drain, ended early, then ``stop()``.
+
+        SIGTERM: SMG keeps its listener open 5 s for load balancers to notice, then lets
+        the requests in flight finish, for at most the grace period. iChat ends that
+        once ``drain_settle`` has passed and SMG reports no request in flight (its
+        metrics: ``smg_worker_requests_active``, ``smg_admission_inflight``); a signal
+        received meanwhile ends it at once."""
         proc = self.proc
         if proc is not None and proc.poll() is None:
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             logger.info("gateway draining (a second signal stops it at once)")
-            while proc.poll() is None and received.empty():
-                if time.monotonic() - t0 > self.config.shutdown_grace:
-                    break
-                await asyncio.sleep(0.05)
-            logger.info("gateway drained for %.2f s", time.monotonic() - t0)
+            why = "it exited"
+            async with httpx.AsyncClient(timeout=1) as client:
+                while proc.poll() is None:
+                    elapsed = time.monotonic() - t0
+                    if not received.empty():
+                        why = "signal received again"
+                        break
+                    if elapsed > self.config.shutdown_grace:
+                        why = "grace period over"
+                        break
+                    if elapsed >= self.config.drain_settle and await self._idle(client):
+                        why = "no request in flight"
+                        break
+                    await asyncio.sleep(0.05)
+            logger.info("gateway drained in %.2f s (%s)", time.monotonic() - t0, why)
         self.stop()
+
+    async def _idle(self, client: httpx.AsyncClient) -> bool:
+        """True when SMG's metrics show no request in flight; False when unknown."""
+        config = self.config
+        url = f"http://127.0.0.1:{config.prometheus_port or config.port + 1}/metrics"
+        try:
+            response = await client.get(url)
+        except httpx.HTTPError:
+            return False
+        if response.status_code != 200:
+            return False
+        return requests_in_flight(response.text) == 0
 
     def stop(self) -> None:
         """SIGKILL of the tree at once, reaped: nothing is left. For a gateway whose
@@ -189,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--policy", default=defaults.policy, help="default: %(default)s")
     parser.add_argument("--prometheus-port", type=int, default=None, help="default: --port + 1")
+    parser.add_argument(
+        "--drain-settle",
+        type=float,
+        default=defaults.drain_settle,
+        help="after SIGTERM, seconds the gateway keeps serving for load balancers to notice "
+        "it leaving; then it stops once no request is in flight (default: %(default)s; "
+        "behind a load balancer, at least its propagation time)",
+    )
     return parser
 
 
@@ -200,6 +252,7 @@ def parse_args(argv: Sequence[str]) -> GatewayConfig:
         api_key=ns.api_key,
         policy=ns.policy,
         prometheus_port=ns.prometheus_port,
+        drain_settle=ns.drain_settle,
         extra=extra,
     )
 

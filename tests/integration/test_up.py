@@ -3,11 +3,17 @@ Ctrl-C stops everything (exit 0, no process left, ports free)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import http.server
+import json
 import signal
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -99,3 +105,89 @@ def test_ichat_gateway_on_a_busy_port_names_the_port_and_exits_3() -> None:
         )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert f"port {port} on 127.0.0.1 is already in use\n" in proc.stderr  # no "(None)"
+
+
+def test_ichat_gateway_stops_at_once_when_no_request_is_in_flight() -> None:
+    port, metrics_port = free_port(), free_port()
+    gateway = subprocess.Popen(
+        ichat_cmd("gateway", "--port", str(port), "--prometheus-port", str(metrics_port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    follower = OutputFollower(gateway, "gateway ready", None)
+    try:
+        follower.wait(timeout=60)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        code = gateway.wait(60)
+    out = follower.output()
+    assert code == 0, out[-2000:]
+    # ended by iChat once SMG had nothing in flight, not after SMG's 5 s settle window
+    assert "(no request in flight)" in out, out[-2000:]
+    assert port_is_free("127.0.0.1", port) and port_is_free("127.0.0.1", metrics_port)
+    assert not our_processes()
+
+
+class SlowWorker(http.server.BaseHTTPRequestHandler):
+    """A stand-in worker for the gateway: models and health at once, chat after 2 s."""
+
+    def _reply(self, body: dict[str, object]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/models"):
+            self._reply({"object": "list", "data": [{"id": "slow", "object": "model"}]})
+        else:
+            self._reply({"version": "0.32.0"})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        time.sleep(2.0)
+        message = {"role": "assistant", "content": "done"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        self._reply({"id": "x", "object": "chat.completion", "created": 0, "model": "slow",
+                     "choices": [choice], "usage": usage})  # fmt: skip
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+def test_ichat_gateway_lets_a_request_in_flight_finish_before_it_stops() -> None:
+    worker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowWorker)
+    threading.Thread(target=worker.serve_forever, daemon=True).start()
+    port, metrics_port = free_port(), free_port()
+    gateway = subprocess.Popen(
+        ichat_cmd("gateway", "--port", str(port), "--prometheus-port", str(metrics_port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    follower = OutputFollower(gateway, "gateway ready", None)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        follower.wait(timeout=60)
+        worker_url = f"http://127.0.0.1:{worker.server_address[1]}"
+        httpx.post(f"{url}/workers", json={"url": worker_url, "models": [{"id": "slow"}]})
+        t0 = time.monotonic()
+        while not httpx.get(f"{url}/workers", timeout=5).json()["workers"][0]["is_healthy"]:
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.1)
+        body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}]}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            chat = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=30)
+            time.sleep(0.5)  # in flight at the gateway, answered 1.5 s later
+            gateway.send_signal(signal.SIGTERM)
+            reply = chat.result()
+    finally:
+        code = gateway.wait(60)
+        worker.shutdown()
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "done"
+    assert code == 0, follower.output()[-2000:]
+    assert port_is_free("127.0.0.1", port)

@@ -78,3 +78,24 @@ def test_a_second_signal_ends_the_gateways_drain_at_once() -> None:
     assert proc.poll() is not None  # gone (reaped by the kill's wait)
     assert waited < 10  # killed after the second signal, not waited out for 30 s
     assert gateway.proc is None
+
+
+def test_requests_in_flight_are_read_from_smgs_metrics() -> None:
+    from ichat.commands.gateway import requests_in_flight
+
+    idle = "# TYPE smg_http_connections_active gauge\nsmg_http_connections_active 3\n"
+    assert requests_in_flight(idle) == 0  # open connections are not requests
+    busy = (
+        'smg_worker_requests_active{worker="http://a:8000"} 2\n'
+        'smg_worker_requests_active{worker="http://b:8000"} 0\n'
+        "smg_admission_inflight 1\n"
+    )
+    assert requests_in_flight(busy) == 3
+
+
+def test_drain_settle_is_ichats_flag_and_not_passed_to_smg() -> None:
+    from ichat.commands.gateway import parse_args
+
+    config = parse_args(["--drain-settle", "5", "--policy", "cache_aware"])
+    assert config.drain_settle == 5.0
+    assert "--drain-settle" not in config.smg_argv()

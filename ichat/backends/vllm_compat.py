@@ -51,7 +51,7 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
         "vllm.entrypoints.launchers.api_server.app_state",
         "vllm.entrypoints.openai.api_server",
     ),
-    "cli_env_setup": ("vllm.entrypoints.serve.utils.api_utils",),
+    "cli_env_setup": ("vllm.entrypoints.common.startup", "vllm.entrypoints.serve.utils.api_utils"),
     "EngineDeadError": ("vllm.v1.engine.exceptions",),
 }
 OPTIONAL = {

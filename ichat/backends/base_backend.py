@@ -21,7 +21,7 @@ import gc
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
@@ -92,6 +92,9 @@ class BaseBackend(abc.ABC):
         self._children_before: set[int] | None = None
         self._engine_procs: list[psutil.Process] = []
         self._engine_shm: set[shared_memory.Mapped] = set()  # /dev/shm files it mapped
+        # told of each file recorded (the orphan guard, which unlinks them if the worker
+        # is killed before it can)
+        self.on_engine_shm: Callable[[set[shared_memory.Mapped]], None] | None = None
         self._stop_requested = False
         self._stop_requested_at: float | None = None  # the drain starts here (monotonic)
         self._drain_deadline: asyncio.TimerHandle | None = None
@@ -392,7 +395,10 @@ class BaseBackend(abc.ABC):
         those nobody maps then. Called at start, at ready and when the stop begins: each
         sees files or processes the others cannot."""
         found = self._new_children() if procs is None else procs
-        self._engine_shm |= shared_memory.mapped(found)
+        new = shared_memory.mapped(found) - self._engine_shm
+        self._engine_shm |= new
+        if new and self.on_engine_shm is not None:
+            self.on_engine_shm(new)
 
     def _raise_if_stopped(self) -> None:
         task = self._server_task

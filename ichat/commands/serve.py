@@ -247,13 +247,15 @@ async def run_worker(cls: type[BaseBackend], config: WorkerConfig, argv: list[st
     The first backend is made here, so that a bad engine flag fails before anything
     starts; the supervisor takes it for its first start and makes the next ones."""
     first: list[BaseBackend] = [cls(config, argv)]
-
-    def make_backend() -> BaseBackend:
-        return first.pop() if first else cls(config, argv)
-
     engine = first[0]
-    worker = Worker.from_config(
-        config, make_backend, model=engine.served_model_name(), api_key=engine.api_key()
-    )
-    with reaper.guarded():  # engine processes die with this process, even on SIGKILL
+    with reaper.guarded() as guard:  # engine processes die with this process, even on SIGKILL
+
+        def make_backend() -> BaseBackend:
+            backend = first.pop() if first else cls(config, argv)
+            backend.on_engine_shm = guard.record_shm  # unlinked by the guard, if need be
+            return backend
+
+        worker = Worker.from_config(
+            config, make_backend, model=engine.served_model_name(), api_key=engine.api_key()
+        )
         await worker.serve()

@@ -12,6 +12,14 @@ first; the watcher then exits without killing anything.
 A child started after the last snapshot is found too: the worker puts a random token
 in its environment before it starts the engine, every engine process inherits it, and
 on EOF the watcher also kills every process of this user that carries the token.
+
+Shared memory: once it has killed them, the watcher unlinks the ``/dev/shm`` files the
+killed processes mapped or held open and no process holds any more. It learns them
+three ways, since a process that dies with its parent (SGLang's, through
+PR_SET_PDEATHSIG) is gone before it can be read at the end: the worker sends what its
+backend recorded (``shm INODE PATH`` lines on the pipe, ``Reaper.record_shm``), the
+watcher reads them itself every ``SHM_REFRESH_S`` and when the processes change, and
+it reads the survivors at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ import secrets
 import select
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 
 import psutil
 
@@ -30,6 +39,7 @@ from ichat.process import shared_memory
 from ichat.process.processes import is_python_helper, wait_stopped
 
 BYE = b"bye\n"
+SHM_REFRESH_S = 5.0
 TOKEN_ENV = "ICHAT_REAPER_TOKEN"
 
 
@@ -58,14 +68,18 @@ def marked(token: str) -> dict[int, float]:
     return found
 
 
-def kill_snapshot(seen: dict[int, float]) -> list[int]:
+def kill_snapshot(
+    seen: dict[int, float], recorded: set[shared_memory.Mapped] | None = None
+) -> list[int]:
     """SIGKILL every process of ``seen`` still alive (same create time) and its tree,
     then unlink the ``/dev/shm`` files they mapped that no process maps any more.
 
     Python's multiprocessing helpers are spared: a worker's resource tracker, once every
     holder of its pipe is dead, unlinks the segments and semaphores registered with it
     (those of a worker that died with nothing else mapping them). Files not registered
-    there (SGLang's ``sglang_loads_*``) are unlinked here."""
+    there (SGLang's ``sglang_loads_*``) are unlinked here: those ``recorded`` while the
+    processes lived (one that dies with its parent, as SGLang's do through
+    PR_SET_PDEATHSIG, is gone before it could be read now) and those mapped now."""
     targets: dict[int, psutil.Process] = {}
     for pid, created in seen.items():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
@@ -75,7 +89,7 @@ def kill_snapshot(seen: dict[int, float]) -> list[int]:
                 targets.update(
                     (c.pid, c) for c in proc.children(recursive=True) if not is_python_helper(c)
                 )
-    mapped = shared_memory.mapped(targets.values())  # while they still map them
+    mapped = (recorded or set()) | shared_memory.mapped(targets.values())
     killed = []
     for proc in targets.values():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
@@ -89,18 +103,42 @@ def kill_snapshot(seen: dict[int, float]) -> list[int]:
     return killed
 
 
+def record_shm(owner: int, seen: dict[int, float]) -> set[shared_memory.Mapped]:
+    """The ``/dev/shm`` files the owner and its descendants map or hold open now."""
+    procs = []
+    for pid in (owner, *seen):
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    return shared_memory.mapped(procs)
+
+
+def parse_shm(line: bytes) -> shared_memory.Mapped | None:
+    """``shm INODE PATH`` -> the file; anything else -> None."""
+    parts = line.decode(errors="replace").split(" ", 2)
+    if len(parts) == 3 and parts[0] == "shm" and parts[1].isdigit():
+        return shared_memory.Mapped(int(parts[1]), parts[2])
+    return None
+
+
 def watch(owner: int, interval: float, token: str) -> int:
     """The watcher's loop: returns once the owner said bye or died."""
     seen: dict[int, float] = {}
+    shm: set[shared_memory.Mapped] = set()  # read here
+    told: set[shared_memory.Mapped] = set()  # what the worker sent
+    shm_read_at = 0.0
+    pending = b""
     stdin = sys.stdin.fileno()
     while True:
         readable, _, _ = select.select([stdin], [], [], interval)
         if readable:
-            data = os.read(stdin, 64)
-            if data.startswith(BYE):
+            data = os.read(stdin, 65536)
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            if any(line + b"\n" == BYE for line in lines):
                 return 0
+            told.update(m for m in map(parse_shm, lines) if m is not None)
             if not data:  # EOF: the owner died without saying bye
-                killed = kill_snapshot(seen | marked(token))
+                killed = kill_snapshot(seen | marked(token), shm | told)
                 if killed:
                     print(
                         f"ichat reaper: worker {owner} died; killed {killed}",
@@ -108,7 +146,13 @@ def watch(owner: int, interval: float, token: str) -> int:
                         flush=True,
                     )
                 return 0
-        seen = snapshot(owner) or seen
+        now = snapshot(owner) or seen
+        # read when the processes change and every SHM_REFRESH_S: a memory map can be
+        # large, and an engine makes its files when it starts
+        if now != seen or time.monotonic() - shm_read_at > SHM_REFRESH_S:
+            shm = record_shm(owner, now) or shm
+            shm_read_at = time.monotonic()
+        seen = now
 
 
 class Reaper:
@@ -133,6 +177,17 @@ class Reaper:
             start_new_session=True,  # not in our process group
         )
         os.environ[TOKEN_ENV] = self.token  # inherited by every process started from now on
+
+    def record_shm(self, files: Iterable[shared_memory.Mapped]) -> None:
+        """Tell the watcher of ``/dev/shm`` files the engine's processes hold: unlinked
+        if the worker dies without a clean stop and no process holds them then."""
+        proc = self.proc
+        if proc is None or proc.stdin is None:
+            return
+        lines = b"".join(f"shm {m.inode} {m.path}\n".encode() for m in files)
+        with contextlib.suppress(BrokenPipeError, OSError):
+            proc.stdin.write(lines)
+            proc.stdin.flush()
 
     def stop(self) -> None:
         """A clean stop: the watcher exits without killing anything."""

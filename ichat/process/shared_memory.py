@@ -52,17 +52,40 @@ SEM_PREFIX = SHM_DIR + "sem."
 
 
 def mapped(procs: Iterable[psutil.Process]) -> set[Mapped]:
-    """The ``/dev/shm`` files that ``procs`` have mapped now."""
+    """The ``/dev/shm`` files that ``procs`` have mapped or open now (a file written
+    with plain writes, as SGLang's ``sglang_loads_*``, is open but never mapped)."""
     found: set[Mapped] = set()
     for proc in procs:
-        try:
-            maps = Path(f"/proc/{proc.pid}/maps").read_text()
-        except OSError:  # gone, or not ours to read
-            continue
-        for line in maps.splitlines():
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith(SHM_DIR) and fields[4].isdigit():
-                found.add(Mapped(int(fields[4]), fields[5].removesuffix(" (deleted)")))
+        found |= _mapped_by(proc.pid) | _open_in(proc.pid)
+    return found
+
+
+def _mapped_by(pid: int) -> set[Mapped]:
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # gone, or not ours to read
+        return set()
+    found = set()
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(SHM_DIR) and fields[4].isdigit():
+            found.add(Mapped(int(fields[4]), fields[5].removesuffix(" (deleted)")))
+    return found
+
+
+def _open_in(pid: int) -> set[Mapped]:
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return set()
+    found = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"{fd_dir}/{fd}")
+            if target.startswith(SHM_DIR):
+                inode = os.stat(f"{fd_dir}/{fd}").st_ino
+                found.add(Mapped(inode, target.removesuffix(" (deleted)")))
     return found
 
 

@@ -7,9 +7,11 @@ in the same worker process), then SIGTERM (exit 0, no child, port free).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -261,3 +263,50 @@ def test_a_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
     done, _ = run_ichat_sglang("--model-path", str(tmp_path / "nowhere"))
     assert done.returncode == 2, done.stderr[-2000:]
     assert "model path does not exist" in done.stderr
+
+
+def test_sglang_flags_reach_its_own_parser_unchanged(model_dir: Path) -> None:
+    """SGLang's flags (and iChat's unified names, which are SGLang's own) arrive in its
+    ServerArgs as SGLang parses them; iChat adds only host, port and log level. Parsed
+    in a process of its own: SGLang imports its CPU kernel stand-in from PYTHONPATH."""
+    argv = [*CPU_FLAGS, "--model-path", str(model_dir), "--served-model-name", "given-name",
+            "--context-length", "512", "--max-running-requests", "7",
+            "--chunked-prefill-size", "256", "--schedule-policy", "lpm"]  # fmt: skip
+    code = (
+        "import json, sys\n"
+        "from ichat.backends.sglang_backend import SGLangBackend\n"
+        "from ichat.config import WorkerConfig\n"
+        "a = SGLangBackend(WorkerConfig(host='127.0.0.1', port=18123), sys.argv[1:])"
+        ".get_backend_args()\n"
+        "print(json.dumps([a.model_path, a.served_model_name, a.context_length,"
+        " a.max_running_requests, a.chunked_prefill_size, a.schedule_policy, a.host,"
+        " a.port, a.log_level]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    parsed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert parsed == [str(model_dir), "given-name", 512, 7, 256, "lpm", "127.0.0.1", 18123,
+                      "warning"]  # fmt: skip
+
+
+def test_sigkill_of_the_worker_leaves_no_engine_process(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    args = ("--model-path", str(model_dir), "--served-model-name", MODEL_NAME, *CPU_FLAGS)
+    shm_before = set(os.listdir("/dev/shm"))
+    with start_worker(tmp_path_factory.mktemp("sglang-kill"), *args, backend="sglang") as w:
+        w.wait_ready(timeout=400)
+        engine = list(sglang_processes(w.proc.pid).values())
+        assert len(engine) == 2, w.output()[-3000:]
+        w.proc.send_signal(signal.SIGKILL)
+        w.proc.wait(10)
+        t0 = time.monotonic()
+        while [p for p in engine if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+            assert time.monotonic() - t0 < 10, "the orphan guard did not kill the engine"
+            time.sleep(0.05)
+        while set(os.listdir("/dev/shm")) - shm_before:  # sglang_loads_*: unlinked too
+            assert time.monotonic() - t0 < 10, set(os.listdir("/dev/shm")) - shm_before
+            time.sleep(0.05)
+    assert port_is_free("127.0.0.1", w.port)

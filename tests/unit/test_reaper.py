@@ -133,3 +133,38 @@ def test_sigkill_leaves_nothing_in_dev_shm() -> None:
     for path in left:
         os.unlink(path)
     assert left == []
+
+
+# A stand-in worker that tells its guard of a /dev/shm file its engine made, as the
+# backend does, then holds nothing open: only the guard's record can find it.
+TOLD = """
+import os, sys, time
+from ichat.process import reaper, shared_memory
+guard = reaper.Reaper(interval=0.05)
+guard.start()
+path = f"/dev/shm/ichat-test-told-{os.getpid()}"
+with open(path, "wb") as f:
+    f.write(b"x" * 4096)
+guard.record_shm({shared_memory.Mapped(os.stat(path).st_ino, path)})
+print(path, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_file_the_worker_told_of_is_unlinked_when_it_is_killed() -> None:
+    import os
+
+    worker = subprocess.Popen([sys.executable, "-c", TOLD], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    path = worker.stdout.readline().strip()
+    assert os.path.exists(path)
+    time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(5)
+    t0 = time.monotonic()
+    while os.path.exists(path) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    left = os.path.exists(path)
+    if left:
+        os.unlink(path)
+    assert not left

@@ -107,7 +107,8 @@ def test_ichat_gateway_on_a_busy_port_names_the_port_and_exits_3() -> None:
     assert f"port {port} on 127.0.0.1 is already in use\n" in proc.stderr  # no "(None)"
 
 
-def test_ichat_gateway_stops_at_once_when_no_request_is_in_flight() -> None:
+def start_gateway() -> tuple[subprocess.Popen[str], OutputFollower, int, int]:
+    """``ichat gateway`` on free ports: the process, its output, its port and metrics port."""
     port, metrics_port = free_port(), free_port()
     gateway = subprocess.Popen(
         ichat_cmd("gateway", "--port", str(port), "--prometheus-port", str(metrics_port)),
@@ -115,7 +116,11 @@ def test_ichat_gateway_stops_at_once_when_no_request_is_in_flight() -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    follower = OutputFollower(gateway, "gateway ready", None)
+    return gateway, OutputFollower(gateway, "gateway ready", None), port, metrics_port
+
+
+def test_ichat_gateway_stops_at_once_when_no_request_is_in_flight() -> None:
+    gateway, follower, port, metrics_port = start_gateway()
     try:
         follower.wait(timeout=60)
     finally:
@@ -162,14 +167,7 @@ class SlowWorker(http.server.BaseHTTPRequestHandler):
 def test_ichat_gateway_lets_a_request_in_flight_finish_before_it_stops() -> None:
     worker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowWorker)
     threading.Thread(target=worker.serve_forever, daemon=True).start()
-    port, metrics_port = free_port(), free_port()
-    gateway = subprocess.Popen(
-        ichat_cmd("gateway", "--port", str(port), "--prometheus-port", str(metrics_port)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    follower = OutputFollower(gateway, "gateway ready", None)
+    gateway, follower, port, _ = start_gateway()
     url = f"http://127.0.0.1:{port}"
     try:
         follower.wait(timeout=60)

@@ -16,6 +16,7 @@ from ichat.process.processes import port_is_free
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,
+    Worker,
     our_processes,
     start_worker,
     stream_once,
@@ -25,20 +26,30 @@ STREAMS = 16
 DRAIN_TIMEOUT_S = 2
 
 
+def worker_args(model_dir: Path, drain_timeout: float) -> list[str]:
+    return ["--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
+            "--context-length", str(CONTEXT_LENGTH),
+            "--drain-timeout", f"{drain_timeout:g}"]  # fmt: skip
+
+
+def start_long_streams(
+    pool: concurrent.futures.ThreadPoolExecutor, worker: Worker
+) -> list[concurrent.futures.Future[str]]:
+    """STREAMS streams as long as the context allows, all still running on return."""
+    streams = [pool.submit(stream_once, worker.url, CONTEXT_LENGTH - 64) for _ in range(STREAMS)]
+    time.sleep(1.0)
+    assert not any(s.done() for s in streams), "streams should still be running"
+    return streams
+
+
 def test_streams_that_outlast_the_drain_timeout_end_with_abort_not_a_cut(
     model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    args = ["--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
-            "--context-length", str(CONTEXT_LENGTH),
-            "--drain-timeout", str(DRAIN_TIMEOUT_S)]  # fmt: skip
+    args = worker_args(model_dir, DRAIN_TIMEOUT_S)
     with start_worker(tmp_path_factory.mktemp("drain"), *args) as worker:
         worker.wait_ready()
         with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
-            streams = [
-                pool.submit(stream_once, worker.url, CONTEXT_LENGTH - 64) for _ in range(STREAMS)
-            ]
-            time.sleep(1.0)
-            assert not any(s.done() for s in streams), "streams should still be running"
+            streams = start_long_streams(pool, worker)
             t0 = time.monotonic()
             worker.proc.send_signal(signal.SIGTERM)
             outcomes = [s.result(timeout=120) for s in streams]
@@ -59,15 +70,10 @@ def test_streams_that_outlast_the_drain_timeout_end_with_abort_not_a_cut(
 def test_a_second_signal_forces_the_stop_while_streams_drain(
     model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    args = ["--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
-            "--context-length", str(CONTEXT_LENGTH), "--drain-timeout", "120"]  # fmt: skip
-    with start_worker(tmp_path_factory.mktemp("force"), *args) as worker:
+    with start_worker(tmp_path_factory.mktemp("force"), *worker_args(model_dir, 120)) as worker:
         worker.wait_ready()
         with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
-            streams = [
-                pool.submit(stream_once, worker.url, CONTEXT_LENGTH - 64) for _ in range(STREAMS)
-            ]
-            time.sleep(1.0)
+            streams = start_long_streams(pool, worker)
             worker.proc.send_signal(signal.SIGTERM)
             time.sleep(1.0)
             assert worker.proc.poll() is None, "still draining after the first signal"

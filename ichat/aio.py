@@ -1,4 +1,5 @@
-"""Waiting for the first of several things, then cancelling the rest.
+"""Waiting for the first of several things, then cancelling the rest; waiting for a
+blocking call in a thread of its own.
 
 ``asyncio.wait`` with ``FIRST_COMPLETED`` leaves the losers running, and
 ``asyncio.wait_for`` would cancel the one awaitable it has and, on Python 3.11, may
@@ -8,8 +9,12 @@ swallow a cancellation of the caller; this cancels every loser, whatever ends th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import Any
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def first_completed(
@@ -27,3 +32,33 @@ async def first_completed(
             if not future.done():
                 future.cancel()
     return futures
+
+
+async def in_a_thread(fn: Callable[[], T], *, name: str, on_abandoned: Callable[[T], None]) -> T:
+    """Run the blocking ``fn`` in a daemon thread of its own and await its result.
+
+    The event loop goes on meanwhile. If the waiting task is cancelled first, ``fn``
+    still runs to its end (a thread cannot be stopped); what it returns then is handed
+    to ``on_abandoned`` on the loop, so that nothing it built is lost."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if future.cancelled():
+            if exc is None:
+                on_abandoned(result)  # type: ignore[arg-type]
+        elif exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as error:  # handed to the awaiting task
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: exiting
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future

@@ -58,6 +58,9 @@ class WorkerConfig:
     # Supervision: start a fresh backend when the engine dies after being ready.
     restart: bool = True
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    # Keep a second, initialised engine of the same configuration; serve it on the same
+    # socket when the active engine dies (a failover), then start a new standby.
+    standby: bool = False
     # Gateway (SMG): register once ready, leave at once on death or stop.
     gateway_url: str | None = None
     gateway_api_key: str | None = None

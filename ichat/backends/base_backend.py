@@ -6,7 +6,8 @@
               -> uvicorn on the pre-bound socket (signal handlers off)
     ready     probe_ready until healthy (fast, then backing off) -> warmup -> ready event
     serve     health monitor (check_engine_alive) started only now;
-              first of {server, monitor} to end stops the other
+              first of {server, monitor} to end stops the other; an engine death
+              with a ready standby is a failover (``fail_over``) and serving goes on
     shutdown  should_exit -> drain -> close the engine -> cleanup() (idempotent)
 """
 
@@ -28,6 +29,7 @@ import psutil
 
 from ichat.aio import first_completed
 from ichat.backends.compat import Workaround, Workarounds
+from ichat.backends.failover import Failover, StandbyReport
 from ichat.backends.monitor import HealthMonitor
 from ichat.config import WorkerConfig
 from ichat.errors import (
@@ -95,6 +97,9 @@ class BaseBackend(abc.ABC):
         # told of each file recorded (the orphan guard, which unlinks them if the worker
         # is killed before it can)
         self.on_engine_shm: Callable[[set[shared_memory.Mapped]], None] | None = None
+        # told of each failover to a standby, and of each change of the standby
+        self.on_failover: Callable[[Failover], None] | None = None
+        self.on_standby: Callable[[StandbyReport], None] | None = None
         self._stop_requested = False
         self._stop_requested_at: float | None = None  # the drain starts here (monotonic)
         self._drain_deadline: asyncio.TimerHandle | None = None
@@ -211,10 +216,17 @@ class BaseBackend(abc.ABC):
         self._engine_procs = []
         self._children_before = None
         self.kill_engine_processes()
+        self._unlink_engine_shm_left_behind()
+        self._engine_shm = set()
+
+    def _unlink_engine_shm_left_behind(self) -> None:
+        """Unlink the recorded /dev/shm files that no live process of ours maps (an
+        engine's that is gone); forget them."""
         if self._engine_shm:
-            me = psutil.Process()
-            shared_memory.unlink_left_behind(self._engine_shm, [me, *processes.children()])
-            self._engine_shm = set()
+            live = [psutil.Process(), *processes.children()]
+            shared_memory.unlink_left_behind(self._engine_shm, live)
+            in_use = {m.inode for m in shared_memory.mapped(live)}
+            self._engine_shm = {m for m in self._engine_shm if m.inode in in_use}
 
     def stop_engine_processes(self, *, at_once: bool = False) -> None:
         """SIGTERM the engine's processes (those that appeared while it started, and
@@ -317,6 +329,12 @@ class BaseBackend(abc.ABC):
         each ends with the engine's own "abort" finish (default: nothing)."""
         return None
 
+    async def fail_over(self) -> dict[str, float] | None:
+        """The active engine died: serve a ready standby in its place on the same HTTP
+        server and return the failover's phases (seconds); None when there is no
+        standby to serve (default), and the backend ends as without one."""
+        return None
+
     # --------------------------------------------------------------------- phases
 
     async def _start_and_become_ready(self) -> None:
@@ -407,6 +425,12 @@ class BaseBackend(abc.ABC):
             raise StartupError(f"the HTTP server stopped during start-up: {exc}") from exc
 
     async def _serve_until_stopped(self) -> None:
+        while not await self._serve_one_engine():
+            pass  # a failover: the standby serves now, under a new monitor
+
+    async def _serve_one_engine(self) -> bool:
+        """Serve until the server ends or the engine dies: False after a failover to a
+        standby (serve on), True when stopped; ``EngineDiedError`` otherwise."""
         config = self.framework_args
         assert self._server_task is not None
         self.monitor = HealthMonitor(
@@ -421,17 +445,46 @@ class BaseBackend(abc.ABC):
         )
         try:
             if self._monitor_task in done:
-                self._monitor_task.result()  # raises EngineDiedError
+                try:
+                    self._monitor_task.result()  # raises EngineDiedError
+                except EngineDiedError as death:
+                    if await self._failed_over(death):
+                        return False
+                    raise
                 raise AssertionError("the health monitor returned without a verdict")
             self._server_task.result()  # a server crash propagates here
             if self._stop_requested:
-                return
+                return True
             # The engine's own handler may stop the server when it sees the engine dead.
             await self.check_engine_alive()
             raise EngineDiedError("the HTTP server stopped although no stop was requested")
         except EngineDiedError:
             self.engine_dead_event.set()
             raise
+
+    async def _failed_over(self, death: EngineDiedError) -> bool:
+        """Serve a standby in place of the dead engine, if there is one ready."""
+        assert self.monitor is not None
+        detected_at, detected_unix = self.monitor.detected_at, self.monitor.detected_unix
+        if self._stop_requested or (self._server_task is not None and self._server_task.done()):
+            return False
+        try:
+            phases = await self.fail_over()
+        except Exception:
+            logger.exception("the failover to the standby engine failed")
+            return False
+        if phases is None:
+            return False
+        seconds = time.monotonic() - (detected_at or time.monotonic())
+        self.phase_seconds.update(phases)
+        logger.warning(
+            "engine died (%s); the standby engine serves %.3f s after the death was detected",
+            death,
+            seconds,
+        )
+        if self.on_failover is not None:
+            self.on_failover(Failover(str(death), detected_unix, seconds, phases))
+        return True
 
     async def _shutdown(self) -> None:
         """Every step is bounded: a step that hangs is abandoned, and ``cleanup()``

@@ -97,6 +97,12 @@ class SGLangBackend(BaseBackend):
         # The model folder is checked before SGLang reads its config (``--model`` is
         # SGLang's alias of --model-path).
         check_model_path(flag_value(argv, "--model-path") or flag_value(argv, "--model"))
+        if config.standby:
+            raise ConfigError(
+                "--standby is not supported with SGLang yet: its HTTP app serves one "
+                "engine kept in module-level state (one tokenizer manager per process); "
+                "use --backend vllm, or two workers behind the gateway"
+            )
         framework = ["--host", config.host, "--port", str(config.port)]
         framework += ["--log-level", LOG_LEVELS.get(config.engine_log_level, "info")]
         try:  # SGLang's parsing, then its own checks (resolve_once: newer releases)

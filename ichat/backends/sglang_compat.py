@@ -214,9 +214,7 @@ def record_launch_workarounds(launched: Launched, workarounds: Workarounds) -> N
     workarounds.record("tokenizer_manager_tasks", hasattr(manager, "asyncio_tasks"))
     workarounds.record("server_stop_hook", hasattr(manager, "set_server_stop_hook"))
     workarounds.record("abort_all_requests", _abort_request(launched) is not None)
-    workarounds.record(
-        "tokenizer_manager_zmq_context", bool(zmq_context.find_contexts(manager))
-    )
+    workarounds.record("tokenizer_manager_zmq_context", bool(zmq_context.find_contexts(manager)))
 
 
 def keep_alive_seconds(api: SGLangServerAPI) -> Any:

@@ -7,22 +7,28 @@ The functions are found by :mod:`ichat.backends.vllm_compat`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
 
 from ichat.auth import bearer_headers
-from ichat.backends import vllm_compat, zmq_context
+from ichat.backends import vllm_compat
 from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BaseBackend
+from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
+from ichat.backends.vllm_engine import VLLMEngine
 from ichat.config import WorkerConfig
 from ichat.errors import ConfigError, EngineDiedError, StartupError
-from ichat.process.processes import not_running, title
+from ichat.process import processes
+from ichat.process.processes import not_running
 
 if TYPE_CHECKING:
     import httpx
@@ -50,7 +56,11 @@ class VLLMBackend(BaseBackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._engine_client: Any = None
-        self._zmq_contexts: list[Any] = []
+        self._active: VLLMEngine | None = None
+        self._standby: VLLMEngine | None = None
+        self._retired: list[VLLMEngine] = []  # dead engines, closed in the background
+        self._standby_task: asyncio.Task[None] | None = None
+        self._sleep_mode = False  # a standby sleeps (level 1) while it waits
         self._watched: list[psutil.Process] | None = None
         self._app: Any = None
         self._supported_tasks: tuple[str, ...] = ()
@@ -85,6 +95,8 @@ class VLLMBackend(BaseBackend):
         if api.configure_logging_from_args is not None:  # vLLM >= 0.32: --log-level
             args.log_level = vllm_log_level(config)
         self._reject_unsupported_modes(args)
+        if config.standby:
+            self._prepare_for_a_standby(api, args)
         self._accept_the_gateways_key(args, config)
         check_model_path(args.model)
         try:
@@ -111,6 +123,26 @@ class VLLMBackend(BaseBackend):
             )
         if hasattr(args, "api_server_count"):
             args.api_server_count = 1
+
+    def _prepare_for_a_standby(self, api: vllm_compat.VLLMServerAPI, args: Any) -> None:
+        """Refuse what two engines of one configuration cannot share; let the standby
+        sleep where the platform allows it."""
+        size = getattr(args, "data_parallel_size", 1) or 1
+        if size > 1:
+            raise ConfigError(
+                f"--standby with --data-parallel-size {size}: the standby's data-parallel "
+                "engines would need the same RPC and coordinator ports as the active's; "
+                "run one worker per data-parallel group instead"
+            )
+        if getattr(args, "kv_transfer_config", None):
+            raise ConfigError(
+                "--standby with --kv-transfer-config: a KV connector binds its own "
+                "side-channel ports, which a second engine cannot bind too"
+            )
+        self._sleep_mode = vllm_compat.sleep_mode_available(api)
+        if self._sleep_mode and not getattr(args, "enable_sleep_mode", False):
+            args.enable_sleep_mode = True
+            logger.info("--standby: sleep mode enabled (the standby sleeps while it waits)")
 
     @classmethod
     def engine_environment(cls, config: WorkerConfig) -> dict[str, str]:
@@ -141,16 +173,22 @@ class VLLMBackend(BaseBackend):
         return sock  # type: ignore[no-any-return]
 
     async def start_engine(self, stack: contextlib.AsyncExitStack) -> None:
-        client = self._api.build_async_engine_client(self._backend_args)
-        # these run after the client's own shutdown (the stack unwinds last-in first-out)
+        # these run after every engine's shutdown (the stack unwinds last-in first-out)
         stack.callback(self._clear_engine_keyed_caches)
-        stack.push_async_callback(self._end_zmq_contexts)
-        self._engine_client = await stack.enter_async_context(client)
-        self._zmq_contexts = vllm_compat.engine_core_contexts(self._engine_client)
-        self.workarounds.record("engine_core_zmq_context", bool(self._zmq_contexts))
-        self.workarounds.record("engine_errored_flag", hasattr(self._engine_client, "errored"))
-        abortable = vllm_compat.can_abort_all_requests(self._engine_client)
-        self.workarounds.record("abort_all_requests", abortable)
+        stack.push_async_callback(self._close_engines)
+        if self.framework_args.standby:
+            # first: on a GPU it sleeps before the active engine sizes its memory
+            await self._start_standby()
+            if self._standby is None:
+                raise StartupError(f"the standby engine did not start: {self._standby_reason}")
+        self._active = active = await VLLMEngine.launch(
+            self._api.build_async_engine_client(self._backend_args)
+        )
+        self._engine_client = client = active.client
+        self.workarounds.record("engine_core_zmq_context", bool(active.zmq_contexts))
+        self.workarounds.record("engine_errored_flag", hasattr(client, "errored"))
+        self.workarounds.record("abort_all_requests", vllm_compat.can_abort_all_requests(client))
+        self._report_standby()
 
     def _clear_engine_keyed_caches(self) -> None:
         """vLLM's memo caches that would keep this engine's tokenizer copies after it
@@ -158,26 +196,163 @@ class VLLMBackend(BaseBackend):
         for cache in self._api.engine_keyed_caches:
             cache.cache_clear()
 
-    async def _end_zmq_contexts(self) -> None:
-        """vLLM's shutdown closes its sockets but leaves the engine-core client's ZMQ
-        context (2 I/O threads, a reaper, 7 descriptors) to the process exit."""
-        await zmq_context.end_contexts([c for c in self._zmq_contexts if not c.closed])
+    async def _close_engines(self) -> None:
+        """Shut every engine down: the standby (or the one starting), the active, and
+        dead ones still being closed."""
+        task, self._standby_task = self._standby_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        engines = [self._standby, self._active, *self._retired]
+        self._standby = self._active = None
+        self._retired = []
+        for engine in engines:
+            if engine is not None:
+                await engine.stack.aclose()
 
     def _watch_engine_processes(self) -> list[psutil.Process]:
-        """vLLM's own processes among those the engine start left (by their titles)."""
-        self._watched = watched = vllm_compat.engine_processes(self.engine_processes, title)
-        if self.engine_processes:  # none: the engine runs in this process
+        """vLLM's own processes among those the active engine's start left."""
+        active = self._active
+        self._watched = watched = active.watched if active is not None else []
+        if active is not None and active.processes:  # none: the engine runs in-process
             self.workarounds.record("engine_process_titles", bool(watched))
         logger.debug("watching engine processes %s", [p.pid for p in watched])
         return watched
 
+    # ------------------------------------------------------------------- standby
+
+    _standby_reason: str | None = None
+
+    async def _start_standby(self) -> None:
+        """Start an engine of the same configuration, built in a thread while the
+        active one serves; prepare its app state and its metrics; put it to sleep where
+        the platform allows. A standby that cannot start is reported, not raised."""
+        self._report_standby(Standby.STARTING)
+        t0 = time.monotonic()
+        serving = vllm_compat.vllm_collectors()  # the active engine's metrics
+        engine: VLLMEngine | None = None
+        try:
+            engine = await VLLMEngine.launch(
+                vllm_compat.engine_client_built_in_a_thread(self._api, self._backend_args)
+            )
+            # a new engine registers its own vllm: collectors in place of the active's
+            engine.collectors = vllm_compat.vllm_collectors()
+            self.workarounds.record("prometheus_collectors", serving is not None)
+            if serving is not None:
+                vllm_compat.serve_collectors(serving)
+            engine.state = await self._prepared_state(engine.client)
+            if self._sleep_mode:
+                await engine.client.sleep(level=1)
+                engine.asleep = True
+        except Exception as exc:
+            if serving is not None:
+                vllm_compat.serve_collectors(serving)
+            if engine is not None:
+                self._retired.append(engine)
+            logger.error("the standby engine did not start: %s", exc)
+            self._report_standby(Standby.FAILED, f"{type(exc).__name__}: {exc}")
+            return
+        except BaseException:
+            if engine is not None:
+                self._retired.append(engine)  # closed with the others at the stop
+            raise
+        self._standby = engine
+        self.phase_seconds["standby_start"] = time.monotonic() - t0
+        self._record_engine_shm()
+        logger.info(
+            "standby engine %s (processes %s)", "asleep" if engine.asleep else "ready", engine.pids
+        )
+        self._report_standby()
+
+    async def _prepared_state(self, client: Any) -> Any:
+        """The app state vLLM's ``init_app_state`` makes for ``client``, made now so
+        that a failover only swaps it in."""
+        from starlette.datastructures import State
+
+        state = State()
+        tasks = await self._tasks_of(client)
+        await vllm_compat.call_with(
+            self._api.init_app_state,
+            engine_client=client,
+            state=state,
+            args=self._backend_args,
+            supported_tasks=tasks,
+            vllm_config=getattr(client, "vllm_config", None),
+        )
+        return state
+
+    async def fail_over(self) -> dict[str, float] | None:
+        standby, dead = self._standby, self._active
+        if standby is None or dead is None or self._app is None:
+            return None
+        if standby.dead_processes():
+            logger.error("the standby engine is dead too (processes %s)", standby.pids)
+            self._standby = None
+            self._retired.append(standby)
+            return None
+        self._standby = None
+        phases: dict[str, float] = {}
+        t0 = time.monotonic()
+        if standby.asleep:
+            await standby.client.wake_up()
+            standby.asleep = False
+            phases["failover_wake"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        for name, value in standby.state._state.items():  # what init_app_state set
+            setattr(self._app.state, name, value)
+        if standby.collectors is not None:
+            vllm_compat.serve_collectors(standby.collectors)
+        self._active, self._engine_client = standby, standby.client
+        self._watched = standby.watched
+        phases["failover_switch"] = time.monotonic() - t1
+        logger.info("the standby engine %s is active", standby.pids)
+        self._standby_task = asyncio.create_task(self._replace_standby(dead))
+        return phases
+
+    async def _replace_standby(self, dead: VLLMEngine) -> None:
+        """Close the dead engine (its processes killed first: nothing of it can finish),
+        unlink the shared memory it left, then start a new standby."""
+        self._retired.append(dead)
+        t0 = time.monotonic()
+        deadlines = self.framework_args.deadlines
+        processes.kill(processes.with_descendants(dead.processes), deadlines.terminate)
+        try:
+            await asyncio.wait_for(dead.stack.aclose(), deadlines.engine_shutdown)
+        except Exception as exc:
+            logger.warning("closing the dead engine raised %r", exc)
+        self._retired.remove(dead)
+        self._unlink_engine_shm_left_behind()
+        self.phase_seconds["failover_cleanup"] = time.monotonic() - t0
+        await self._start_standby()
+
+    def _report_standby(self, state: Standby | None = None, reason: str | None = None) -> None:
+        if state is None:
+            if not self.framework_args.standby:
+                state = Standby.OFF
+            elif self._standby is None:
+                state = Standby.FAILED if self._standby_reason else Standby.STARTING
+            else:
+                state = Standby.ASLEEP if self._standby.asleep else Standby.READY
+            reason = self._standby_reason if state is Standby.FAILED else None
+        self._standby_reason = reason
+        engines = {
+            role: engine.pids
+            for role, engine in (("active", self._active), ("standby", self._standby))
+            if engine is not None
+        }
+        if self.on_standby is not None:
+            self.on_standby(StandbyReport(state, reason, engines))
+
+    @staticmethod
+    async def _tasks_of(client: Any) -> tuple[str, ...]:
+        if hasattr(client, "get_supported_tasks"):
+            return tuple(await client.get_supported_tasks())
+        return ("generate",)
+
     async def build_app(self) -> Any:
         self._watch_engine_processes()  # the engine's processes are recorded by now
         client, args = self._engine_client, self._backend_args
-        if hasattr(client, "get_supported_tasks"):
-            self._supported_tasks = tuple(await client.get_supported_tasks())
-        else:
-            self._supported_tasks = ("generate",)
+        self._supported_tasks = await self._tasks_of(client)
         app = vllm_compat.call_with(
             self._api.build_app,
             args=args,
@@ -218,7 +393,7 @@ class VLLMBackend(BaseBackend):
 
     def on_server_created(self, server: Any) -> None:
         # vLLM's EngineDeadError handler stops the server through app.state.server.
-        self._app.state.server = server
+        self._app.state.server = _StopUnlessStandingBy(server, lambda: self._standby is not None)
         count = getattr(self._backend_args, "h11_max_header_count", None)
         if count is not None:
             server.config.h11_max_header_count = count
@@ -273,3 +448,24 @@ class VLLMBackend(BaseBackend):
             await client.check_health()
         except self._api.EngineDeadError as exc:
             raise EngineDiedError(f"the vLLM engine is dead: {exc}") from exc
+
+
+class _StopUnlessStandingBy:
+    """What vLLM's engine-error handler finds as ``app.state.server``: it sets
+    ``should_exit`` when a request finds the engine dead, to end a server whose engine
+    is gone. While a standby waits, the health monitor fails over to it instead, on
+    this same server: the request that saw the death gets its error, and the server
+    stays. Every other attribute is the server's."""
+
+    def __init__(self, server: Any, standing_by: Callable[[], bool]) -> None:
+        object.__setattr__(self, "_server", server)
+        object.__setattr__(self, "_standing_by", standing_by)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "should_exit" and value and self._standing_by():
+            logger.info("the engine died; the standby takes over (the server stays)")
+            return
+        setattr(self._server, name, value)

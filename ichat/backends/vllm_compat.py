@@ -17,12 +17,14 @@ function declares.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ichat.aio import in_a_thread
 from ichat.backends import zmq_context
 from ichat.backends.compat import Workaround, Workarounds, call_with, find
 from ichat.errors import ConfigError, EngineNotInstalledError
@@ -53,6 +55,10 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     ),
     "cli_env_setup": ("vllm.entrypoints.common.startup", "vllm.entrypoints.serve.utils.api_utils"),
     "EngineDeadError": ("vllm.v1.engine.exceptions",),
+    # a standby engine is built from these (see ``engine_client_built_in_a_thread``)
+    "AsyncEngineArgs": ("vllm.engine.arg_utils",),
+    "AsyncLLM": ("vllm.v1.engine.async_llm",),
+    "UsageContext": ("vllm.usage.usage_lib",),
 }
 OPTIONAL = {
     "get_uvicorn_log_config": (
@@ -61,6 +67,8 @@ OPTIONAL = {
     ),
     # 0.32+: applies --log-level (which 0.26 does not have).
     "configure_logging_from_args": ("vllm.logger",),
+    # is_sleep_mode_available(): a sleeping standby (CUDA, ROCm, XPU; not on CPU)
+    "current_platform": ("vllm.platforms",),
 }
 # Memo caches whose keys hold objects of one engine, so that they outlive its stop: the
 # keyword check of chat-template arguments (an lru_cache of 128 entries) is keyed by
@@ -104,6 +112,11 @@ WORKAROUNDS = (
         "processor's request_states: at the drain deadline streams are cut, not aborted",
     ),
     Workaround(
+        "prometheus_collectors",
+        "prometheus_client's registry no longer lists its collectors (_collector_to_names): "
+        "with --standby, /metrics shows the idle standby's vllm: metrics, not the active's",
+    ),
+    Workaround(
         "pyzmq_shadow_context",
         "pyzmq's shadow context no longer names what it shadows (_shadow_obj): engine "
         "ZMQ contexts are left to the process exit",
@@ -126,8 +139,12 @@ class VLLMServerAPI:
     init_app_state: Callable[..., Any]
     cli_env_setup: Callable[[], None]
     EngineDeadError: type[BaseException]
+    AsyncEngineArgs: type[Any]
+    AsyncLLM: type[Any]
+    UsageContext: type[Any]
     get_uvicorn_log_config: Callable[..., Any] | None
     configure_logging_from_args: Callable[..., Any] | None
+    current_platform: Any
     envs: Any
     engine_keyed_caches: tuple[Any, ...] = ()  # functools.lru_cache wrappers
 
@@ -222,3 +239,67 @@ async def abort_all_requests(client: Any) -> None:
 def engine_core_contexts(client: Any) -> list[Any]:
     """The ZMQ contexts of the engine client's core client (``engine_core``)."""
     return zmq_context.find_contexts(getattr(client, "engine_core", None))
+
+
+def sleep_mode_available(api: VLLMServerAPI) -> bool:
+    """Whether the platform lets an engine sleep (vLLM: CUDA, ROCm, XPU; not CPU)."""
+    check = getattr(api.current_platform, "is_sleep_mode_available", None)
+    return bool(check()) if callable(check) else False
+
+
+@contextlib.asynccontextmanager
+async def engine_client_built_in_a_thread(api: VLLMServerAPI, args: Any) -> AsyncIterator[Any]:
+    """An engine client (``AsyncLLM``) for the parsed serve ``args``, made by the calls
+    ``build_async_engine_client`` makes (``AsyncEngineArgs.from_cli_args``,
+    ``create_engine_config``, ``AsyncLLM.from_vllm_config``, ``reset_mm_cache``), but
+    built in a thread of its own: the construction blocks for the whole engine start
+    (seconds to minutes), and this event loop keeps serving the active engine meanwhile.
+    Built without a running loop, ``AsyncLLM`` starts its output tasks at first use on
+    this loop (``reset_mm_cache``, right after)."""
+    engine_args = api.AsyncEngineArgs.from_cli_args(args)
+    usage = api.UsageContext.OPENAI_API_SERVER
+
+    def build() -> Any:
+        config = engine_args.create_engine_config(usage_context=usage)
+        return call_with(
+            api.AsyncLLM.from_vllm_config,
+            vllm_config=config,
+            usage_context=usage,
+            enable_log_requests=getattr(engine_args, "enable_log_requests", False),
+            aggregate_engine_logging=getattr(engine_args, "aggregate_engine_logging", False),
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+
+    client = await in_a_thread(build, name="ichat-engine-start", on_abandoned=_shut_down)
+    try:
+        await client.reset_mm_cache()
+        yield client
+    finally:
+        _shut_down(client)
+
+
+def _shut_down(client: Any) -> None:
+    timeout = getattr(getattr(client, "vllm_config", None), "shutdown_timeout", None)
+    call_with(client.shutdown, timeout=timeout)
+
+
+def vllm_collectors() -> list[Any] | None:
+    """The ``vllm:`` Prometheus collectors registered now (what ``/metrics`` serves of
+    the engine); None when prometheus_client's registry cannot list them. A new
+    ``AsyncLLM`` unregisters every such collector and registers its own."""
+    from prometheus_client import REGISTRY
+
+    names = getattr(REGISTRY, "_collector_to_names", None)
+    if not isinstance(names, dict):
+        return None
+    return [c for c, n in list(names.items()) if any(x.startswith("vllm:") for x in n)]
+
+
+def serve_collectors(collectors: list[Any]) -> None:
+    """Make ``collectors`` the ``vllm:`` collectors the registry serves."""
+    from prometheus_client import REGISTRY
+
+    for collector in vllm_collectors() or ():
+        REGISTRY.unregister(collector)
+    for collector in collectors:
+        REGISTRY.register(collector)

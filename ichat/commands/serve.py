@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds (default: %(default)s)",
     )
     parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="keep a second, initialised engine of the same configuration (asleep on a "
+        "GPU); when the active engine dies, serve it on the same port at once and start "
+        "a new standby (vLLM)",
+    )
+    parser.add_argument(
         "--gateway-url",
         default=None,
         help="register with this gateway (SMG) once ready; leave it at once when the "
@@ -157,6 +164,7 @@ def parse_args(argv: Sequence[str]) -> tuple[WorkerConfig, list[str], str | None
         drain_timeout=ns.drain_timeout,
         warmup=not ns.no_warmup,
         restart=not ns.no_restart,
+        standby=ns.standby,
         restart_policy=dataclasses.replace(
             WorkerConfig().restart_policy,
             maximum=ns.restart_max_delay,

@@ -63,6 +63,8 @@ class UpConfig:
     prometheus_port: int | None = None  # the gateway's (default: port + 1)
     ready_timeout: float = 1800.0
     drain_timeout: float = 30.0
+    standby: bool = False  # each worker keeps a standby engine (ichat serve --standby)
+    status_port: int | None = None  # the first worker's /status port (then +1, +2...)
     engine_argv: list[str] = field(default_factory=list)
 
     @property
@@ -80,6 +82,10 @@ class UpConfig:
         argv += ["--drain-timeout", str(self.drain_timeout)]
         argv += ["--ready-timeout", str(self.ready_timeout)]
         argv += ["--gateway-url", self.gateway.url]
+        if self.standby:
+            argv += ["--standby"]
+        if self.status_port is not None:
+            argv += ["--status-port", str(self.status_port + index)]
         if self.api_key:  # the engine's own --api-key; SMG sends the same key
             argv += ["--gateway-api-key", self.api_key, "--api-key", self.api_key]
         argv += ["--model-path", model_path, "--served-model-name", self.served_model_name]
@@ -124,8 +130,9 @@ class Group:
     def check_ports(self) -> None:
         config = self.config
         for i in range(config.workers):
-            if not processes.port_is_free("127.0.0.1", config.worker_port + i):
-                raise PortInUseError("127.0.0.1", config.worker_port + i)
+            for base in (config.worker_port, config.status_port):
+                if base is not None and not processes.port_is_free("127.0.0.1", base + i):
+                    raise PortInUseError("127.0.0.1", base + i)
 
     def start_workers(self, model_path: str) -> None:
         for i in range(self.config.workers):
@@ -252,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
     parser.add_argument("--ready-timeout", type=float, default=d.ready_timeout)
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="each worker keeps a standby engine and fails over to it (ichat serve --standby)",
+    )
+    parser.add_argument(
+        "--status-port",
+        type=int,
+        default=None,
+        help="the first worker's /livez /readyz /status /metrics port, the next +1... "
+        "(default: off)",
+    )
     return parser
 
 
@@ -274,6 +293,8 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
         prometheus_port=ns.prometheus_port,
         drain_timeout=ns.drain_timeout,
         ready_timeout=ns.ready_timeout,
+        standby=ns.standby,
+        status_port=ns.status_port,
         engine_argv=engine_argv,
     )
 

@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from ichat.backends.failover import Standby
 from ichat.worker.supervisor import WorkerState, WorkerStats
 
 
@@ -40,6 +41,19 @@ class WorkerCollector:
             "Engine deaths detected by the health monitor.",
             value=s.engine_deaths,
         )
+        yield CounterMetricFamily(
+            "ichat_worker_failovers",
+            "Engine deaths after which the standby engine served in the dead one's place.",
+            value=s.failovers,
+        )
+        standby = GaugeMetricFamily(
+            "ichat_worker_standby",
+            "1 for the standby engine's current state (off, starting, ready, asleep, failed).",
+            labels=["state"],
+        )
+        for name in (member.value for member in Standby):
+            standby.add_metric([name], 1.0 if s.standby == name else 0.0)
+        yield standby
         state = GaugeMetricFamily(
             "ichat_worker_state", "1 for the worker's current state.", labels=["state"]
         )

@@ -12,7 +12,9 @@ choosing a supervisor around ``server.run``).
 - before a restart, what the stopped engine left in memory is reclaimed (its frozen
   reference cycles); not after the last stop, which the process' exit follows;
 - a ``Membership`` (the gateway registration) is told to join when a backend is
-  ready and to leave the moment its engine is found dead or a stop is requested.
+  ready and to leave the moment its engine is found dead or a stop is requested;
+- a backend with a standby engine fails over to it by itself (the worker stays in the
+  gateway); the failover counts as a death, in the stats and towards a crash loop.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Protocol
 
 from ichat.aio import first_completed
 from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
+from ichat.backends.failover import Failover, StandbyReport
 from ichat.errors import CrashLoopError, EngineDiedError, StartupError
 from ichat.restart_policy import CrashHistory, GiveUp, Restart, RestartPolicy
 
@@ -57,6 +60,12 @@ class WorkerStats:
     # where the backends reach into the engine's internals: name -> "resolved", or
     # "missing: <what degrades>" (see ichat.backends.compat.Workarounds)
     workarounds: dict[str, str] = field(default_factory=dict)
+    # --standby: failovers to the standby engine, its state (off, starting, ready,
+    # asleep, failed) and why it failed, and each engine's processes
+    failovers: int = 0
+    standby: str = "off"
+    standby_reason: str | None = None
+    engines: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +112,9 @@ class Supervisor:
         self.backend: BaseBackend | None = None
         self._stop = asyncio.Event()
         self._ever_ready = False
+        self._history = CrashHistory(self.policy)
+        self._serving_since: float | None = None  # the engine serving now (monotonic)
+        self._gave_up: CrashLoopError | None = None  # a crash loop of failovers
 
     def request_stop(self, *, force: bool = False) -> None:
         """Stop the running backend (drain, or ``force``) and restart no more."""
@@ -116,13 +128,14 @@ class Supervisor:
 
     async def run(self) -> None:
         """Serve until stopped; raise on boot failure or crash loop."""
-        history = CrashHistory(self.policy)
         died_at: float | None = None  # the last death's detection: serving again counts from
         while not self._stop.is_set():
             life = await self._serve_one(died_at)
             if life is None or self._stop.is_set():
                 break  # nothing reclaimed: the process exits (faster with a frozen heap)
-            died_at = await self._prepare_restart(history, life, died_at)
+            died_at = await self._prepare_restart(self._history, life, died_at)
+        if self._gave_up is not None:
+            raise self._gave_up
         self.stats.state = WorkerState.STOPPED
 
     async def _serve_one(self, died_at: float | None) -> _Life | None:
@@ -130,6 +143,8 @@ class Supervisor:
         died, or a restart failed to boot; raised instead when no restart may follow."""
         backend = self._make_backend()
         self.backend = backend
+        backend.on_failover = self._on_failover
+        backend.on_standby = self._on_standby
         life = _Life()
         watcher = asyncio.create_task(self._on_ready(backend, life, died_at))
         try:
@@ -182,7 +197,7 @@ class Supervisor:
         detection, out of service at once (``died_at``: the last death's detection)."""
         await backend.backend_ready_event.wait()
         now = self._clock()
-        life.ready_at = now
+        life.ready_at = self._serving_since = now
         self._ever_ready = True
         self.stats.state = WorkerState.READY
         self.stats.last_ready_unix = self._wall_clock()
@@ -200,6 +215,39 @@ class Supervisor:
         self._record_death(backend, life)
         if self.membership is not None:
             self.membership.leave()
+
+    def _on_failover(self, failover: Failover) -> None:
+        """The backend serves its standby in place of its dead engine: a death, and
+        serving again at once; the worker stayed in the gateway."""
+        now = self._clock()
+        self.stats.engine_deaths += 1
+        self.stats.failovers += 1
+        self.stats.last_death_detected_unix = failover.detected_unix or self._wall_clock()
+        self.stats.last_restart_to_ready_s = failover.seconds
+        self.stats.phase_seconds.update(failover.phases)
+        uptime = now - (self._serving_since or now)
+        self._serving_since = now
+        logger.info(
+            "serving again %.3f s after the engine death was detected (failover %d)",
+            failover.seconds,
+            self.stats.failovers,
+        )
+        decision = self._history.record(now - failover.seconds, uptime, self._rand())
+        if isinstance(decision, GiveUp):
+            self._gave_up = CrashLoopError(
+                f"the engine died {decision.crashes} times within {decision.window:g} s; "
+                "not failing over again (crash loop)"
+            )
+            logger.error("%s", self._gave_up)
+            self.request_stop(force=True)
+            self.stats.state = WorkerState.FAILED
+
+    def _on_standby(self, report: StandbyReport) -> None:
+        self.stats.standby = report.state.value
+        self.stats.standby_reason = report.reason
+        self.stats.engines = dict(report.engines)
+        if self.backend is not None:
+            self.stats.phase_seconds.update(self.backend.phase_seconds)
 
     async def _backoff(self, decision: Restart | GiveUp) -> None:
         if isinstance(decision, GiveUp):

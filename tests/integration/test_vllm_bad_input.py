@@ -44,6 +44,22 @@ def test_unknown_engine_flag_gets_the_engines_own_message_and_exit_2(model_dir: 
     assert_nothing_loaded(proc.stderr)
 
 
+def test_standby_with_flags_two_engines_cannot_share_is_refused_before_loading(
+    model_dir: Path,
+) -> None:
+    for flags, named in (
+        (["--data-parallel-size", "2"], "--standby with --data-parallel-size 2"),
+        (["--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'],
+         "--standby with --kv-transfer-config"),
+    ):  # fmt: skip
+        proc, _ = run_ichat(
+            "serve", "--backend", "vllm", "--standby", "--model-path", str(model_dir), *flags
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert named in proc.stderr
+        assert_nothing_loaded(proc.stderr)
+
+
 def test_missing_model_path_names_the_path() -> None:
     proc, _ = run_ichat("serve", "--backend", "vllm", "--model-path", "/no/such/model-dir")
     assert proc.returncode == 2

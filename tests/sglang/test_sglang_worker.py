@@ -259,6 +259,13 @@ def test_a_bad_flag_is_a_clear_error_before_any_launch(model_dir: Path) -> None:
     print(f"bad flag: exit 2 after {seconds:.1f} s")
 
 
+def test_standby_is_refused_with_sglang_before_any_launch(model_dir: Path) -> None:
+    done, _ = run_ichat_sglang("--model-path", str(model_dir), "--standby")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--standby is not supported with SGLang yet" in done.stderr
+    assert "sglang::" not in done.stderr
+
+
 def test_a_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
     done, _ = run_ichat_sglang("--model-path", str(tmp_path / "nowhere"))
     assert done.returncode == 2, done.stderr[-2000:]

@@ -45,6 +45,15 @@ def test_up_workers_get_ports_the_gateway_url_the_key_and_engine_flags() -> None
     assert argv[-1] == "--enable-prefix-caching"
 
 
+def test_up_standby_and_status_ports_reach_each_worker() -> None:
+    config = up.parse_args(["--workers", "2", "--standby", "--status-port", "9200"])
+    argv = config.worker_argv(1, "/m/llama")
+    assert "--standby" in argv
+    assert flag(argv, "--status-port") == ["9201"]
+    plain = up.parse_args(["--workers", "2"]).worker_argv(0, "/m/llama")
+    assert "--standby" not in plain and "--status-port" not in plain
+
+
 def test_up_refuses_zero_workers() -> None:
     with pytest.raises(ConfigError):
         up.parse_args(["--workers", "0"])

@@ -64,3 +64,21 @@ def test_the_metrics_come_from_their_own_registry_not_the_default_one() -> None:
     assert "ichat_worker_restarts_total 3.0" in text
     assert "python_gc_objects_collected_total" not in text  # the process' own: not here
     assert b"ichat_worker" not in generate_latest(REGISTRY)  # nothing left registered
+
+
+def test_status_and_metrics_show_the_standby_and_the_failovers() -> None:
+    stats = WorkerStats(state=WorkerState.READY, failovers=2, standby="asleep")
+    stats.engines = {"active": [11, 12], "standby": [21, 22]}
+    server = StatusServer(stats, "127.0.0.1", free_port())
+    server.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as c:
+            status = c.get("/status").json()
+            scrape = c.get("/metrics").text
+    finally:
+        server.stop()
+    assert (status["failovers"], status["standby"]) == (2, "asleep")
+    assert status["engines"] == {"active": [11, 12], "standby": [21, 22]}
+    assert "ichat_worker_failovers_total 2.0" in scrape
+    assert 'ichat_worker_standby{state="asleep"} 1.0' in scrape
+    assert 'ichat_worker_standby{state="ready"} 0.0' in scrape

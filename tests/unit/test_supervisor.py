@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from ichat.backends.compat import Workarounds
+from ichat.backends.failover import Failover, Standby, StandbyReport
 from ichat.errors import CrashLoopError, EngineDiedError, StartupError
 from ichat.restart_policy import RestartPolicy
 from ichat.worker.supervisor import Supervisor, WorkerState
@@ -15,7 +16,10 @@ from tests.unit.fakes import FakeClock
 
 
 class ScriptedBackend:
-    """Does what its script says: 'boot-fail', 'die', 'serve' (until stopped), 'hang'."""
+    """Does what its script says: 'boot-fail', 'die', 'serve' (until stopped), 'hang',
+    'failover' (its engine dies ``failovers`` times, a standby serving each time)."""
+
+    failovers = 0
 
     def __init__(
         self, script: str, clock: FakeClock, uptime: float = 1.0, cleanup_s: float = 0.0
@@ -33,6 +37,8 @@ class ScriptedBackend:
         self._stopped = asyncio.Event()
         self.stop_calls: list[bool] = []
         self.on_cleanup: Any = None  # called where the real backend cleans up after a death
+        self.on_failover: Any = None  # set by the supervisor
+        self.on_standby: Any = None
 
     async def run(self) -> None:
         if self.script == "boot-fail":
@@ -51,6 +57,16 @@ class ScriptedBackend:
             if self.on_cleanup is not None:
                 self.on_cleanup()
             raise EngineDiedError("engine died")
+        if self.script == "failover":
+            for i in range(self.failovers):
+                if self._stopped.is_set():
+                    break
+                self.on_standby(StandbyReport(Standby.READY, None, {"active": [i], "standby": [9]}))
+                self.clock.now += self.uptime
+                self.on_failover(
+                    Failover("engine died", 1000.0 + i, 0.25, {"failover_switch": 0.01})
+                )
+                await asyncio.sleep(0)
         await self._stopped.wait()
 
     def request_stop(self, *, force: bool = False) -> None:
@@ -316,3 +332,59 @@ def test_the_worker_is_not_ready_from_the_death_detection_on_not_only_after_clea
     assert died is not None
     assert during_cleanup == [(WorkerState.RESTARTING, died, 1)]
     assert sup.stats.engine_deaths == 1  # counted once
+
+
+def supervise_failovers(
+    failovers: int, policy: RestartPolicy, uptime: float
+) -> tuple[Supervisor, list[str], ScriptedBackend, BaseException | None]:
+    clock = FakeClock()
+    log: list[str] = []
+    backend = ScriptedBackend("failover", clock, uptime)
+    backend.failovers = failovers
+    sup = Supervisor(
+        lambda: backend,  # type: ignore[arg-type,return-value]
+        policy,
+        sleep=clock.sleep,
+        clock=clock,
+        wall_clock=clock,
+        rand=lambda: 0.5,
+        membership=Membership(log),
+    )
+    raised: list[BaseException] = []
+
+    async def main() -> None:
+        task = asyncio.create_task(sup.run())
+        while sup.stats.failovers < failovers and not task.done():
+            await asyncio.sleep(0)
+        if not task.done():
+            sup.request_stop()
+        try:
+            await asyncio.wait_for(task, 5)
+        except CrashLoopError as exc:
+            raised.append(exc)
+
+    asyncio.run(main())
+    return sup, log, backend, raised[0] if raised else None
+
+
+def test_a_failover_counts_as_a_death_served_again_at_once_in_the_gateway_throughout() -> None:
+    sup, log, backend, raised = supervise_failovers(2, RestartPolicy(jitter=0.0), uptime=600.0)
+    assert raised is None
+    stats = sup.stats
+    assert (stats.failovers, stats.engine_deaths, stats.restarts) == (2, 2, 0)
+    assert stats.last_restart_to_ready_s == 0.25  # detection to serving, as reported
+    assert stats.last_death_detected_unix == 1001.0
+    assert stats.phase_seconds["failover_switch"] == 0.01
+    assert (stats.standby, stats.engines) == ("ready", {"active": [1], "standby": [9]})
+    assert log == ["join", "leave"]  # joined once, left only at the stop
+    assert backend.stop_calls == [False]
+
+
+def test_failovers_in_a_crash_loop_give_up() -> None:
+    policy = RestartPolicy(jitter=0.0, max_crashes=2, crash_window=60.0)
+    sup, log, backend, raised = supervise_failovers(5, policy, uptime=1.0)
+    assert isinstance(raised, CrashLoopError)
+    assert sup.stats.failovers == 3  # the third death within the window ends it
+    assert sup.stats.state is WorkerState.FAILED
+    assert backend.stop_calls and backend.stop_calls[0] is True  # forced
+    assert log[-1] == "leave"

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|tp|bench|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|leak OUT_DIR
+#   bash bench/gpu/device_run.sh tests|standby|tp|bench|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|leak OUT_DIR
 # faults: kill -9 of EngineCore (KILLS times) and SIGTERM drains (INFLIGHT streams).
 # leak: CYCLES in-process start/stop cycles, with the GPU memory used after each stop.
+# failover: kill -9 of the active engine (KILLS times) with a cold restart and with
+#   --standby (MODES="restart standby"), at UTIL of the GPU per engine (0.4: a new standby
+#   fits beside an awake engine after a failover).
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
 # gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
 #   (WORKERS="1 2", CONFIGS="ichat", PROMPTS=distinct: every request its own prompt).
@@ -22,10 +25,16 @@ if [ ! -f $ICHAT_GPU_MODEL/config.json ]; then
   /usr/bin/time -f "model made in %e s" python3 -m ichat make-test-model $ICHAT_GPU_MODEL --size 1b
 fi
 case $MODE in
-  tests) ICHAT_RESULTS=$OUT/gpu-results.json python3 -m pytest tests/gpu/test_gpu_vllm.py \
+  tests) ICHAT_RESULTS=$OUT/gpu-results.json ICHAT_RESULTS_STANDBY=$OUT/gpu-standby-results.json \
+           python3 -m pytest tests/gpu/test_gpu_vllm.py tests/gpu/test_gpu_standby.py \
            -v -s -p no:cacheprovider 2>&1 | grep -v "Route:" > $OUT/gpu-tests.log
          rc=${PIPESTATUS[0]}
          tail -n 30 $OUT/gpu-tests.log ;;
+  standby) ICHAT_RESULTS_STANDBY=$OUT/gpu-standby-results.json python3 -m pytest \
+           tests/gpu/test_gpu_standby.py -v -s -p no:cacheprovider 2>&1 | grep -v "Route:" \
+           > $OUT/gpu-standby-tests.log
+         rc=${PIPESTATUS[0]}
+         tail -n 30 $OUT/gpu-standby-tests.log ;;
   tp)    ICHAT_RESULTS_TP=$OUT/gpu-tp-results.json python3 -m pytest \
            tests/gpu/test_gpu_tensor_parallel.py -v -s -p no:cacheprovider 2>&1 \
            | grep -v "Route:" > $OUT/gpu-tp.log
@@ -64,6 +73,11 @@ case $MODE in
            --inflight ${INFLIGHT:-0 16 128} --tokens 1024 --out $OUT --tag h200 \
            -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 \
            | tee $OUT/bench-faults.log | grep "^kill\|^drain" ;;
+  failover) M=${MODES:-restart standby}
+           python3 bench/bench_failover.py --model-path $ICHAT_GPU_MODEL --kills ${KILLS:-3} \
+           --modes $M --out $OUT --tag h200 \
+           -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.4} 2>&1 \
+           | tee $OUT/bench-failover-${M// /-}.log | grep "^\[" ;;
   leak)  python3 bench/leak_check.py --model-path $ICHAT_GPU_MODEL --cycles ${CYCLES:-8} \
            --out $OUT/leak-check-h200-${CYCLES:-8} -- --max-model-len 2048 \
            --gpu-memory-utilization 0.85 2>&1 | tee $OUT/leak-check.log \

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ichat.vllm")
 
 WARMUP_PROMPT = "Hello"
+# after a failover: how long vLLM may take to see the dead engine dead itself (its
+# requests still waiting then get their error) before the dead client is shut down
+DEAD_ENGINE_VERDICT_S = 5.0
 
 
 def vllm_log_level(config: WorkerConfig) -> str:
@@ -188,6 +191,8 @@ class VLLMBackend(BaseBackend):
         self.workarounds.record("engine_core_zmq_context", bool(active.zmq_contexts))
         self.workarounds.record("engine_errored_flag", hasattr(client, "errored"))
         self.workarounds.record("abort_all_requests", vllm_compat.can_abort_all_requests(client))
+        # what a standby's metrics need, checked on every start (standby or not)
+        self.workarounds.record("prometheus_collectors", vllm_compat.vllm_collectors() is not None)
         self._report_standby()
 
     def _clear_engine_keyed_caches(self) -> None:
@@ -237,7 +242,6 @@ class VLLMBackend(BaseBackend):
             )
             # a new engine registers its own vllm: collectors in place of the active's
             engine.collectors = vllm_compat.vllm_collectors()
-            self.workarounds.record("prometheus_collectors", serving is not None)
             if serving is not None:
                 vllm_compat.serve_collectors(serving)
             engine.state = await self._prepared_state(engine.client)
@@ -306,6 +310,7 @@ class VLLMBackend(BaseBackend):
         self._watched = standby.watched
         phases["failover_switch"] = time.monotonic() - t1
         logger.info("the standby engine %s is active", standby.pids)
+        self._report_standby(Standby.STARTING)  # its replacement, next
         self._standby_task = asyncio.create_task(self._replace_standby(dead))
         return phases
 
@@ -314,6 +319,14 @@ class VLLMBackend(BaseBackend):
         unlink the shared memory it left, then start a new standby."""
         self._retired.append(dead)
         t0 = time.monotonic()
+        # vLLM's own verdict first: its output handler then ends every request still
+        # waiting on the dead engine with an error; a client shut down before that
+        # would leave them waiting forever
+        while not vllm_compat.engine_has_errored(dead.client):
+            if time.monotonic() - t0 > DEAD_ENGINE_VERDICT_S:
+                logger.warning("vLLM did not see its engine dead in %g s", DEAD_ENGINE_VERDICT_S)
+                break
+            await asyncio.sleep(0.02)
         deadlines = self.framework_args.deadlines
         processes.kill(processes.with_descendants(dead.processes), deadlines.terminate)
         try:
@@ -393,7 +406,10 @@ class VLLMBackend(BaseBackend):
 
     def on_server_created(self, server: Any) -> None:
         # vLLM's EngineDeadError handler stops the server through app.state.server.
-        self._app.state.server = _StopUnlessStandingBy(server, lambda: self._standby is not None)
+        # With --standby the health monitor alone decides what a death ends: a failover
+        # keeps this server (even while the standby wakes), no standby ends it.
+        standby = self.framework_args.standby
+        self._app.state.server = _StopUnlessStandingBy(server, lambda: standby)
         count = getattr(self._backend_args, "h11_max_header_count", None)
         if count is not None:
             server.config.h11_max_header_count = count
@@ -453,9 +469,10 @@ class VLLMBackend(BaseBackend):
 class _StopUnlessStandingBy:
     """What vLLM's engine-error handler finds as ``app.state.server``: it sets
     ``should_exit`` when a request finds the engine dead, to end a server whose engine
-    is gone. While a standby waits, the health monitor fails over to it instead, on
-    this same server: the request that saw the death gets its error, and the server
-    stays. Every other attribute is the server's."""
+    is gone (``app.state`` still names the dead engine while the standby wakes). With
+    ``--standby`` the health monitor decides instead: it fails over on this same
+    server (the request that saw the death gets its error, the server stays) or, with
+    no standby ready, ends the backend itself. Every other attribute is the server's."""
 
     def __init__(self, server: Any, standing_by: Callable[[], bool]) -> None:
         object.__setattr__(self, "_server", server)

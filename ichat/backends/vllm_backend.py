@@ -24,6 +24,7 @@ from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BaseBackend
 from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
+from ichat.backends.replay import ReplayOnEngineDeath
 from ichat.backends.vllm_engine import VLLMEngine
 from ichat.config import WorkerConfig
 from ichat.errors import ConfigError, EngineDiedError, StartupError
@@ -64,6 +65,7 @@ class VLLMBackend(BaseBackend):
         self._retired: list[VLLMEngine] = []  # dead engines, closed in the background
         self._standby_task: asyncio.Task[None] | None = None
         self._sleep_mode = False  # a standby sleeps (level 1) while it waits
+        self._standby_reason: str | None = None  # why the last standby did not start
         self._watched: list[psutil.Process] | None = None
         self._app: Any = None
         self._supported_tasks: tuple[str, ...] = ()
@@ -226,8 +228,6 @@ class VLLMBackend(BaseBackend):
 
     # ------------------------------------------------------------------- standby
 
-    _standby_reason: str | None = None
-
     async def _start_standby(self) -> None:
         """Start an engine of the same configuration, built in a thread while the
         active one serves; prepare its app state and its metrics; put it to sleep where
@@ -298,7 +298,11 @@ class VLLMBackend(BaseBackend):
         phases: dict[str, float] = {}
         t0 = time.monotonic()
         if standby.asleep:
-            await standby.client.wake_up()
+            try:
+                await standby.client.wake_up()
+            except BaseException:
+                self._retired.append(standby)  # closed with the others at the stop
+                raise
             standby.asleep = False
             phases["failover_wake"] = time.monotonic() - t0
         t1 = time.monotonic()
@@ -328,7 +332,10 @@ class VLLMBackend(BaseBackend):
                 break
             await asyncio.sleep(0.02)
         deadlines = self.framework_args.deadlines
-        processes.kill(processes.with_descendants(dead.processes), deadlines.terminate)
+        # in a thread: reaping waits, and the loop serves the new active engine meanwhile
+        await asyncio.to_thread(
+            processes.kill, processes.with_descendants(dead.processes), deadlines.terminate
+        )
         try:
             await asyncio.wait_for(dead.stack.aclose(), deadlines.engine_shutdown)
         except Exception as exc:
@@ -381,6 +388,8 @@ class VLLMBackend(BaseBackend):
             vllm_config=getattr(client, "vllm_config", None),
         )
         self._app = app
+        if self.framework_args.standby:  # what the dying engine failed, the next one runs
+            return ReplayOnEngineDeath(app, _ServingEngine(app))
         return app
 
     def uvicorn_options(self) -> dict[str, Any]:
@@ -486,3 +495,17 @@ class _StopUnlessStandingBy:
             logger.info("the engine died; the standby takes over (the server stays)")
             return
         setattr(self._server, name, value)
+
+
+class _ServingEngine:
+    """The engine client the app serves now (``app.state.engine_client``), for
+    ``ReplayOnEngineDeath``: swapped at a failover."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    def current(self) -> Any:
+        return self._app.state.engine_client
+
+    def died(self, engine: Any) -> bool:
+        return vllm_compat.engine_has_errored(engine)

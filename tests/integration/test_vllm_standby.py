@@ -5,9 +5,11 @@ Ctrl-C then leaves no process, port or /dev/shm file."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,6 +136,25 @@ def engine_core(pids: list[int]) -> psutil.Process:
     raise AssertionError(f"no EngineCore among {pids}")
 
 
+def chats_until(url: str, stop: threading.Event) -> tuple[int, list[str]]:
+    """Non-streamed chats one after another until ``stop``: (answered, failures)."""
+    answered, failures = 0, []
+    with httpx.Client(timeout=60) as client:
+        while not stop.is_set():
+            body = {"model": "tiny-chat", "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+            try:
+                reply = client.post(f"{url}/v1/chat/completions", json=body)
+            except httpx.HTTPError as exc:
+                failures.append(type(exc).__name__)
+                continue
+            if reply.status_code == 200:
+                answered += 1
+            else:
+                failures.append(f"HTTP {reply.status_code}: {reply.text[:200]}")
+    return answered, failures
+
+
 @pytest.mark.parametrize("round_", [1, 2])
 def test_kill_9_of_the_active_engine_is_served_by_the_standby(fleet: Fleet, round_: int) -> None:
     before = fleet.wait_standby_ready()
@@ -141,14 +162,28 @@ def test_kill_9_of_the_active_engine_is_served_by_the_standby(fleet: Fleet, roun
     assert not set(active) & set(standby)
     assert chat_ok(fleet.url)
     core = engine_core(active)
-    t_kill = time.monotonic()
-    os.kill(core.pid, signal.SIGKILL)
-    failed = 0
-    while not chat_ok(fleet.url):  # through the gateway
-        failed += 1
-        assert time.monotonic() - t_kill < 60, fleet.follower.output()[-3000:]
-        time.sleep(0.05)
-    serving = time.monotonic() - t_kill
+    # non-streamed chats in flight at the death: those the dying engine fails are sent
+    # again to the standby (nothing had reached their clients)
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        load = [pool.submit(chats_until, fleet.worker_url, stop) for _ in range(4)]
+        time.sleep(1.0)
+        t_kill = time.monotonic()
+        os.kill(core.pid, signal.SIGKILL)
+        failed = 0
+        while not chat_ok(fleet.url):  # through the gateway
+            failed += 1
+            assert time.monotonic() - t_kill < 60, fleet.follower.output()[-3000:]
+            time.sleep(0.05)
+        serving = time.monotonic() - t_kill
+        time.sleep(max(0.0, 2.0 - serving))
+        stop.set()
+        outcomes = [f.result() for f in load]
+    answered = sum(a for a, _ in outcomes)
+    failures = [f for _, fs in outcomes for f in fs]
+    print(f"\nfailover {round_}: {answered} non-streamed chats answered, {len(failures)} failed")
+    assert answered > 0
+    assert failures == []
     print(f"\nfailover {round_}: kill -9 → a chat answered through the gateway after "
           f"{serving:.3f} s ({failed} refused before)")  # fmt: skip
     assert serving <= KILL_TO_SERVING_LIMIT

@@ -106,6 +106,7 @@ class BaseBackend(abc.ABC):
         self._aborting: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self._ran = False
+        self._start_began = 0.0
 
     # ------------------------------------------------------------------ interface
 
@@ -338,6 +339,7 @@ class BaseBackend(abc.ABC):
     # --------------------------------------------------------------------- phases
 
     async def _start_and_become_ready(self) -> None:
+        self._start_began = time.monotonic()  # --ready-timeout counts from here
         try:
             await self._startup()
             await self._become_ready()
@@ -384,13 +386,28 @@ class BaseBackend(abc.ABC):
         import httpx
 
         config = self.framework_args
-        async with httpx.AsyncClient(base_url=config.base_url, timeout=60.0) as client:
-            waited = await wait_until_ready(
-                lambda: self.probe_ready(client),
-                timeout=config.ready_timeout,
-                check_alive=self._raise_if_stopped,
-                backoff=Backoff(),
+        # the engine's start counts too: what is left of --ready-timeout after it
+        started_s = time.monotonic() - self._start_began
+        left = config.ready_timeout - started_s
+        if left <= 0:
+            raise ReadinessTimeoutError(
+                f"the engine was not ready within the readiness timeout of "
+                f"{config.ready_timeout:g} s (--ready-timeout): its start alone took "
+                f"{started_s:.1f} s"
             )
+        async with httpx.AsyncClient(base_url=config.base_url, timeout=60.0) as client:
+            try:
+                waited = await wait_until_ready(
+                    lambda: self.probe_ready(client),
+                    timeout=left,
+                    check_alive=self._raise_if_stopped,
+                    backoff=Backoff(),
+                )
+            except ReadinessTimeoutError as exc:
+                raise ReadinessTimeoutError(
+                    f"the engine was not ready within the readiness timeout of "
+                    f"{config.ready_timeout:g} s (--ready-timeout)"
+                ) from exc
             self.phase_seconds["ready"] = waited
             if config.warmup:
                 t0 = time.monotonic()

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-timeout",
         type=float,
         default=defaults.ready_timeout,
-        help="seconds the engine may take to become ready (default: %(default)s)",
+        help="seconds the engine may take to become ready, its start included; then the "
+        "worker exits 3 (default: %(default)s)",
     )
     parser.add_argument(
         "--health-interval",

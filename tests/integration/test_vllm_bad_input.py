@@ -118,6 +118,21 @@ def test_no_process_of_a_failed_start_is_left(model_dir: Path) -> None:
     ]
 
 
+def test_a_readiness_timeout_shorter_than_the_engines_start_is_a_boot_failure(
+    model_dir: Path,
+) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    proc, seconds = run_ichat("serve", "--backend", "vllm", "--port", str(free_port()),
+                              "--ready-timeout", "5", "--model-path", str(model_dir),
+                              timeout=300)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "not ready within the readiness timeout of 5 s (--ready-timeout)" in proc.stderr
+    assert "its start alone took" in proc.stderr  # the engine had started, then too late
+    assert "restart" not in proc.stderr
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    print(f"--ready-timeout 5: exit 3 after {seconds:.1f} s")
+
+
 def test_a_model_that_fails_to_load_after_the_engine_launched_is_a_boot_failure(
     model_dir: Path, tmp_path: Path
 ) -> None:

@@ -137,6 +137,7 @@ def test_every_sglang_workaround_resolves_in_the_installed_release(
 
 def orphan_guard(worker_pid: int) -> psutil.Process:
     """The worker's orphan guard (``ichat.process.reaper``), a child of the worker."""
+
     def cmdline(proc: psutil.Process) -> str:
         try:
             return " ".join(proc.cmdline())
@@ -257,6 +258,20 @@ def test_a_bad_flag_is_a_clear_error_before_any_launch(model_dir: Path) -> None:
     assert "unrecognized arguments: --no-such-flag" in done.stderr
     assert "sglang::" not in done.stderr  # nothing was launched
     print(f"bad flag: exit 2 after {seconds:.1f} s")
+
+
+def test_a_readiness_timeout_shorter_than_the_engines_start_is_a_boot_failure(
+    model_dir: Path,
+) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    done, seconds = run_ichat_sglang(
+        "--model-path", str(model_dir), "--ready-timeout", "5", *CPU_FLAGS
+    )
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "not ready within the readiness timeout of 5 s (--ready-timeout)" in done.stderr
+    assert "restart" not in done.stderr
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    print(f"--ready-timeout 5: exit 3 after {seconds:.1f} s")
 
 
 def test_standby_is_refused_with_sglang_before_any_launch(model_dir: Path) -> None:

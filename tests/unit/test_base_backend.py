@@ -118,6 +118,18 @@ def test_never_healthy_times_out_naming_the_timeout() -> None:
     assert_all_released(backend)
 
 
+def test_the_engines_start_counts_towards_the_readiness_timeout() -> None:
+    class SlowStart(FakeBackend):
+        async def start_engine(self, stack: Any) -> None:
+            await super().start_engine(stack)
+            time.sleep(0.6)  # an engine start that blocks the loop, as vLLM's does
+
+    backend = SlowStart(config(ready_timeout=0.5))  # healthy at once once started
+    with pytest.raises(ReadinessTimeoutError, match=r"0\.5 s \(--ready-timeout\): its start"):
+        run(backend.run)
+    assert_all_released(backend)
+
+
 def test_stop_during_start_up_returns_and_leaves_nothing() -> None:
     backend = FakeBackend(config(), hang_start=True, engine_exits_cleanly=False)
 

@@ -107,7 +107,7 @@ def chat(url: str, max_tokens: int = 4, **extra: object) -> httpx.Response:
 
 def test_registered_once_ready_and_chats_go_through_the_gateway(setup: Setup) -> None:
     wait_for(setup.routable, 30, "the worker registered and routable")
-    reply = chat(setup.gateway_url)
+    reply = chat(setup.gateway_url, ignore_eos=True)  # the random model's EOS: not a failure
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["finish_reason"] == "length"
     assert chat(setup.gateway_url).status_code == 200

@@ -197,9 +197,10 @@ def test_what_the_gateway_answers_differently_from_a_worker_is_as_documented(
     cluster: Cluster,
 ) -> None:
     """SMG 1.13's own API surface, which iChat passes on unchanged (README: "Through the
-    gateway"): its public routes need no key, it requires ``model``, checks
-    ``max_tokens`` against the context itself, and serves no /tokenize, /detokenize,
-    /version. Each is pinned here so an SMG upgrade that changes one is noticed."""
+    gateway"): its public routes need no key, it requires ``model``, passes a
+    ``max_tokens`` of the whole context on (the worker clamps it), and serves no
+    /tokenize, /detokenize, /version. Each is pinned here so an SMG upgrade that
+    changes one is noticed."""
     gateway, worker = cluster.gateway_url, cluster.workers[0].url
     # public by SMG's design (its route groups): the model list answers without a key
     assert httpx.get(f"{gateway}/v1/models", timeout=10).status_code == 200
@@ -207,6 +208,15 @@ def test_what_the_gateway_answers_differently_from_a_worker_is_as_documented(
     no_model = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     assert post(gateway, "/v1/chat/completions", no_model).status_code == 400
     assert post(worker, "/v1/chat/completions", no_model).status_code == 200
+    # max_tokens of the whole context: SMG 1.13 passes it on unchanged, and vLLM clamps
+    # it to what the prompt leaves (README: "Through the gateway")
+    whole = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+             "max_tokens": CONTEXT_LENGTH}  # fmt: skip
+    for url in (gateway, worker):
+        clamped = post(url, "/v1/chat/completions", whole)
+        assert clamped.status_code == 200, clamped.text[:500]
+        usage = clamped.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] <= CONTEXT_LENGTH
     for path in ("/tokenize", "/detokenize", "/version"):
         body = {"model": MODEL_NAME, "prompt": "hi", "tokens": [1]}
         through = httpx.post(f"{gateway}{path}", json=body, headers=AUTH, timeout=10)

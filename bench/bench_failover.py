@@ -244,6 +244,9 @@ def main() -> int:
     worker_args += ("--served-model-name", MODEL_NAME, *args.engine_args)
     with tempfile.TemporaryDirectory() as tmp:
         modes = [run_mode(m, worker_args, args.kills, Path(tmp)) for m in args.modes]
+        args.out.mkdir(parents=True, exist_ok=True)
+        for log in Path(tmp).glob("worker-*.log"):  # the engine's own timing lines
+            shutil.copy(log, args.out / f"failover-{args.tag}-{log.name}")
     try:
         import vllm
 

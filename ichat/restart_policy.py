@@ -1,7 +1,9 @@
 """When to start a fresh backend after its engine died: a pure policy, no sleeping.
 
-``delay = policy.delay(attempt, rand)`` grows exponentially from ``initial`` by
-``factor``, is capped at ``maximum`` and jittered by ±``jitter`` (a fraction). The
+``delay = policy.delay(attempt, rand)``: the first restart (after a stable run) is at
+once when ``immediate_first`` -- a single death costs no back-off --, later ones grow
+exponentially from ``initial`` by ``factor``, capped at ``maximum`` and jittered by
+±``jitter`` (a fraction). The
 attempt counter resets once a backend stayed up ``stable_after`` seconds; more than
 ``max_crashes`` crashes within ``crash_window`` seconds is a crash loop: give up.
 Models: tenacity ``wait_exponential_jitter``, gunicorn's worker boot limits.
@@ -22,9 +24,14 @@ class RestartPolicy:
     stable_after: float = 60.0
     max_crashes: int = 5
     crash_window: float = 600.0
+    immediate_first: bool = True
 
     def delay(self, attempt: int, rand: float) -> float:
         """Seconds to wait before restart ``attempt`` (0-based); ``rand`` in [0, 1)."""
+        if self.immediate_first:
+            if attempt == 0:
+                return 0.0
+            attempt -= 1
         base = min(self.initial * self.factor**attempt, self.maximum)
         return min(base * (1 + self.jitter * (2 * rand - 1)), self.maximum)
 

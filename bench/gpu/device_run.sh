@@ -3,10 +3,13 @@
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
 #   bash bench/gpu/device_run.sh tests|standby|tp|bench|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|leak OUT_DIR
 # faults: kill -9 of EngineCore (KILLS times) and SIGTERM drains (INFLIGHT streams).
+# startphases: vLLM's engine started PLANS times in one process, with and without its
+#   startup plan (bench/probe_engine_start.py).
 # leak: CYCLES in-process start/stop cycles, with the GPU memory used after each stop.
 # failover: kill -9 of the active engine (KILLS times) with a cold restart and with
 #   --standby (MODES="restart standby"), at UTIL of the GPU per engine (0.4: a new standby
-#   fits beside an awake engine after a failover).
+#   fits beside an awake engine after a failover); EXTRA: more worker flags (--log-level info
+#   keeps vLLM's own timing lines in the worker logs copied to OUT).
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
 # gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
 #   (WORKERS="1 2", CONFIGS="ichat", PROMPTS=distinct: every request its own prompt).
@@ -76,8 +79,13 @@ case $MODE in
   failover) M=${MODES:-restart standby}
            python3 bench/bench_failover.py --model-path $ICHAT_GPU_MODEL --kills ${KILLS:-3} \
            --modes $M --out $OUT --tag h200 \
-           -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.4} 2>&1 \
+           -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.4} ${EXTRA:-} 2>&1 \
            | tee $OUT/bench-failover-${M// /-}.log | grep "^\[" ;;
+  startphases) python3 bench/probe_engine_start.py --model-path $ICHAT_GPU_MODEL \
+           --plans ${PLANS:-off plan plan off} --out $OUT -- --max-model-len 2048 \
+           --gpu-memory-utilization ${UTIL:-0.4} > $OUT/engine-start-phases.log 2>&1
+         rc=$?; grep -a "^start\|^===\|took\|takes\|finished in\|plan" $OUT/engine-start-phases.log \
+           | grep -v "Capturing" | cut -c1-220 ;;
   leak)  python3 bench/leak_check.py --model-path $ICHAT_GPU_MODEL --cycles ${CYCLES:-8} \
            --out $OUT/leak-check-h200-${CYCLES:-8} -- --max-model-len 2048 \
            --gpu-memory-utilization 0.85 2>&1 | tee $OUT/leak-check.log \

@@ -213,7 +213,8 @@ class BaseBackend(abc.ABC):
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
-        self.stop_engine_processes()
+        # after a death nothing of the engine can finish: its survivors go at once
+        self.stop_engine_processes(at_once=isinstance(self.failure, EngineDiedError))
         self._engine_procs = []
         self._children_before = None
         self.kill_engine_processes()

@@ -20,6 +20,7 @@ from ichat.backends.base_backend import BaseBackend
 from ichat.config import WorkerConfig
 from ichat.errors import IChatError
 from ichat.process import reaper
+from ichat.process.signals import forked_children_drop_our_handlers
 from ichat.worker.worker import Worker
 
 logger = logging.getLogger("ichat.serve")
@@ -213,6 +214,7 @@ def main(argv: Sequence[str]) -> int:
         cls = backend_class(config.backend)
         for name, value in cls.engine_environment(config).items():
             os.environ.setdefault(name, value)  # the user's own setting wins
+        forked_children_drop_our_handlers()
         if help_mode == "engine":
             print(f"\n{config.backend} engine flags (passed through unchanged):\n")
             print(cls.engine_help())

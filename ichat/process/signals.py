@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable, Iterator
 
@@ -41,3 +42,20 @@ async def first_signal(
             return await asyncio.wait_for(received.get(), poll)
         except asyncio.TimeoutError:
             pass
+
+
+def forked_children_drop_our_handlers() -> None:
+    """Give every process forked from this one (vLLM's engine with its ``fork`` start
+    method) the default SIGINT/SIGTERM handling and no event-loop wakeup descriptor.
+
+    Without it a fork inherits the loop's wakeup descriptor (a socket shared with this
+    process): a SIGTERM sent to the engine would be written there and read by this
+    process's loop as its own SIGTERM. Call once per process (the hook is process-wide)."""
+    os.register_at_fork(after_in_child=_drop_handlers_in_child)
+
+
+def _drop_handlers_in_child() -> None:
+    with contextlib.suppress(ValueError):  # not the main thread: nothing was installed
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED:
+            signal.signal(sig, signal.SIG_DFL)

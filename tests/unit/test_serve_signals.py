@@ -179,3 +179,41 @@ def test_the_worker_leaves_the_gateway_before_it_drains() -> None:
     asyncio.run(main())
     assert order.index("settled") < order.index("drain")
     assert order[order.index("join") :].count("leave") >= 1
+
+
+FORK_AND_SIGTERM_THE_CHILD = """
+import asyncio, os, signal, sys
+from ichat.process.signals import forked_children_drop_our_handlers
+
+async def main():
+    got = []
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, got.append, "SIGTERM")
+    if sys.argv[1] == "hook":
+        forked_children_drop_our_handlers()
+    pid = os.fork()
+    if pid == 0:  # an engine process forked from the worker, sent SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(0)  # only when SIGTERM did not end it
+    _, status = os.waitpid(pid, 0)
+    await asyncio.sleep(0.5)  # a signal byte in the shared wakeup socket arrives by then
+    print(os.waitstatus_to_exitcode(status), got)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("hook", "-15 []"),  # the child dies of its SIGTERM; the worker hears nothing
+        ("none", "0 ['SIGTERM']"),  # without it: the worker takes the child's SIGTERM
+    ],
+)
+def test_a_forked_engine_process_does_not_pass_its_sigterm_to_the_worker(
+    mode: str, expected: str
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_AND_SIGTERM_THE_CHILD, mode],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == expected, out

@@ -133,6 +133,11 @@ def supervise(
     return supervisor, clock, made
 
 
+def exponential(**fields: Any) -> RestartPolicy:
+    """A back-off of 1, 2, 4 ... s from the first restart on (no immediate first)."""
+    return RestartPolicy(initial=1, factor=2, immediate_first=False, **fields)
+
+
 def test_boot_failure_of_the_first_start_is_raised_without_restart() -> None:
     with pytest.raises(StartupError, match="model cannot load"):
         supervise(["boot-fail"])
@@ -144,14 +149,18 @@ def test_boot_failure_state_is_failed_and_nothing_slept() -> None:
 
 
 def test_deaths_after_ready_restart_with_growing_backoff() -> None:
-    sup, clock, made = supervise(
-        ["die", "die", "serve"], RestartPolicy(initial=1, factor=2, jitter=0.1)
-    )
+    sup, clock, made = supervise(["die", "die", "serve"], exponential(jitter=0.1))
     assert clock.sleeps == [1.0, 2.0]
     assert sup.stats.restarts == 2 and sup.stats.engine_deaths == 2
     assert sup.stats.state is WorkerState.STOPPED
     assert sup.stats.last_restart_to_ready_s is not None
     assert made[-1].stop_calls == [False]
+
+
+def test_a_single_death_is_restarted_at_once_by_default() -> None:
+    sup, clock, _ = supervise(["die", "serve"], RestartPolicy())
+    assert sup.stats.phase_seconds["restart_delay"] == 0
+    assert sum(clock.sleeps) == 0 and sup.stats.restarts == 1
 
 
 def test_serving_again_counts_from_the_detection_and_phases_are_the_last_ones() -> None:
@@ -160,7 +169,7 @@ def test_serving_again_counts_from_the_detection_and_phases_are_the_last_ones() 
     phases: dict[str, float] = {}
     sup, clock, _ = supervise(
         ["die", "boot-fail", "serve"],
-        RestartPolicy(initial=1, factor=2, jitter=0),
+        exponential(jitter=0),
         cleanup_s=4,
         phases_when_serving=phases,
     )
@@ -179,28 +188,26 @@ def test_memory_is_reclaimed_before_each_restart_not_after_the_last_stop() -> No
 
 
 def test_a_restart_that_fails_to_boot_counts_as_a_crash_and_is_retried() -> None:
-    sup, clock, _ = supervise(
-        ["die", "boot-fail", "serve"], RestartPolicy(initial=1, factor=2, jitter=0)
-    )
+    sup, clock, _ = supervise(["die", "boot-fail", "serve"], exponential(jitter=0))
     assert clock.sleeps == [1.0, 2.0] and sup.stats.restarts == 2
     assert sup.stats.state is WorkerState.STOPPED
 
 
 def test_crash_loop_gives_up_with_a_clear_error() -> None:
-    policy = RestartPolicy(initial=1, factor=2, max_crashes=3, crash_window=600)
+    policy = exponential(max_crashes=3, crash_window=600)
     with pytest.raises(CrashLoopError, match="died 4 times within 600 s"):
         supervise(["die"] * 4, policy)
 
 
 def test_crash_loop_leaves_state_failed_after_exactly_max_restarts() -> None:
-    policy = RestartPolicy(initial=1, factor=2, jitter=0, max_crashes=3, crash_window=600)
+    policy = exponential(jitter=0, max_crashes=3, crash_window=600)
     sup, clock, made = supervise(["die"] * 4, policy, after_last=CrashLoopError)
     assert len(made) == 4 and clock.sleeps == [1, 2, 4]
     assert sup.stats.state is WorkerState.FAILED
 
 
 def test_stable_uptime_resets_the_backoff() -> None:
-    policy = RestartPolicy(initial=1, factor=2, jitter=0, stable_after=60)
+    policy = exponential(jitter=0, stable_after=60)
     _, clock, _ = supervise(["die", "die", "die", "serve"], policy, uptime=61)
     assert clock.sleeps == [1, 1, 1]
 

@@ -88,7 +88,7 @@ class VLLMBackend(BaseBackend):
 
     def parse_args(self, config: WorkerConfig, argv: list[str]) -> Any:
         self._api = api = vllm_compat.load()
-        api.cli_env_setup()  # VLLM_WORKER_MULTIPROC_METHOD=spawn, as `vllm serve` does
+        api.cli_env_setup()  # spawn, as `vllm serve` does, unless set (engine_environment)
         vllm_compat.record_release_workarounds(api, self.workarounds)
         try:
             args = self._parser(api).parse_args(rename_flags(argv, self.FLAG_NAMES))
@@ -151,11 +151,19 @@ class VLLMBackend(BaseBackend):
 
     @classmethod
     def engine_environment(cls, config: WorkerConfig) -> dict[str, str]:
-        # read when vLLM is imported (0.26 has no --log-level) and by its processes;
-        # the startup plan: vLLM keeps the first start's memory-profiling result and a
-        # restart of the same configuration skips the profiling (13 s instead of 33 s
-        # on the H200; it checks a fingerprint and the free memory, else profiles)
-        return {"VLLM_LOGGING_LEVEL": vllm_log_level(config), "VLLM_ENABLE_STARTUP_PLAN": "1"}
+        # read when vLLM is imported (0.26 has no --log-level) and by its processes.
+        # The startup plan: vLLM keeps the first start's memory-profiling result and a
+        # restart of the same configuration skips the profiling (it checks a fingerprint
+        # and the free memory, else profiles). Fork: the engine's process starts from
+        # this one, vLLM already imported, instead of importing it again (`vllm serve`
+        # sets spawn; vLLM itself falls back to spawn where fork is unsafe: CUDA
+        # initialised here, Ray, the CPU platform). H100, 1 B Llama: a restart's engine
+        # start 12.8-14.9 s forked vs 31.5-33.4 s spawned (docs/benchmarks.md).
+        return {
+            "VLLM_LOGGING_LEVEL": vllm_log_level(config),
+            "VLLM_ENABLE_STARTUP_PLAN": "1",
+            "VLLM_WORKER_MULTIPROC_METHOD": "fork",
+        }
 
     @staticmethod
     def _accept_the_gateways_key(args: Any, config: WorkerConfig) -> None:

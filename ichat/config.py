@@ -61,6 +61,11 @@ class WorkerConfig:
     # Keep a second, initialised engine of the same configuration; serve it on the same
     # socket when the active engine dies (a failover), then start a new standby.
     standby: bool = False
+    # With a standby: a stream its dying engine cut is continued on the next engine
+    # from its last token, at most this many times (0: off); how long a request waits
+    # for the next engine (continued or run again) before it gets a 503 or error event.
+    continuation_limit: int = 3
+    continuation_timeout: float = 10.0
     # Gateway (SMG): register once ready, leave at once on death or stop.
     gateway_url: str | None = None
     gateway_api_key: str | None = None

@@ -10,6 +10,8 @@
 #   --standby (MODES="restart standby"), at UTIL of the GPU per engine (0.4: a new standby
 #   fits beside an awake engine after a failover); EXTRA: more worker flags (--log-level info
 #   keeps vLLM's own timing lines in the worker logs copied to OUT).
+# continuation: STREAMS greedy streams cut by kill -9 of the active engine (KILLS times)
+#   under --standby, continued on the standby (bench/bench_continuation.py).
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
 # gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
 #   (WORKERS="1 2", CONFIGS="ichat", PROMPTS=distinct: every request its own prompt).
@@ -81,6 +83,10 @@ case $MODE in
            --modes $M --out $OUT --tag h200 \
            -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.4} ${EXTRA:-} 2>&1 \
            | tee $OUT/bench-failover-${M// /-}.log | grep "^\[" ;;
+  continuation) python3 bench/bench_continuation.py --model-path $ICHAT_GPU_MODEL \
+           --kills ${KILLS:-2} --streams ${STREAMS:-64} --max-tokens ${TOKENS:-512} --out $OUT \
+           --tag ${TAG:-h200} -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.4} 2>&1 \
+           | tee $OUT/bench-continuation.log | grep "^kill\|wrote" ;;
   startphases) python3 bench/probe_engine_start.py --model-path $ICHAT_GPU_MODEL \
            --plans ${PLANS:-off plan plan off} --out $OUT -- --max-model-len 2048 \
            --gpu-memory-utilization ${UTIL:-0.4} > $OUT/engine-start-phases.log 2>&1

@@ -29,6 +29,7 @@ import psutil
 
 from ichat.aio import first_completed
 from ichat.backends.compat import Workaround, Workarounds
+from ichat.backends.continuation import Continued
 from ichat.backends.failover import Failover, StandbyReport
 from ichat.backends.monitor import HealthMonitor
 from ichat.config import WorkerConfig
@@ -100,6 +101,7 @@ class BaseBackend(abc.ABC):
         # told of each failover to a standby, and of each change of the standby
         self.on_failover: Callable[[Failover], None] | None = None
         self.on_standby: Callable[[StandbyReport], None] | None = None
+        self.on_continuation: Callable[[Continued], None] | None = None
         self._stop_requested = False
         self._stop_requested_at: float | None = None  # the drain starts here (monotonic)
         self._drain_deadline: asyncio.TimerHandle | None = None

@@ -11,9 +11,10 @@ generating routes it keeps the request's body, holds the response's start until 
 first body message, and when that message is a failure *and* the engine that served
 the request is dead (the engine's own verdict), it drops that response, waits until
 another engine serves, and runs the request again on it (at most ``max_replays``
-times). A request whose answer had begun is passed through untouched: continuing it
-token-exactly is a different mechanism. A sampled request runs again from its start:
-the client gets a complete answer, drawn anew (the same one with a ``seed``).
+times). A stream whose answer had begun is continued on that engine from its last
+token when it can be (``continuation_limit`` > 0; see :mod:`ichat.backends.continuation`),
+otherwise passed through untouched. A sampled request runs again from its start: the
+client gets a complete answer, drawn anew (the same one with a ``seed``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
+
+from ichat.backends import continuation
+from ichat.backends.continuation import (
+    DONE,
+    Continued,
+    EventReader,
+    TrackedStream,
+    error_event,
+    sse,
+)
 
 logger = logging.getLogger("ichat.replay")
 
@@ -55,6 +66,11 @@ class ReplayOnEngineDeath:
         *,
         wait_for_next_engine: float = 10.0,
         max_replays: int = 1,
+        continuation_limit: int = 0,
+        max_model_len: Callable[[], int] | None = None,
+        decode: continuation.Decode | None = None,
+        reasoning_parser: bool = False,
+        on_continuation: Callable[[Continued], None] | None = None,
         paths: frozenset[str] = GENERATING_PATHS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -62,9 +78,15 @@ class ReplayOnEngineDeath:
         self.watch = watch
         self.wait_for_next_engine = wait_for_next_engine
         self.max_replays = max_replays
+        self.continuation_limit = continuation_limit if max_model_len is not None else 0
+        self.max_model_len = max_model_len
+        self.decode = decode
+        self.reasoning_parser = reasoning_parser
+        self.on_continuation = on_continuation
         self.paths = paths
         self._clock = clock
         self.replayed = 0  # requests run again after an engine death (for tests, logs)
+        self.continued = 0  # continuations of cut streams on the next engine
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         generating = scope["type"] == "http" and scope["method"] == "POST"
@@ -74,10 +96,21 @@ class ReplayOnEngineDeath:
         body = await _whole_body(receive)
         if body is None:
             return  # the client left while sending it
+        request = self._continuable(scope["path"], body)
         for attempt in range(self.max_replays + 1):
             engine = self.watch.current()
-            gate = _FirstMessageGate(send, functools.partial(self.watch.died, engine))
-            await self.app(scope, _replaying(body, receive), gate.send)
+            died = functools.partial(self.watch.died, engine)
+            gate = _FirstMessageGate(send, died)
+            if request is None:
+                await self.app(scope, _replaying(body, receive), gate.send)
+            else:
+                stream = TrackedStream.of(scope["path"], request)
+                reader = _EngineStream(stream, gate.send, died)
+                await self.app(scope, _replaying(stream.engine_body(), receive), reader.send)
+                if reader.cut and gate.decided:  # the client has part of the answer
+                    await self._continue(scope, receive, send, stream, engine)
+                    return
+                gate.dropped = gate.dropped or reader.cut  # it has nothing: run it again
             if not gate.dropped:
                 await gate.flush()
                 return
@@ -91,13 +124,182 @@ class ReplayOnEngineDeath:
                 scope["path"],
             )
 
-    async def _next_engine(self, dead: Any) -> bool:
+    def _continuable(self, path: str, body: bytes) -> dict[str, Any] | None:
+        """The request's JSON when its stream could be continued; None otherwise."""
+        if not self.continuation_limit:
+            return None
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(request, dict):
+            return None
+        why = continuation.not_continuable(path, request, reasoning=self.reasoning_parser)
+        if why is not None:
+            if why != "not streamed":
+                logger.debug("%s: a cut stream could not be continued (%s)", path, why)
+            return None
+        return request
+
+    async def _continue(
+        self, scope: Scope, receive: Receive, send: Send, stream: TrackedStream, dead: Any
+    ) -> None:
+        """Continue ``stream`` on the engines that serve next, each from the last token
+        the client received, at most ``continuation_limit`` times."""
+        assert self.max_model_len is not None
+        t0 = self._clock()
+        for _ in range(self.continuation_limit):
+            if stream.prompt_ids is None or not await self._next_engine(dead, send):
+                break
+            body = stream.continuation_body(self.max_model_len())
+            if body is None:  # the engine died after the last token
+                events = b"".join(sse(e) for e in stream.closing_events())
+                await send(_body(events + DONE, more=False))
+                self._report(Continued("closed", 0, self._clock() - t0))
+                return
+            engine = self.watch.current()
+            stream.begin_continuation()
+            died = functools.partial(self.watch.died, engine)
+            tail = _ContinuationStream(stream, send, died, self.decode, self._clock)
+            self.continued += 1
+            logger.warning(
+                "%s %s cut by the engine's death after %d tokens: continued on the next "
+                "engine (%d prompt tokens re-prefilled, %.3f s after the cut)",
+                scope["path"], stream.id, len(stream.generated), len(body["prompt"]),
+                self._clock() - t0,
+            )  # fmt: skip
+            headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-length"]
+            tail_scope = {**scope, "path": continuation.COMPLETIONS, "headers": headers,
+                          "raw_path": continuation.COMPLETIONS.encode()}  # fmt: skip
+            await self.app(tail_scope, _replaying(json.dumps(body).encode(), receive), tail.send)
+            outcome = "cut" if tail.cut else "refused" if tail.refused else "continued"
+            stall = None if tail.first_sent_at is None else tail.first_sent_at - t0
+            self._report(Continued(outcome, len(body["prompt"]), stall))
+            if not tail.cut:
+                return
+            dead = engine
+        self._report(Continued("gave_up"))
+        await send(_body(error_event("the engine died; the stream could not be continued")
+                         + DONE, more=False))  # fmt: skip
+
+    def _report(self, continued: Continued) -> None:
+        if self.on_continuation is not None:
+            self.on_continuation(continued)
+
+    async def _next_engine(self, dead: Any, keepalive: Send | None = None) -> bool:
+        """Wait for an engine other than ``dead`` that is alive; a stream waiting
+        (``keepalive``) gets an SSE comment at once and every second."""
         deadline = self._clock() + self.wait_for_next_engine
+        next_comment = self._clock()
         while self.watch.current() is dead or self.watch.died(self.watch.current()):
             if self._clock() >= deadline:
                 return False
+            if keepalive is not None and self._clock() >= next_comment:
+                await keepalive(_body(b": the engine died; continuing on the next one\n\n"))
+                next_comment = self._clock() + 1.0
             await asyncio.sleep(0.01)
         return True
+
+
+def _body(data: bytes, *, more: bool = True) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+class _EngineStream:
+    """Reads a continuable stream's events from the engine on their way to the client:
+    notes its token ids (removing those the client did not ask for); stops at an error
+    event of the dead engine (``cut``) and keeps everything after it from the client."""
+
+    def __init__(self, stream: TrackedStream, send: Send, engine_died: Callable[[], bool]):
+        self._stream = stream
+        self._send = send
+        self._engine_died = engine_died
+        self._events = EventReader()
+        self._passthrough = False  # not a stream (an error status): untouched
+        self.cut = False
+
+    async def send(self, message: Message) -> None:
+        if self.cut:
+            return
+        if message["type"] == "http.response.start":
+            self._passthrough = message.get("status", 200) != 200
+            await self._send(message)
+            return
+        if message["type"] != "http.response.body" or self._passthrough:
+            await self._send(message)
+            return
+        out = []
+        for raw in self._events.feed(message.get("body", b"")):
+            event = continuation.parse(raw)
+            if isinstance(event, dict) and "error" in event and self._engine_died():
+                self.cut = True
+                break
+            if isinstance(event, dict):
+                out.append(sse(self._stream.from_engine(event) or event))
+            else:
+                out.append(raw + b"\n\n")
+        more = True if self.cut else message.get("more_body", False)
+        if out or not more:
+            await self._send(_body(b"".join(out), more=more))
+
+
+class _ContinuationStream:
+    """Forwards a continuation's completion events to the client in its stream's format;
+    ``cut`` when this engine died too (everything after that is kept from the client)."""
+
+    def __init__(
+        self,
+        stream: TrackedStream,
+        send: Send,
+        engine_died: Callable[[], bool],
+        decode: continuation.Decode | None,
+        clock: Callable[[], float],
+    ):
+        self._stream = stream
+        self._send = send
+        self._engine_died = engine_died
+        self._decode = decode
+        self._clock = clock
+        self._events = EventReader()
+        self._refused: bytes | None = None  # the engine refused the continuation
+        self.cut = False
+        self.first_sent_at: float | None = None  # when the client got its first chunk
+
+    @property
+    def refused(self) -> bool:
+        return self._refused is not None
+
+    async def send(self, message: Message) -> None:
+        if self.cut or message["type"] not in ("http.response.start", "http.response.body"):
+            return
+        if message["type"] == "http.response.start":
+            if message.get("status", 200) != 200:
+                self._refused = b""
+            return
+        if self._refused is not None:
+            self._refused += message.get("body", b"")
+            if not message.get("more_body", False):
+                why = self._refused.decode(errors="replace")[:500]
+                await self._send(_body(error_event(f"the continuation failed: {why}", 500)
+                                       + DONE, more=False))  # fmt: skip
+            return
+        out = []
+        for raw in self._events.feed(message.get("body", b"")):
+            event = continuation.parse(raw)
+            if isinstance(event, dict) and "error" in event and self._engine_died():
+                self.cut = True
+                break
+            if isinstance(event, dict) and "error" not in event:
+                translated = self._stream.from_continuation(event, self._decode)
+                if translated is not None:
+                    out.append(sse(translated))
+                    if self.first_sent_at is None:
+                        self.first_sent_at = self._clock()
+            elif event is not None:  # [DONE], or the engine's own error event
+                out.append(raw + b"\n\n")
+        more = True if self.cut else message.get("more_body", False)
+        if out or not more:
+            await self._send(_body(b"".join(out), more=more))
 
 
 class _FirstMessageGate:

@@ -22,6 +22,7 @@ from ichat.auth import bearer_headers
 from ichat.backends import vllm_compat
 from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BaseBackend
+from ichat.backends.continuation import Continued
 from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
 from ichat.backends.replay import ReplayOnEngineDeath
@@ -400,8 +401,22 @@ class VLLMBackend(BaseBackend):
         )
         self._app = app
         if self.framework_args.standby:  # what the dying engine failed, the next one runs
-            return ReplayOnEngineDeath(app, _ServingEngine(app))
+            config = self.framework_args
+            return ReplayOnEngineDeath(
+                app,
+                _ServingEngine(app),
+                wait_for_next_engine=config.continuation_timeout,
+                continuation_limit=config.continuation_limit,
+                max_model_len=lambda: vllm_compat.max_model_len(self._engine_client),
+                decode=lambda ids, skip: vllm_compat.decode(self._engine_client, ids, skip),
+                reasoning_parser=bool(getattr(args, "reasoning_parser", None)),
+                on_continuation=self._report_continuation,
+            )
         return app
+
+    def _report_continuation(self, continued: Continued) -> None:
+        if self.on_continuation is not None:
+            self.on_continuation(continued)
 
     def uvicorn_options(self) -> dict[str, Any]:
         args = self._backend_args

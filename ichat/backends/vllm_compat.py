@@ -241,6 +241,16 @@ def engine_core_contexts(client: Any) -> list[Any]:
     return zmq_context.find_contexts(getattr(client, "engine_core", None))
 
 
+def max_model_len(client: Any) -> int:
+    """The engine's context length (``--max-model-len`` or the model's)."""
+    return int(client.model_config.max_model_len)
+
+
+def decode(client: Any, ids: list[int], skip_special_tokens: bool) -> str:
+    """``ids`` as text, by the engine's own tokenizer."""
+    return str(client.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
 def sleep_mode_available(api: VLLMServerAPI) -> bool:
     """Whether the platform lets an engine sleep (vLLM: CUDA, ROCm, XPU; not CPU)."""
     check = getattr(api.current_platform, "is_sleep_mode_available", None)

@@ -119,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
         "a new standby (vLLM)",
     )
     parser.add_argument(
+        "--continuation-limit",
+        type=int,
+        default=WorkerConfig.continuation_limit,
+        metavar="N",
+        help="with --standby: continue a stream that its dying engine cut on the next "
+        "engine from its last token (token ids, same sampling), at most N times per "
+        "request; 0: off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--continuation-timeout",
+        type=float,
+        default=WorkerConfig.continuation_timeout,
+        metavar="SECONDS",
+        help="with --standby: how long a request cut or failed by an engine death "
+        "waits for the next engine (default: %(default)s)",
+    )
+    parser.add_argument(
         "--gateway-url",
         default=None,
         help="register with this gateway (SMG) once ready; leave it at once when the "
@@ -167,6 +184,8 @@ def parse_args(argv: Sequence[str]) -> tuple[WorkerConfig, list[str], str | None
         warmup=not ns.no_warmup,
         restart=not ns.no_restart,
         standby=ns.standby,
+        continuation_limit=ns.continuation_limit,
+        continuation_timeout=ns.continuation_timeout,
         restart_policy=dataclasses.replace(
             WorkerConfig().restart_policy,
             maximum=ns.restart_max_delay,

@@ -46,6 +46,20 @@ class WorkerCollector:
             "Engine deaths after which the standby engine served in the dead one's place.",
             value=s.failovers,
         )
+        continuations = CounterMetricFamily(
+            "ichat_worker_continuations",
+            "Streams cut by an engine death and continued on the next engine, by outcome "
+            "(continued, cut, refused, closed, gave_up).",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(s.continuations.items()):
+            continuations.add_metric([outcome], count)
+        yield continuations
+        yield CounterMetricFamily(
+            "ichat_worker_continuation_reprefilled_tokens",
+            "Prompt tokens (prompt + generated) the next engine prefilled to continue cut streams.",
+            value=s.continuation_reprefilled_tokens,
+        )
         standby = GaugeMetricFamily(
             "ichat_worker_standby",
             "1 for the standby engine's current state (off, starting, ready, asleep, failed).",
@@ -70,6 +84,11 @@ class WorkerCollector:
                 "ichat_worker_last_death_detected_timestamp_seconds",
                 s.last_death_detected_unix,
                 "Unix time an engine death was last detected.",
+            ),
+            (
+                "ichat_worker_last_continuation_stall_seconds",
+                s.last_continuation_stall_s,
+                "Seconds from the last cut stream's cut to its first continued chunk.",
             ),
             (
                 "ichat_worker_last_restart_to_ready_seconds",

@@ -30,6 +30,7 @@ from typing import Protocol
 
 from ichat.aio import first_completed
 from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
+from ichat.backends.continuation import Continued
 from ichat.backends.failover import Failover, StandbyReport
 from ichat.errors import CrashLoopError, EngineDiedError, StartupError
 from ichat.restart_policy import CrashHistory, GiveUp, Restart, RestartPolicy
@@ -66,6 +67,11 @@ class WorkerStats:
     standby: str = "off"
     standby_reason: str | None = None
     engines: dict[str, list[int]] = field(default_factory=dict)
+    # cut streams continued on the next engine: by outcome, prompt tokens prefilled
+    # again, and the last one's client-visible stall (cut to first continued chunk)
+    continuations: dict[str, int] = field(default_factory=dict)
+    continuation_reprefilled_tokens: int = 0
+    last_continuation_stall_s: float | None = None
 
 
 @dataclass
@@ -145,6 +151,7 @@ class Supervisor:
         self.backend = backend
         backend.on_failover = self._on_failover
         backend.on_standby = self._on_standby
+        backend.on_continuation = self._on_continuation
         life = _Life()
         watcher = asyncio.create_task(self._on_ready(backend, life, died_at))
         try:
@@ -241,6 +248,13 @@ class Supervisor:
             logger.error("%s", self._gave_up)
             self.request_stop(force=True)
             self.stats.state = WorkerState.FAILED
+
+    def _on_continuation(self, continued: Continued) -> None:
+        counts = self.stats.continuations
+        counts[continued.outcome] = counts.get(continued.outcome, 0) + 1
+        self.stats.continuation_reprefilled_tokens += continued.reprefilled_tokens
+        if continued.stall_s is not None:
+            self.stats.last_continuation_stall_s = continued.stall_s
 
     def _on_standby(self, report: StandbyReport) -> None:
         self.stats.standby = report.state.value

@@ -6,6 +6,7 @@ Ctrl-C then leaves no process, port or /dev/shm file."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -225,6 +226,107 @@ def test_metrics_show_the_failovers_and_the_active_engines_own(fleet: Fleet) -> 
     text = httpx.get(f"{fleet.worker_url}/metrics", timeout=10).text
     # the engine's metrics are the active engine's: they count the request just served
     assert total(text, "vllm:request_success_total") == served + 1
+
+
+STREAM_TOKENS = 200
+
+
+@dataclass
+class Stream:
+    """One streamed request with token ids asked by the client (the test's check)."""
+
+    path: str
+    events: list[Any]
+    status: int = 0
+
+    @property
+    def chunks(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if isinstance(e, dict)]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [i for c in self.chunks for ch in c["choices"] for i in ch.get("token_ids") or ()]
+
+    @property
+    def text(self) -> str:
+        key = "delta" if self.path.endswith("chat/completions") else None
+        return "".join(
+            (ch["delta"].get("content") or "") if key else ch["text"]
+            for c in self.chunks
+            for ch in c["choices"]
+        )
+
+
+def stream(url: str, path: str, stream_: Stream) -> None:
+    body: dict[str, Any] = {"model": "tiny-chat", "max_tokens": STREAM_TOKENS, "stream": True,
+                            "ignore_eos": True, "temperature": 0, "return_token_ids": True,
+                            "stream_options": {"include_usage": True}}  # fmt: skip
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": "tell me a story"}]
+    else:
+        body["prompt"] = "once upon a time"
+    with httpx.Client(timeout=120) as client, client.stream("POST", url + path, json=body) as r:
+        stream_.status = r.status_code
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                stream_.events.append(data if data == "[DONE]" else json.loads(data))
+
+
+def test_streams_cut_by_the_death_are_continued_token_exactly(fleet: Fleet) -> None:
+    """kill -9 of the active engine while streams run: each completes with 200, exactly
+    the asked number of tokens, one finish and one usage for the whole request, [DONE]
+    once, its text is the detokenized ids (no token lost or repeated at the cut), and
+    its ids are those of the same request run without a kill."""
+    before = fleet.wait_standby_ready()
+    core = engine_core(before["engines"]["active"])
+    paths = ["/v1/chat/completions", "/v1/completions"] * 4
+    streams = [Stream(p, []) for p in paths]
+    with concurrent.futures.ThreadPoolExecutor(len(streams)) as pool:
+        running_ = [pool.submit(stream, fleet.worker_url, s.path, s) for s in streams]
+        deadline = time.monotonic() + 120
+        while not all(len(s.token_ids) >= 3 for s in streams):
+            assert time.monotonic() < deadline, [len(s.token_ids) for s in streams]
+            time.sleep(0.01)
+        at_kill = [len(s.token_ids) for s in streams]
+        os.kill(core.pid, signal.SIGKILL)
+        for f in running_:
+            f.result(timeout=180)
+    cut = [n for n in at_kill if n < STREAM_TOKENS]
+    print(f"\nstreams at the kill: {at_kill} tokens ({len(cut)} unfinished)")
+    assert cut, "every stream had finished before the kill: nothing was tested"
+    for s in streams:
+        assert s.status == 200
+        errors = [c for c in s.chunks if "error" in c]
+        assert errors == [], errors
+        assert s.events.count("[DONE]") == 1 and s.events[-1] == "[DONE]"
+        assert len(s.token_ids) == STREAM_TOKENS
+        assert len({c["id"] for c in s.chunks}) == 1
+        finishes = [ch["finish_reason"] for c in s.chunks for ch in c["choices"]]
+        assert [f for f in finishes if f] == ["length"] and finishes[-1] == "length"
+        usage = [c["usage"] for c in s.chunks if c.get("usage")]
+        assert len(usage) == 1 and usage[0]["completion_tokens"] == STREAM_TOKENS
+        detokenized = {"model": "tiny-chat", "tokens": s.token_ids}
+        reply = httpx.post(f"{fleet.worker_url}/detokenize", json=detokenized, timeout=30)
+        assert reply.json()["prompt"] == s.text
+    # token-exact: greedy, so the same request uninterrupted gives the same ids (the
+    # tiny model's greedy choices held here; a model with near-tied logits may not)
+    for path in set(paths):
+        reference = Stream(path, [])
+        stream(fleet.worker_url, path, reference)
+        for s in streams:
+            if s.path == path:
+                assert s.token_ids == reference.token_ids
+    status = fleet.status()
+    assert status["failovers"] == 3 and status["restarts"] == 0
+    assert "continued on the next engine" in fleet.follower.output()
+    outcomes = status["continuations"]
+    assert 1 <= outcomes.get("continued", 0) <= len(streams), outcomes
+    assert set(outcomes) <= {"continued", "closed"}, outcomes
+    assert status["continuation_reprefilled_tokens"] > 0
+    assert status["last_continuation_stall_s"] < KILL_TO_SERVING_LIMIT
+    metrics = httpx.get(f"{fleet.worker_url}/metrics", timeout=10).text
+    assert 'ichat_worker_continuations_total{outcome="continued"}' in metrics
 
 
 def test_ctrl_c_leaves_no_process_port_or_shared_memory(fleet: Fleet) -> None:

@@ -6,7 +6,9 @@ ids asked), a kill -9 of the active EngineCore once every stream has a quarter o
 tokens, then per stream: completed well (200, no error event, ``[DONE]`` once, exactly
 ``--max-tokens`` ids), its tokens at the kill, the client-visible stall (the longest gap
 between two chunks, and from the kill to its next chunk), and whether its ids equal the
-same request run uninterrupted afterwards. Each next kill waits for the new standby.
+same request run uninterrupted afterwards, alone. Each next kill waits for the new
+standby. ``--control``: first the same streams without a kill (on a GPU a request's
+greedy tokens may depend on its batch: what that alone changes).
 
     python bench/bench_continuation.py --model-path M --kills 2 --streams 16 [-- FLAGS]
 
@@ -73,7 +75,7 @@ def run_stream(url: str, path: str, max_tokens: int, seen: list[float]) -> dict[
 
 
 def one_kill(
-    url: str, status_port: int, worker: Any, streams: int, max_tokens: int
+    url: str, status_port: int, worker: Any, streams: int, max_tokens: int, kill: bool = True
 ) -> dict[str, Any]:
     seen: list[list[float]] = [[] for _ in range(streams)]
     paths = [PATHS[i % 2] for i in range(streams)]
@@ -87,7 +89,8 @@ def one_kill(
         at_kill = [len(s) for s in seen]
         core = active_engine_core(worker, status_port)
         t_kill = time.monotonic()
-        os.kill(core.pid, signal.SIGKILL)
+        if kill:  # else: the control, the same streams uninterrupted
+            os.kill(core.pid, signal.SIGKILL)
         results = [f.result() for f in futures]
     references = {p: run_stream(url, p, max_tokens, [])["ids"] for p in PATHS}
     rows = []
@@ -115,6 +118,12 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="first the same streams without a kill: how many equal the reference "
+        "(run alone) uninterrupted, i.e. what batching alone changes",
+    )
     parser.add_argument("engine_args", nargs="*", help="after --: the engine's own flags")
     args = parser.parse_args()
     status_port = free_port()
@@ -123,6 +132,15 @@ def main() -> int:
     kills = []
     with tempfile.TemporaryDirectory() as tmp, start_worker(Path(tmp), *worker_args) as worker:
         worker.wait_ready(timeout=1800)
+        if args.control:
+            result = one_kill(
+                worker.url, status_port, worker, args.streams, args.max_tokens, kill=False
+            )
+            kills.append({"kill": 0, "control": True, **result})
+            rows = result["streams"]
+            print(f"control (no kill): {sum(r['complete'] for r in rows)}/{len(rows)} "
+                  f"complete, {sum(r['token_exact'] for r in rows)} equal to the reference",
+                  flush=True)  # fmt: skip
         for k in range(args.kills):
             standby = wait_standby(status_port)
             result = one_kill(worker.url, status_port, worker, args.streams, args.max_tokens)

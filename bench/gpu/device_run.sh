@@ -84,9 +84,9 @@ case $MODE in
            -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.4} ${EXTRA:-} 2>&1 \
            | tee $OUT/bench-failover-${M// /-}.log | grep "^\[" ;;
   continuation) python3 bench/bench_continuation.py --model-path $ICHAT_GPU_MODEL \
-           --kills ${KILLS:-2} --streams ${STREAMS:-64} --max-tokens ${TOKENS:-512} --out $OUT \
+           --kills ${KILLS:-2} --streams ${STREAMS:-64} --max-tokens ${TOKENS:-512} --out $OUT ${CONTROL:-} \
            --tag ${TAG:-h200} -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.4} 2>&1 \
-           | tee $OUT/bench-continuation.log | grep "^kill\|wrote" ;;
+           | tee $OUT/bench-continuation.log | grep "^kill\|^control\|wrote" ;;
   startphases) python3 bench/probe_engine_start.py --model-path $ICHAT_GPU_MODEL \
            --plans ${PLANS:-off plan plan off} --out $OUT -- --max-model-len 2048 \
            --gpu-memory-utilization ${UTIL:-0.4} > $OUT/engine-start-phases.log 2>&1

@@ -205,18 +205,48 @@ def _body(data: bytes, *, more: bool = True) -> Message:
     return {"type": "http.response.body", "body": data, "more_body": more}
 
 
-class _EngineStream:
-    """Reads a continuable stream's events from the engine on their way to the client:
-    notes its token ids (removing those the client did not ask for); stops at an error
-    event of the dead engine (``cut``) and keeps everything after it from the client."""
+class _UntilTheEngineDies:
+    """Forwards a stream's events, each as ``_event`` makes it, to the client; stops at
+    an error event of the dead engine (``cut``) and keeps everything after it from the
+    client."""
 
-    def __init__(self, stream: TrackedStream, send: Send, engine_died: Callable[[], bool]):
-        self._stream = stream
+    def __init__(self, send: Send, engine_died: Callable[[], bool]) -> None:
         self._send = send
         self._engine_died = engine_died
         self._events = EventReader()
-        self._passthrough = False  # not a stream (an error status): untouched
         self.cut = False
+
+    def _event(self, raw: bytes, event: dict[str, Any] | str | None) -> bytes | None:
+        raise NotImplementedError
+
+    async def _forward(self, message: Message) -> None:
+        out = []
+        for raw in self._events.feed(message.get("body", b"")):
+            event = continuation.parse(raw)
+            if isinstance(event, dict) and "error" in event and self._engine_died():
+                self.cut = True
+                break
+            piece = self._event(raw, event)
+            if piece is not None:
+                out.append(piece)
+        more = True if self.cut else message.get("more_body", False)
+        if out or not more:
+            await self._send(_body(b"".join(out), more=more))
+
+
+class _EngineStream(_UntilTheEngineDies):
+    """A continuable stream's events from the engine on their way to the client: notes
+    its token ids (removing those the client did not ask for)."""
+
+    def __init__(self, stream: TrackedStream, send: Send, engine_died: Callable[[], bool]):
+        super().__init__(send, engine_died)
+        self._stream = stream
+        self._passthrough = False  # not a stream (an error status): untouched
+
+    def _event(self, raw: bytes, event: dict[str, Any] | str | None) -> bytes | None:
+        if isinstance(event, dict):
+            return sse(self._stream.from_engine(event) or event)
+        return raw + b"\n\n"
 
     async def send(self, message: Message) -> None:
         if self.cut:
@@ -224,28 +254,14 @@ class _EngineStream:
         if message["type"] == "http.response.start":
             self._passthrough = message.get("status", 200) != 200
             await self._send(message)
-            return
-        if message["type"] != "http.response.body" or self._passthrough:
+        elif message["type"] != "http.response.body" or self._passthrough:
             await self._send(message)
-            return
-        out = []
-        for raw in self._events.feed(message.get("body", b"")):
-            event = continuation.parse(raw)
-            if isinstance(event, dict) and "error" in event and self._engine_died():
-                self.cut = True
-                break
-            if isinstance(event, dict):
-                out.append(sse(self._stream.from_engine(event) or event))
-            else:
-                out.append(raw + b"\n\n")
-        more = True if self.cut else message.get("more_body", False)
-        if out or not more:
-            await self._send(_body(b"".join(out), more=more))
+        else:
+            await self._forward(message)
 
 
-class _ContinuationStream:
-    """Forwards a continuation's completion events to the client in its stream's format;
-    ``cut`` when this engine died too (everything after that is kept from the client)."""
+class _ContinuationStream(_UntilTheEngineDies):
+    """A continuation's completion events, in the client's stream's format."""
 
     def __init__(
         self,
@@ -255,19 +271,26 @@ class _ContinuationStream:
         decode: continuation.Decode | None,
         clock: Callable[[], float],
     ):
+        super().__init__(send, engine_died)
         self._stream = stream
-        self._send = send
-        self._engine_died = engine_died
         self._decode = decode
         self._clock = clock
-        self._events = EventReader()
         self._refused: bytes | None = None  # the engine refused the continuation
-        self.cut = False
         self.first_sent_at: float | None = None  # when the client got its first chunk
 
     @property
     def refused(self) -> bool:
         return self._refused is not None
+
+    def _event(self, raw: bytes, event: dict[str, Any] | str | None) -> bytes | None:
+        if isinstance(event, dict) and "error" not in event:
+            translated = self._stream.from_continuation(event, self._decode)
+            if translated is None:
+                return None
+            if self.first_sent_at is None:
+                self.first_sent_at = self._clock()
+            return sse(translated)
+        return None if event is None else raw + b"\n\n"  # [DONE], or the engine's error
 
     async def send(self, message: Message) -> None:
         if self.cut or message["type"] not in ("http.response.start", "http.response.body"):
@@ -276,30 +299,14 @@ class _ContinuationStream:
             if message.get("status", 200) != 200:
                 self._refused = b""
             return
-        if self._refused is not None:
-            self._refused += message.get("body", b"")
-            if not message.get("more_body", False):
-                why = self._refused.decode(errors="replace")[:500]
-                await self._send(_body(error_event(f"the continuation failed: {why}", 500)
-                                       + DONE, more=False))  # fmt: skip
+        if self._refused is None:
+            await self._forward(message)
             return
-        out = []
-        for raw in self._events.feed(message.get("body", b"")):
-            event = continuation.parse(raw)
-            if isinstance(event, dict) and "error" in event and self._engine_died():
-                self.cut = True
-                break
-            if isinstance(event, dict) and "error" not in event:
-                translated = self._stream.from_continuation(event, self._decode)
-                if translated is not None:
-                    out.append(sse(translated))
-                    if self.first_sent_at is None:
-                        self.first_sent_at = self._clock()
-            elif event is not None:  # [DONE], or the engine's own error event
-                out.append(raw + b"\n\n")
-        more = True if self.cut else message.get("more_body", False)
-        if out or not more:
-            await self._send(_body(b"".join(out), more=more))
+        self._refused += message.get("body", b"")
+        if not message.get("more_body", False):
+            why = self._refused.decode(errors="replace")[:500]
+            await self._send(_body(error_event(f"the continuation failed: {why}", 500)
+                                   + DONE, more=False))  # fmt: skip
 
 
 class _FirstMessageGate:

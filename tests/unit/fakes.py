@@ -19,3 +19,18 @@ class FakeClock:
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.now += seconds
+
+
+class Engines:
+    """Engine tokens for ``ReplayOnEngineDeath``: ``dead`` by their own verdict;
+    ``serving`` is the current one."""
+
+    def __init__(self) -> None:
+        self.serving = "e1"
+        self.dead: set[str] = set()
+
+    def current(self) -> str:
+        return self.serving
+
+    def died(self, engine: object) -> bool:
+        return engine in self.dead

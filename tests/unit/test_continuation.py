@@ -13,20 +13,10 @@ import pytest
 from ichat.backends.continuation import Continued, TrackedStream, not_continuable
 from ichat.backends.replay import ReplayOnEngineDeath
 
+from .fakes import Engines
+
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 PROMPT = [1, 2, 3]
-
-
-class Engines:
-    def __init__(self) -> None:
-        self.serving = "e1"
-        self.dead: set[str] = set()
-
-    def current(self) -> str:
-        return self.serving
-
-    def died(self, engine: Any) -> bool:
-        return engine in self.dead
 
 
 def sse(data: Any) -> bytes:

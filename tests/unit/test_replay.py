@@ -9,21 +9,9 @@ from typing import Any
 
 from ichat.backends.replay import ReplayOnEngineDeath
 
+from .fakes import Engines
+
 CHAT = "/v1/chat/completions"
-
-
-class Engines:
-    """Engine tokens; ``dead`` by their own verdict; ``serving`` is the current one."""
-
-    def __init__(self) -> None:
-        self.serving = "e1"
-        self.dead: set[str] = set()
-
-    def current(self) -> str:
-        return self.serving
-
-    def died(self, engine: Any) -> bool:
-        return engine in self.dead
 
 
 def json_response(status: int, payload: dict[str, Any]) -> list[dict[str, Any]]:

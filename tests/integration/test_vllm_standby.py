@@ -274,7 +274,8 @@ def stream(url: str, path: str, stream_: Stream) -> None:
 
 
 def test_streams_cut_by_the_death_are_continued_token_exactly(fleet: Fleet) -> None:
-    """kill -9 of the active engine while streams run: each completes with 200, exactly
+    """kill -9 of the active engine while streams run, half of them through the gateway:
+    each completes with 200, exactly
     the asked number of tokens, one finish and one usage for the whole request, [DONE]
     once, its text is the detokenized ids (no token lost or repeated at the cut), and
     its ids are those of the same request run without a kill."""
@@ -282,8 +283,9 @@ def test_streams_cut_by_the_death_are_continued_token_exactly(fleet: Fleet) -> N
     core = engine_core(before["engines"]["active"])
     paths = ["/v1/chat/completions", "/v1/completions"] * 4
     streams = [Stream(p, []) for p in paths]
+    urls = [fleet.worker_url, fleet.worker_url, fleet.url, fleet.url] * 2  # half via SMG
     with concurrent.futures.ThreadPoolExecutor(len(streams)) as pool:
-        running_ = [pool.submit(stream, fleet.worker_url, s.path, s) for s in streams]
+        running_ = [pool.submit(stream, u, s.path, s) for u, s in zip(urls, streams, strict=True)]
         deadline = time.monotonic() + 120
         while not all(len(s.token_ids) >= 3 for s in streams):
             assert time.monotonic() < deadline, [len(s.token_ids) for s in streams]

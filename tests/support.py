@@ -57,15 +57,22 @@ def running(proc: psutil.Process) -> bool:
         return False
 
 
-def our_processes() -> list[psutil.Process]:
+def our_processes(exiting_grace: float = 2.0) -> list[psutil.Process]:
     """Live (non-zombie) descendants of this test process, but for Python's own
-    multiprocessing helpers (this process's resource tracker lives as long as it)."""
-    alive = []
+    multiprocessing helpers (this process's resource tracker lives as long as it).
+
+    A process caught while it exits (its command line already empty: a worker's
+    resource tracker ends when the worker's pipe closes, just after the worker) is
+    given ``exiting_grace`` seconds to finish; it counts only if it is still there."""
+    alive, exiting = [], []
     for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
-            if proc.status() != psutil.STATUS_ZOMBIE and not is_python_helper(proc):
-                alive.append(proc)
-    return alive
+            if proc.status() == psutil.STATUS_ZOMBIE or is_python_helper(proc):
+                continue
+            (alive if proc.cmdline() else exiting).append(proc)
+    _, still = psutil.wait_procs(exiting, timeout=exiting_grace)
+    reap_zombies()
+    return alive + [p for p in still if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def reap_zombies() -> None:

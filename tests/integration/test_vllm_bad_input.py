@@ -25,7 +25,8 @@ def run_ichat(
     proc = subprocess.run(cmd or ichat_cmd(*args), capture_output=True, text=True, timeout=timeout)
     elapsed = time.monotonic() - t0
     reap_zombies()
-    assert not our_processes(), "a process survived the failed start"
+    left = [(p.pid, p.cmdline()) for p in our_processes()]
+    assert not left, f"processes survived the failed start: {left}\n{proc.stderr[-3000:]}"
     return proc, elapsed
 
 

@@ -227,7 +227,8 @@ def test_sigterm_drains_streams_in_flight_exits_0_no_child_left_port_free(
     children = psutil.Process(worker.proc.pid).children(recursive=True)
     assert children
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        streams = [pool.submit(stream_to_the_end, worker.url, 400) for _ in range(4)]
+        # long enough to be in flight a second later (400 tokens once ran out within it)
+        streams = [pool.submit(stream_to_the_end, worker.url, 2000) for _ in range(4)]
         time.sleep(1.0)
         assert not any(s.done() for s in streams), "streams should still be running"
         t0 = time.monotonic()

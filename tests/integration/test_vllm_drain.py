@@ -24,11 +24,14 @@ from tests.support import (
 
 STREAMS = 16
 DRAIN_TIMEOUT_S = 2
+# the tiny model's whole context: 16 streams of 960 tokens (CONTEXT_LENGTH) once all
+# finished within the 3 s from their start to the drain deadline
+LONG_CONTEXT = 4 * CONTEXT_LENGTH
 
 
 def worker_args(model_dir: Path, drain_timeout: float) -> list[str]:
     return ["--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
-            "--context-length", str(CONTEXT_LENGTH),
+            "--context-length", str(LONG_CONTEXT),
             "--drain-timeout", f"{drain_timeout:g}"]  # fmt: skip
 
 
@@ -36,7 +39,7 @@ def start_long_streams(
     pool: concurrent.futures.ThreadPoolExecutor, worker: Worker
 ) -> list[concurrent.futures.Future[str]]:
     """STREAMS streams as long as the context allows, all still running on return."""
-    streams = [pool.submit(stream_once, worker.url, CONTEXT_LENGTH - 64) for _ in range(STREAMS)]
+    streams = [pool.submit(stream_once, worker.url, LONG_CONTEXT - 64) for _ in range(STREAMS)]
     time.sleep(1.0)
     assert not any(s.done() for s in streams), "streams should still be running"
     return streams

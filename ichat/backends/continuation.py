@@ -148,7 +148,7 @@ class TrackedStream:
 
     # ------------------------------------------------------------- the engine's events
 
-    def from_engine(self, event: dict[str, Any]) -> dict[str, Any] | None:
+    def from_engine(self, event: dict[str, Any]) -> dict[str, Any]:
         """Note an event of the client's own stream; what the client receives of it."""
         if self.id is None:
             self.id, self.created = event.get("id"), event.get("created")
@@ -191,7 +191,7 @@ class TrackedStream:
     ) -> dict[str, Any] | None:
         """A continuation's completion event in the client's format; None: nothing for
         the client (the usage it did not ask for)."""
-        head = {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+        head = self._head()
         if "system_fingerprint" in event:
             head["system_fingerprint"] = event["system_fingerprint"]
         usage = event.get("usage")
@@ -205,13 +205,10 @@ class TrackedStream:
             ids = list(choice.get("token_ids") or ())
             self.generated.extend(ids)
             text = self._resynced_text(choice.get("text", ""), decode)
-            self.pending = self.pending + len(ids) if ids and not text else 0
+            self._note_text(ids, text)
             self.finished = self.finished or choice.get("finish_reason") is not None
-            out: dict[str, Any] = {"index": 0}
-            if self.path == CHAT:
-                out.update(delta={"content": text}, logprobs=None)
-            else:
-                out.update(text=text, logprobs=None)
+            out = self._with_text({"index": 0}, text)
+            out["logprobs"] = None
             out["finish_reason"] = choice.get("finish_reason")
             if self.path == COMPLETIONS or choice.get("finish_reason") is not None:
                 out["stop_reason"] = choice.get("stop_reason")
@@ -226,12 +223,29 @@ class TrackedStream:
         if ids:
             self.generated.extend(ids)
             delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            self.pending = self.pending + len(ids) if not text else 0
+            self._note_text(
+                ids, delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            )
         if not self.asked_ids and "token_ids" in choice:
             choice["token_ids"] = None
         if choice.get("finish_reason") is not None:
             self.finished = True
+
+    def _note_text(self, ids: list[int], text: str | None) -> None:
+        """Tokens whose text is still empty are pending (the bytes of a split character)."""
+        if ids:
+            self.pending = 0 if text else self.pending + len(ids)
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+
+    def _with_text(self, choice: dict[str, Any], text: str) -> dict[str, Any]:
+        """``choice`` with ``text`` where the client's format holds it."""
+        if self.path == CHAT:
+            choice["delta"] = {"content": text}
+        else:
+            choice["text"] = text
+        return choice
 
     def usage(self) -> dict[str, int]:
         prompt, completion = len(self.prompt_ids or ()), len(self.generated)
@@ -244,15 +258,11 @@ class TrackedStream:
     def closing_events(self) -> list[dict[str, Any]]:
         """What the client still needs when the engine died after the last token:
         the final chunk (if it was not sent) and the usage it asked for."""
-        head = {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+        head = self._head()
         events: list[dict[str, Any]] = []
         if not self.finished:
-            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
-            if self.path == CHAT:
-                choice["delta"] = {"content": ""}
-            else:
-                choice["text"] = ""
-            events.append({**head, "choices": [choice]})
+            choice = {"index": 0, "logprobs": None, "finish_reason": "length"}
+            events.append({**head, "choices": [self._with_text(choice, "")]})
             self.finished = True
         if self.asked_usage and not self.usage_sent:
             events.append({**head, "choices": [], "usage": self.usage()})

@@ -245,7 +245,7 @@ class _EngineStream(_UntilTheEngineDies):
 
     def _event(self, raw: bytes, event: dict[str, Any] | str | None) -> bytes | None:
         if isinstance(event, dict):
-            return sse(self._stream.from_engine(event) or event)
+            return sse(self._stream.from_engine(event))
         return raw + b"\n\n"
 
     async def send(self, message: Message) -> None:

@@ -20,6 +20,8 @@ commands:
   serve             run a worker: an engine in this process serving the OpenAI API
                     (`ichat serve --help`; `ichat serve --backend vllm --help` adds the
                     engine's own flags)
+  reload            replace a running worker's engine by one with new flags, without
+                    a moment out of service (`ichat reload --help`)
   gateway           run the Shepherd Model Gateway (SMG) with iChat's defaults
   make-test-model   write a tiny random-weight Llama and a trained BPE tokenizer to a
                     folder (no download needed)
@@ -43,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ichat.commands import up
 
         return up.main(rest)
+    if command == "reload":
+        from ichat.commands import reload
+
+        return reload.main(rest)
     if command == "gateway":
         from ichat.commands import gateway
 

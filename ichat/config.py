@@ -75,6 +75,9 @@ class WorkerConfig:
     # the engine has been down (restarting) for longer than liveness_grace seconds.
     status_port: int | None = None
     liveness_grace: float = 600.0
+    # the key ``POST /reload`` on the status port needs (default: the engine's API
+    # key; neither: reload is off)
+    admin_key: str | None = None
     deadlines: StopDeadlines = field(default_factory=StopDeadlines)
 
     @property

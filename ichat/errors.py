@@ -11,8 +11,10 @@
     ├── CrashLoopError              exit 5  it kept dying: the supervisor gave up
     ├── GatewayError                exit 6  the gateway (SMG) cannot start or answers wrong
     │   └── GatewayRefused                  a control-plane call got an unexpected status
-    └── WorkerExitedError           exit 2-5 (the worker's own) or 7: ``ichat up``'s worker
-                                            exited on its own
+    ├── WorkerExitedError           exit 2-5 (the worker's own) or 7: ``ichat up``'s worker
+    │                                       exited on its own
+    └── ReloadError                 exit 8  a reload was refused or its engine did not
+                                            start; the running engine keeps serving
 
 Engine exceptions are translated into these at the backend boundary with
 ``raise X(...) from exc``; only the CLI turns them into exit codes.
@@ -112,3 +114,16 @@ class WorkerExitedError(IChatError):
         self.index = index
         self.returncode = returncode
         self.exit_code = returncode if returncode in self.OWN_CODES else self.OTHER
+
+
+class ReloadError(IChatError):
+    """A reload (``ichat reload``) did not replace the engine: refused (bad flags, not
+    serving, one in progress, an engine without reload) or its new engine failed to
+    start or warm up. The engine that served before keeps serving (rollback).
+    ``status`` is the HTTP status the worker answers the reload with."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status

@@ -22,7 +22,7 @@ import gc
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
@@ -38,6 +38,7 @@ from ichat.errors import (
     IChatError,
     PortInUseError,
     ReadinessTimeoutError,
+    ReloadError,
     StartupError,
 )
 from ichat.process import processes, shared_memory
@@ -266,9 +267,24 @@ class BaseBackend(abc.ABC):
     def served_model_name(self) -> str:
         """The model name clients send (what the gateway routes by)."""
 
+    def served_model_names(self) -> list[str]:
+        """Every name the model is served under, the first the main one."""
+        return [self.served_model_name()]
+
     def api_key(self) -> str | None:
         """The key the engine's API requires (``Authorization: Bearer``), if any."""
         return None
+
+    async def reload(self, argv: list[str]) -> dict[str, float]:
+        """Replace the engine by one started with ``argv`` while this one serves, on
+        the same socket, and retire the old once its requests have ended; the reload's
+        phases (seconds). ``ReloadError`` when it cannot: the old engine serves on
+        (default: this engine has no reload)."""
+        raise ReloadError(
+            f"reload is not available with the {self.engine_name} engine; "
+            "restart the worker with the new flags instead",
+            501,
+        )
 
     def bind_socket(self) -> socket.socket:
         """Create and bind the listening socket before the engine starts."""
@@ -437,6 +453,24 @@ class BaseBackend(abc.ABC):
         self._engine_shm |= new
         if new and self.on_engine_shm is not None:
             self.on_engine_shm(new)
+
+    @contextlib.asynccontextmanager
+    async def recording_engine_shm(self, every: float = 0.5) -> AsyncIterator[None]:
+        """While inside (an engine starting beside the serving one), note every
+        ``every`` seconds the /dev/shm files our processes map: an engine whose start
+        fails has its processes gone before it could be asked, and leaves them."""
+
+        async def poll() -> None:
+            while True:
+                self._record_engine_shm()
+                await asyncio.sleep(every)
+
+        task = asyncio.create_task(poll())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
 
     def _raise_if_stopped(self) -> None:
         task = self._server_task

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import socket
@@ -20,15 +21,16 @@ import psutil
 
 from ichat.auth import bearer_headers
 from ichat.backends import vllm_compat
+from ichat.backends.app_switch import AppSwitch, InstalledApp
 from ichat.backends.argmap import rename_flags
-from ichat.backends.base_backend import BaseBackend
+from ichat.backends.base_backend import BackendState, BaseBackend
 from ichat.backends.continuation import Continued
 from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
 from ichat.backends.replay import ReplayOnEngineDeath
 from ichat.backends.vllm_engine import VLLMEngine
 from ichat.config import WorkerConfig
-from ichat.errors import ConfigError, EngineDiedError, StartupError
+from ichat.errors import ConfigError, EngineDiedError, ReloadError, StartupError
 from ichat.process import processes
 from ichat.process.processes import not_running
 
@@ -69,6 +71,8 @@ class VLLMBackend(BaseBackend):
         self._standby_reason: str | None = None  # why the last standby did not start
         self._watched: list[psutil.Process] | None = None
         self._app: Any = None
+        self._switch: AppSwitch | None = None  # what the HTTP server serves
+        self._reload_task: asyncio.Task[dict[str, float]] | None = None
         self._supported_tasks: tuple[str, ...] = ()
         super().__init__(*args, **kwargs)
 
@@ -91,6 +95,10 @@ class VLLMBackend(BaseBackend):
         self._api = api = vllm_compat.load()
         api.cli_env_setup()  # spawn, as `vllm serve` does, unless set (engine_environment)
         vllm_compat.record_release_workarounds(api, self.workarounds)
+        return self._parsed(api, config, argv)
+
+    def _parsed(self, api: vllm_compat.VLLMServerAPI, config: WorkerConfig, argv: list[str]) -> Any:
+        """``argv`` parsed and validated by vLLM, the framework's settings merged."""
         try:
             args = self._parser(api).parse_args(rename_flags(argv, self.FLAG_NAMES))
         except SystemExit as exc:  # argparse printed vLLM's own message to stderr
@@ -216,12 +224,13 @@ class VLLMBackend(BaseBackend):
             cache.cache_clear()
 
     async def _close_engines(self) -> None:
-        """Shut every engine down: the standby (or the one starting), the active, and
-        dead ones still being closed."""
-        task, self._standby_task = self._standby_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+        """Shut every engine down: one a reload is starting, the standby (or the one
+        starting), the active, and dead or replaced ones still being closed."""
+        for task in (self._reload_task, self._standby_task):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        self._standby_task = None
         engines = [self._standby, self._active, *self._retired]
         self._standby = self._active = None
         self._retired = []
@@ -249,9 +258,10 @@ class VLLMBackend(BaseBackend):
         serving = vllm_compat.vllm_collectors()  # the active engine's metrics
         engine: VLLMEngine | None = None
         try:
-            engine = await VLLMEngine.launch(
-                vllm_compat.engine_client_built_in_a_thread(self._api, self._backend_args)
-            )
+            async with self.recording_engine_shm():
+                engine = await VLLMEngine.launch(
+                    vllm_compat.engine_client_built_in_a_thread(self._api, self._backend_args)
+                )
             # a new engine registers its own vllm: collectors in place of the active's
             engine.collectors = vllm_compat.vllm_collectors()
             if serving is not None:
@@ -265,6 +275,7 @@ class VLLMBackend(BaseBackend):
                 vllm_compat.serve_collectors(serving)
             if engine is not None:
                 self._retired.append(engine)
+            self._unlink_engine_shm_left_behind()  # what a start that failed left
             logger.error("the standby engine did not start: %s", exc)
             self._report_standby(Standby.FAILED, f"{type(exc).__name__}: {exc}")
             return
@@ -383,12 +394,24 @@ class VLLMBackend(BaseBackend):
 
     async def build_app(self) -> Any:
         self._watch_engine_processes()  # the engine's processes are recorded by now
-        client, args = self._engine_client, self._backend_args
-        self._supported_tasks = await self._tasks_of(client)
+        installed, self._supported_tasks = await self._app_for(
+            self._engine_client, self._backend_args
+        )
+        self._app = installed.app
+        await installed.start_lifespan()
+        assert self._stack is not None
+        self._stack.push_async_callback(self._end_serving_lifespan)  # before the engines'
+        self._switch = AppSwitch(installed)
+        return self._switch
+
+    async def _app_for(self, client: Any, args: Any) -> tuple[InstalledApp, tuple[str, ...]]:
+        """vLLM's app for ``client`` built with ``args`` and its state initialised, and
+        the tasks the engine supports."""
+        tasks = await self._tasks_of(client)
         app = vllm_compat.call_with(
             self._api.build_app,
             args=args,
-            supported_tasks=self._supported_tasks,
+            supported_tasks=tasks,
             model_config=getattr(client, "model_config", None),
         )
         await vllm_compat.call_with(
@@ -396,13 +419,13 @@ class VLLMBackend(BaseBackend):
             engine_client=client,
             state=app.state,
             args=args,
-            supported_tasks=self._supported_tasks,
+            supported_tasks=tasks,
             vllm_config=getattr(client, "vllm_config", None),
         )
-        self._app = app
+        asgi: Any = app
         if self.framework_args.standby:  # what the dying engine failed, the next one runs
             config = self.framework_args
-            return ReplayOnEngineDeath(
+            asgi = ReplayOnEngineDeath(
                 app,
                 _ServingEngine(app),
                 wait_for_next_engine=config.continuation_timeout,
@@ -412,7 +435,172 @@ class VLLMBackend(BaseBackend):
                 reasoning_parser=bool(getattr(args, "reasoning_parser", None)),
                 on_continuation=self._report_continuation,
             )
-        return app
+        return InstalledApp(asgi, app), tasks
+
+    async def _end_serving_lifespan(self) -> None:
+        if self._switch is not None:
+            await self._switch.serving.end_lifespan()
+
+    # -------------------------------------------------------------------- reload
+
+    async def reload(self, argv: list[str]) -> dict[str, float]:
+        if self._reload_task is not None and not self._reload_task.done():
+            raise ReloadError("a reload is in progress; try again once it has ended", 409)
+        if self.state is not BackendState.READY or self._switch is None or self._stop_requested:
+            raise ReloadError(f"the engine is not serving (backend {self.state.value})", 409)
+        self._reload_task = task = asyncio.create_task(self._reload(argv))
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current and current.cancelling()):
+                raise ReloadError("the worker stopped during the reload", 409) from None
+            raise
+
+    async def _reload(self, argv: list[str]) -> dict[str, float]:
+        """Start an engine with ``argv`` while the active one serves, build and warm up
+        its app, switch new requests to it, then retire the old engine once its
+        requests have ended. Until the switch, any failure leaves the old serving."""
+        t0 = time.monotonic()
+        args = self._parsed_for_reload(argv)
+        engine, installed, tasks, phases = await self._engine_and_app(args)
+        # the switch: new requests reach the new engine from here on
+        t1 = time.monotonic()
+        old_engine, switch = self._active, self._switch
+        assert old_engine is not None and switch is not None and self._server is not None
+        standby = self.framework_args.standby
+        installed.app.state.server = _StopUnlessStandingBy(self._server, lambda: standby)
+        # the old engine's requests that see it closed must not end the server
+        switch.serving.app.state.server = _StopUnlessStandingBy(self._server, lambda: True)
+        retired = switch.switch_to(installed)
+        self._retired.append(old_engine)  # closed with the others if the worker stops now
+        self._active, self._engine_client, self._watched = engine, engine.client, engine.watched
+        self._app, self._supported_tasks = installed.app, tasks
+        self._backend_args, self.backend_argv = args, list(argv)
+        if engine.collectors is not None:
+            vllm_compat.serve_collectors(engine.collectors)
+        self._record_engine_shm()
+        phases["reload_switch"] = time.monotonic() - t1
+        logger.info("reload: the new engine %s serves; retiring %s", engine.pids, old_engine.pids)
+        if standby:  # the standby runs the old configuration: replaced by one of the new
+            await self._cancel_standby_task()
+            self._report_standby(Standby.STARTING)
+            self._standby_task = asyncio.create_task(self._renew_standby())
+        t2 = time.monotonic()
+        await self._retire(retired, old_engine)
+        phases["reload_retire_old"] = time.monotonic() - t2
+        phases["reload"] = time.monotonic() - t0
+        self.phase_seconds.update(phases)
+        return phases
+
+    def _parsed_for_reload(self, argv: list[str]) -> Any:
+        """``argv`` parsed as at start; a bad flag is refused with argparse's message."""
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                return self._parsed(self._api, self.framework_args, argv)
+        except ConfigError as exc:
+            said = [line for line in err.getvalue().splitlines() if line.strip()]
+            reason = said[-1] if said else str(exc)
+            raise ReloadError(f"invalid vLLM arguments: {reason}", 400) from exc
+
+    async def _engine_and_app(
+        self, args: Any
+    ) -> tuple[VLLMEngine, InstalledApp, tuple[str, ...], dict[str, float]]:
+        """A new engine for ``args``, its app built, its lifespan started and one warmup
+        request answered; closed again (and ``ReloadError``) if any of it fails."""
+        phases: dict[str, float] = {}
+        t0 = time.monotonic()
+        serving = vllm_compat.vllm_collectors()  # the active engine's metrics
+        engine: VLLMEngine | None = None
+        installed: InstalledApp | None = None
+        try:
+            async with self.recording_engine_shm():
+                engine = await VLLMEngine.launch(
+                    vllm_compat.engine_client_built_in_a_thread(self._api, args)
+                )
+            engine.collectors = vllm_compat.vllm_collectors()
+            if serving is not None:  # the active engine's served until the switch
+                vllm_compat.serve_collectors(serving)
+            phases["reload_engine_start"] = time.monotonic() - t0
+            t1 = time.monotonic()
+            installed, tasks = await self._app_for(engine.client, args)
+            await installed.start_lifespan()
+            if self.framework_args.warmup:
+                await self._warm_up_app(installed, args, tasks)
+            phases["reload_warmup"] = time.monotonic() - t1
+        except BaseException as exc:
+            if serving is not None:
+                vllm_compat.serve_collectors(serving)
+            if installed is not None:
+                await installed.end_lifespan()
+            if engine is not None:
+                await self._close_engine(engine)
+            self._unlink_engine_shm_left_behind()  # what a start that failed left
+            if isinstance(exc, Exception):
+                logger.error("reload: the new engine did not start: %s", exc)
+                raise ReloadError(
+                    f"the new engine did not start ({type(exc).__name__}: {exc}); "
+                    "the running engine keeps serving (the engine's own messages are "
+                    "in the worker's log)"
+                ) from exc
+            raise
+        return engine, installed, tasks, phases
+
+    async def _warm_up_app(
+        self, installed: InstalledApp, args: Any, tasks: tuple[str, ...]
+    ) -> None:
+        """One small request through the new app itself, before any client's."""
+        import httpx
+
+        transport = httpx.ASGITransport(app=installed.asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://reload") as client:
+            await self._warmup_through(
+                client, _served_model_name_of(args), _api_key_of(args), tasks
+            )
+
+    async def _retire(self, retired: InstalledApp, engine: VLLMEngine) -> None:
+        """Let the old app's requests finish (``--drain-timeout``), abort what is left,
+        end its lifespan and close its engine."""
+        config = self.framework_args
+        if not await retired.idle(config.drain_timeout):
+            logger.warning(
+                "reload: %d requests still on the old engine after %g s; aborting them",
+                retired.in_flight,
+                config.drain_timeout,
+            )
+            await vllm_compat.abort_all_requests(engine.client)
+            await retired.idle(config.deadlines.drain_grace)
+        await retired.end_lifespan()
+        await self._close_engine(engine)
+        if engine in self._retired:
+            self._retired.remove(engine)
+
+    async def _close_engine(self, engine: VLLMEngine) -> None:
+        """Shut an engine down (bounded), stop what is left of its processes, unlink
+        the shared memory it left."""
+        deadlines = self.framework_args.deadlines
+        try:
+            await asyncio.wait_for(engine.stack.aclose(), deadlines.engine_shutdown)
+        except Exception as exc:
+            logger.warning("closing an engine raised %r", exc)
+        left = [p for p in processes.with_descendants(engine.processes) if p.is_running()]
+        if left:
+            await asyncio.to_thread(processes.terminate, left, deadlines.terminate)
+        self._unlink_engine_shm_left_behind()
+
+    async def _cancel_standby_task(self) -> None:
+        task, self._standby_task = self._standby_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def _renew_standby(self) -> None:
+        """After a reload: close the standby of the old configuration, start one of the new."""
+        old, self._standby = self._standby, None
+        if old is not None:
+            await self._close_engine(old)
+        await self._start_standby()
 
     def _report_continuation(self, continued: Continued) -> None:
         if self.on_continuation is not None:
@@ -450,24 +638,32 @@ class VLLMBackend(BaseBackend):
             server.config.h11_max_header_count = count
 
     def served_model_name(self) -> str:
-        args = self._backend_args
-        names = args.served_model_name or [args.model]
-        return str(names[0] if isinstance(names, list) else names)
+        return _served_model_name_of(self._backend_args)
+
+    def served_model_names(self) -> list[str]:
+        names = self._backend_args.served_model_name or [self._backend_args.model]
+        return [str(n) for n in (names if isinstance(names, list) else [names])]
 
     def api_key(self) -> str | None:
-        key = getattr(self._backend_args, "api_key", None) or os.environ.get("VLLM_API_KEY")
-        return str(key[0] if isinstance(key, list) else key) if key else None
+        return _api_key_of(self._backend_args)
 
     async def warmup(self, client: httpx.AsyncClient) -> None:
-        model = self.served_model_name()
-        headers = bearer_headers(self.api_key())
-        if "generate" in self._supported_tasks:
+        await self._warmup_through(
+            client, self.served_model_name(), self.api_key(), self._supported_tasks
+        )
+
+    @staticmethod
+    async def _warmup_through(
+        client: httpx.AsyncClient, model: str, api_key: str | None, tasks: tuple[str, ...]
+    ) -> None:
+        headers = bearer_headers(api_key)
+        if "generate" in tasks:
             path = "/v1/completions"
             body: dict[str, Any] = {"model": model, "prompt": WARMUP_PROMPT, "max_tokens": 1}
-        elif "embed" in self._supported_tasks:
+        elif "embed" in tasks:
             path, body = "/v1/embeddings", {"model": model, "input": WARMUP_PROMPT}
         else:
-            logger.info("no warmup request for tasks %s", self._supported_tasks)
+            logger.info("no warmup request for tasks %s", tasks)
             return
         response = await client.post(path, json=body, headers=headers)
         if response.status_code != 200:
@@ -498,7 +694,19 @@ class VLLMBackend(BaseBackend):
         try:
             await client.check_health()
         except self._api.EngineDeadError as exc:
+            if client is not self._engine_client:
+                return  # a reload replaced this engine meanwhile
             raise EngineDiedError(f"the vLLM engine is dead: {exc}") from exc
+
+
+def _served_model_name_of(args: Any) -> str:
+    names = args.served_model_name or [args.model]
+    return str(names[0] if isinstance(names, list) else names)
+
+
+def _api_key_of(args: Any) -> str | None:
+    key = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
+    return str(key[0] if isinstance(key, list) else key) if key else None
 
 
 class _StopUnlessStandingBy:

@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         "restarts (Kubernetes probes; default: off)",
     )
     parser.add_argument(
+        "--admin-key",
+        default=os.environ.get("ICHAT_ADMIN_KEY"),
+        help="the key `ichat reload` (POST /reload on the status port) needs; default: "
+        "$ICHAT_ADMIN_KEY, else the engine's --api-key; neither: reload is off",
+    )
+    parser.add_argument(
         "--liveness-grace",
         type=float,
         default=defaults.liveness_grace,
@@ -197,6 +203,7 @@ def parse_args(argv: Sequence[str]) -> tuple[WorkerConfig, list[str], str | None
         advertise_url=ns.advertise_url,
         status_port=ns.status_port,
         liveness_grace=ns.liveness_grace,
+        admin_key=ns.admin_key,
     )
     return config, engine_argv, help_mode
 
@@ -278,11 +285,13 @@ async def run_worker(cls: type[BaseBackend], config: WorkerConfig, argv: list[st
     starts; the supervisor takes it for its first start and makes the next ones."""
     first: list[BaseBackend] = [cls(config, argv)]
     engine = first[0]
+    last = [engine]  # its flags are those a reload gave, if one did: a restart keeps them
     with reaper.guarded() as guard:  # engine processes die with this process, even on SIGKILL
 
         def make_backend() -> BaseBackend:
-            backend = first.pop() if first else cls(config, argv)
+            backend = first.pop() if first else cls(config, last[0].backend_argv)
             backend.on_engine_shm = guard.record_shm  # unlinked by the guard, if need be
+            last[0] = backend
             return backend
 
         worker = Worker.from_config(

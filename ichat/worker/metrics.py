@@ -60,6 +60,15 @@ class WorkerCollector:
             "Prompt tokens (prompt + generated) the next engine prefilled to continue cut streams.",
             value=s.continuation_reprefilled_tokens,
         )
+        reloads = CounterMetricFamily(
+            "ichat_worker_reloads",
+            "Engine reloads (ichat reload) by outcome: ok, failed (the new engine did not "
+            "start; the old served on), refused.",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(s.reloads.items()):
+            reloads.add_metric([outcome], count)
+        yield reloads
         standby = GaugeMetricFamily(
             "ichat_worker_standby",
             "1 for the standby engine's current state (off, starting, ready, asleep, failed).",

@@ -7,11 +7,14 @@ name), ``DELETE /workers/<id>``. A gateway that is down or answers an error is
 retried with capped back-off and logged; it never stops the worker, which keeps
 serving directly. While joined, the task checks every ``recheck`` seconds that the
 gateway still knows the worker (a restarted gateway forgets it) and joins again.
+After a reload that changed the served model name, ``serve_model()`` registers the
+worker again under the new name (SMG keeps one model per worker: the first of a list).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ class GatewayRegistration:
         self._transport = transport
         self._sleep = sleep
         self._want_member = False
+        self._renamed = False  # registered under a name it no longer serves
         self._changed = asyncio.Event()
         self._settled = asyncio.Event()
         self.worker_id: str | None = None  # set while the gateway has us
@@ -65,6 +69,14 @@ class GatewayRegistration:
 
     def leave(self) -> None:
         self._want(False)
+
+    def serve_model(self, name: str) -> None:
+        """Register under ``name`` from now on (the worker serves it after a reload)."""
+        if name == self.settings.model:
+            return
+        self.settings = dataclasses.replace(self.settings, model=name)
+        self._renamed = self.worker_id is not None
+        self._want(self._want_member)
 
     async def wait_settled(self, timeout: float) -> bool:
         """Wait (bounded) until the gateway agrees with the last join/leave."""
@@ -129,6 +141,9 @@ class GatewayRegistration:
     async def _reconcile(self, client: httpx.AsyncClient) -> bool:
         """Bring the gateway to what is wanted; whether the gateway was called."""
         if self._want_member:
+            if self.worker_id is not None and self._renamed:
+                await self._delete(client, self.worker_id)  # then under the new name
+            self._renamed = False
             if self.worker_id is not None and await self._still_known(client, self.worker_id):
                 return True
             await self._post(client)

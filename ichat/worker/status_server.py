@@ -11,6 +11,9 @@ threaded HTTP server that imports nothing of the engines:
     GET /status   the supervisor's stats as JSON
     GET /metrics  the worker's ``ichat_*`` metrics (Prometheus text), also while the
                   engine restarts and with engines whose ``/metrics`` lacks them (SGLang)
+    POST /reload  replace the engine by one with new flags while the old serves
+                  (``ichat reload``); needs ``Authorization: Bearer`` with the worker's
+                  admin key, and answers when the reload has ended
 
 Kubernetes: readinessProbe -> /readyz, livenessProbe -> /livez (see deploy/kubernetes).
 """
@@ -18,17 +21,22 @@ Kubernetes: readinessProbe -> /readyz, livenessProbe -> /livez (see deploy/kuber
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import http.server
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ichat.worker import metrics
 from ichat.worker.supervisor import WorkerState, WorkerStats
 
 logger = logging.getLogger("ichat.status")
+
+# (engine argv, merge) -> (HTTP status, the reload's report or its error); blocks
+Reload = Callable[[list[str], bool], tuple[int, dict[str, object]]]
 
 
 def readiness(stats: WorkerStats) -> tuple[bool, str]:
@@ -59,22 +67,34 @@ class StatusServer:
         *,
         liveness_grace: float = 600.0,
         wall_clock: Callable[[], float] = time.time,
+        admin_key: str | None = None,
     ) -> None:
         self.stats = stats
         self.host = host
         self.port = port
         self.liveness_grace = liveness_grace
+        self.admin_key = admin_key
+        self.reload: Reload | None = None  # set by the worker once its loop runs
         self._wall_clock = wall_clock
         self._httpd: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Bind (``OSError`` if the port is taken) and serve from a daemon thread."""
-        reply = self.reply
+        reply, post = self.reply, self.post
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                code, payload, content_type = reply(self.path.split("?", 1)[0])
+                self._send(*reply(self.path.split("?", 1)[0]))
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length > 0 else b""
+                path = self.path.split("?", 1)[0]
+                code, answer = post(path, self.headers.get("Authorization"), body)
+                self._send(code, json.dumps(answer).encode(), "application/json")
+
+            def _send(self, code: int, payload: bytes, content_type: str) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
@@ -108,6 +128,27 @@ class StatusServer:
         code, body = self.answer(path)
         return code, json.dumps(body).encode(), "application/json"
 
+    def post(
+        self, path: str, authorization: str | None, body: bytes
+    ) -> tuple[int, dict[str, object]]:
+        """Status code and JSON answer for ``POST path`` (``/reload``)."""
+        if path != "/reload":
+            return 404, {"error": f"no such endpoint: {path}"}
+        if not self.admin_key:
+            return 403, {
+                "error": "reload is off: this worker has no admin key "
+                "(start it with --admin-key, or an engine --api-key)"
+            }
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.admin_key.encode()):
+            return 401, {"error": "a reload needs the worker's admin key (Bearer)"}
+        request = _reload_request(body)
+        if isinstance(request, str):
+            return 400, {"error": request}
+        if self.reload is None:
+            return 503, {"error": "the worker is not running yet"}
+        return self.reload(*request)
+
     def answer(self, path: str) -> tuple[int, dict[str, object]]:
         if path == "/readyz":
             ok, why = readiness(self.stats)
@@ -120,3 +161,15 @@ class StatusServer:
         else:
             return 404, {"error": f"no such endpoint: {path}"}
         return (200 if ok else 503), {"ok": ok, "reason": why}
+
+
+def _reload_request(body: bytes) -> tuple[list[str], bool] | str:
+    """``{"engine_args": [...], "merge": false}`` read; what is wrong with it otherwise."""
+    try:
+        request: Any = json.loads(body or b"{}")
+    except ValueError as exc:
+        return f"the body is not JSON: {exc}"
+    argv = request.get("engine_args") if isinstance(request, dict) else None
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        return 'the body needs "engine_args": a list of strings (the engine\'s flags)'
+    return argv, bool(request.get("merge", False))

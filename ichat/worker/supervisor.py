@@ -14,7 +14,11 @@ choosing a supervisor around ``server.run``).
 - a ``Membership`` (the gateway registration) is told to join when a backend is
   ready and to leave the moment its engine is found dead or a stop is requested;
 - a backend with a standby engine fails over to it by itself (the worker stays in the
-  gateway); the failover counts as a death, in the stats and towards a crash loop.
+  gateway); the failover counts as a death, in the stats and towards a crash loop;
+- ``reload(argv)`` asks the serving backend to replace its engine by one started with
+  new flags while the old serves (``ichat reload``); the next backends (restarts) start
+  with the flags the last successful reload gave; a new served model name is
+  registered with the gateway in place of the old.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from ichat.aio import first_completed
 from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
 from ichat.backends.continuation import Continued
 from ichat.backends.failover import Failover, StandbyReport
-from ichat.errors import CrashLoopError, EngineDiedError, StartupError
+from ichat.errors import CrashLoopError, EngineDiedError, ReloadError, StartupError
 from ichat.restart_policy import CrashHistory, GiveUp, Restart, RestartPolicy
+from ichat.worker.secrets import masked_argv
 
 logger = logging.getLogger("ichat.supervisor")
 
@@ -72,6 +77,12 @@ class WorkerStats:
     continuations: dict[str, int] = field(default_factory=dict)
     continuation_reprefilled_tokens: int = 0
     last_continuation_stall_s: float | None = None
+    # the configuration the engine runs (secrets masked) and its served model names;
+    # reloads by outcome (ok, failed, refused) and the last one's report
+    engine_args: list[str] = field(default_factory=list)
+    served_model_names: list[str] = field(default_factory=list)
+    reloads: dict[str, int] = field(default_factory=dict)
+    last_reload: dict[str, object] | None = None
 
 
 @dataclass
@@ -84,11 +95,14 @@ class _Life:
 
 
 class Membership(Protocol):
-    """Where the worker is announced (a gateway); both calls return at once."""
+    """Where the worker is announced (a gateway); every call returns at once."""
 
     def join(self) -> None: ...
 
     def leave(self) -> None: ...
+
+    def serve_model(self, name: str) -> None:
+        """The worker serves this model name from now on (after a reload)."""
 
 
 class Supervisor:
@@ -207,6 +221,7 @@ class Supervisor:
         life.ready_at = self._serving_since = now
         self._ever_ready = True
         self.stats.state = WorkerState.READY
+        self._note_configuration(backend)
         self.stats.last_ready_unix = self._wall_clock()
         self.stats.phase_seconds.update(backend.phase_seconds)  # this start's phases
         self.stats.workarounds.update(backend.workarounds.status())
@@ -248,6 +263,59 @@ class Supervisor:
             logger.error("%s", self._gave_up)
             self.request_stop(force=True)
             self.stats.state = WorkerState.FAILED
+
+    async def reload(self, argv: list[str], *, merge: bool = False) -> dict[str, object]:
+        """Replace the serving engine by one started with ``argv`` (appended to the
+        running flags with ``merge``: later flags win) while the old one serves; the
+        reload's report. ``ReloadError`` when refused or failed: the old engine serves on."""
+        started = self._wall_clock()
+        backend = self.backend
+        try:
+            if backend is None or self.stats.state is not WorkerState.READY:
+                raise ReloadError(
+                    f"the worker is not serving (state {self.stats.state.value})", 409
+                )
+            new_argv = [*backend.backend_argv, *argv] if merge else list(argv)
+            phases = await backend.reload(new_argv)
+        except ReloadError as exc:
+            outcome = "refused" if exc.status < 500 else "failed"
+            self._note_reload(outcome, started, error=str(exc))
+            raise
+        self.stats.phase_seconds.update(phases)
+        if self.membership is not None:  # a new served model name: registered anew
+            self.membership.serve_model(backend.served_model_name())
+        self._note_configuration(backend)
+        logger.info(
+            "reload done in %.2f s: the engine runs %s",
+            phases.get("reload", 0.0),
+            self.stats.engine_args,
+        )
+        return self._note_reload("ok", started, phases=phases)
+
+    def _note_reload(
+        self,
+        outcome: str,
+        started: float,
+        *,
+        error: str | None = None,
+        phases: dict[str, float] | None = None,
+    ) -> dict[str, object]:
+        self.stats.reloads[outcome] = self.stats.reloads.get(outcome, 0) + 1
+        report: dict[str, object] = {
+            "outcome": outcome,
+            "started_unix": started,
+            "seconds": self._wall_clock() - started,
+            "phases": dict(phases or {}),
+            "error": error,
+            "engine_args": list(self.stats.engine_args),
+            "served_model_names": list(self.stats.served_model_names),
+        }
+        self.stats.last_reload = report
+        return report
+
+    def _note_configuration(self, backend: BaseBackend) -> None:
+        self.stats.engine_args = masked_argv(backend.backend_argv)
+        self.stats.served_model_names = backend.served_model_names()
 
     def _on_continuation(self, continued: Continued) -> None:
         counts = self.stats.continuations

@@ -1,7 +1,8 @@
 """``Worker``: one ``ichat serve`` process's life, as phases (model: uvicorn ``Server``).
 
-    startup    the status port, the metrics collector, gateway membership, the
-               signal handlers (which only record)
+    startup    the status port (its reload endpoint runs reloads on this loop), the
+               metrics collector, gateway membership, the signal handlers (which
+               only record)
     main loop  the supervisor runs backends until a stop or a failure; the signal
                policy acts meanwhile: the first SIGTERM/SIGINT leaves the gateway
                (bounded by ``deadlines.gateway_leave``), then drains; a second forces
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 from ichat.backends.base_backend import BaseBackend
 from ichat.config import StopDeadlines, WorkerConfig
-from ichat.errors import PortInUseError
+from ichat.errors import PortInUseError, ReloadError
 from ichat.process.signals import captured_signals
 from ichat.worker import metrics
 from ichat.worker.registration import GatewayRegistration, GatewaySettings
@@ -82,6 +83,7 @@ class Worker:
                 config.host,
                 config.status_port,
                 liveness_grace=config.liveness_grace,
+                admin_key=config.admin_key or api_key,
             )
         return cls(supervisor, registration=registration, status=status, deadlines=config.deadlines)
 
@@ -94,18 +96,32 @@ class Worker:
             await self.shutdown()
 
     async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.status is not None:
             try:
                 self.status.start()
             except OSError as exc:
                 raise PortInUseError(self.status.host, self.status.port, exc) from exc
             self._stack.callback(self.status.stop)
+            self.status.reload = lambda argv, merge: self._reload_from_a_thread(loop, argv, merge)
         self._stack.enter_context(metrics.registered(self.supervisor.stats))
-        loop = asyncio.get_running_loop()
         self._stack.enter_context(captured_signals(loop, self._signals))
         self._tasks.append(asyncio.create_task(self._act_on_signals()))
         if self.registration is not None:
             self._tasks.append(asyncio.create_task(self.registration.run()))
+
+    def _reload_from_a_thread(
+        self, loop: asyncio.AbstractEventLoop, argv: list[str], merge: bool
+    ) -> tuple[int, dict[str, object]]:
+        """Run a reload on the worker's loop; block the calling thread until it ends."""
+        reload = self.supervisor.reload(argv, merge=merge)
+        try:
+            return 200, asyncio.run_coroutine_threadsafe(reload, loop).result()
+        except ReloadError as exc:
+            return exc.status, {"outcome": "failed", "error": str(exc)}
+        except Exception as exc:  # the loop ended (the worker stops) or a defect
+            logger.exception("reload failed")
+            return 500, {"outcome": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
     async def main_loop(self) -> None:
         await self.supervisor.run()

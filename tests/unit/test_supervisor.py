@@ -9,7 +9,7 @@ import pytest
 
 from ichat.backends.compat import Workarounds
 from ichat.backends.failover import Failover, Standby, StandbyReport
-from ichat.errors import CrashLoopError, EngineDiedError, StartupError
+from ichat.errors import CrashLoopError, EngineDiedError, ReloadError, StartupError
 from ichat.restart_policy import RestartPolicy
 from ichat.worker.supervisor import Supervisor, WorkerState
 from tests.unit.fakes import FakeClock
@@ -39,6 +39,9 @@ class ScriptedBackend:
         self.on_cleanup: Any = None  # called where the real backend cleans up after a death
         self.on_failover: Any = None  # set by the supervisor
         self.on_standby: Any = None
+        self.backend_argv = ["--model", "scripted"]
+        self.reloads: list[list[str]] = []
+        self.reload_error: ReloadError | None = None  # what the next reload raises
 
     async def run(self) -> None:
         if self.script == "boot-fail":
@@ -72,6 +75,19 @@ class ScriptedBackend:
     def request_stop(self, *, force: bool = False) -> None:
         self.stop_calls.append(force)
         self._stopped.set()
+
+    def served_model_name(self) -> str:
+        return self.backend_argv[-1]
+
+    def served_model_names(self) -> list[str]:
+        return [self.served_model_name()]
+
+    async def reload(self, argv: list[str]) -> dict[str, float]:
+        self.reloads.append(argv)
+        if self.reload_error is not None:
+            raise self.reload_error
+        self.backend_argv = list(argv)
+        return {"reload_engine_start": 2.0, "reload": 2.5}
 
 
 def supervise(
@@ -278,6 +294,9 @@ class Membership:
             self.member = False
             self.log.append("leave")
 
+    def serve_model(self, name: str) -> None:
+        self.log.append(f"serve_model {name}")
+
 
 def test_the_gateway_is_joined_when_ready_and_left_at_death_before_cleanup() -> None:
     clock = FakeClock()
@@ -395,3 +414,80 @@ def test_failovers_in_a_crash_loop_give_up() -> None:
     assert sup.stats.state is WorkerState.FAILED
     assert backend.stop_calls and backend.stop_calls[0] is True  # forced
     assert log[-1] == "leave"
+
+
+def reload_while_serving(
+    argv: list[str], *, merge: bool = False, error: ReloadError | None = None
+) -> tuple[Supervisor, ScriptedBackend, list[str], Any]:
+    """A supervisor serving one backend (with a gateway) asked to reload it once: the
+    supervisor, the backend, what the gateway was told, and the reload's result (its
+    report, or the ReloadError raised)."""
+    clock = FakeClock()
+    log: list[str] = []
+    backend = ScriptedBackend("serve", clock)
+    backend.reload_error = error
+    sup = Supervisor(
+        lambda: backend,
+        sleep=clock.sleep,
+        clock=clock,
+        wall_clock=clock,
+        membership=Membership(log),
+    )
+    result: list[Any] = []
+
+    async def main() -> None:
+        task = asyncio.create_task(sup.run())
+        while sup.stats.state is not WorkerState.READY:
+            await asyncio.sleep(0)
+        try:
+            result.append(await sup.reload(argv, merge=merge))
+        except ReloadError as exc:
+            result.append(exc)
+        sup.request_stop()
+        await task
+
+    asyncio.run(main())
+    return sup, backend, log, result[0]
+
+
+def test_a_reload_replaces_the_flags_reports_its_phases_and_renames_at_the_gateway() -> None:
+    sup, backend, log, report = reload_while_serving(["--model", "m2", "--api-key", "k"])
+    assert backend.reloads == [["--model", "m2", "--api-key", "k"]]
+    assert report["outcome"] == "ok" and report["phases"]["reload"] == 2.5
+    # what /status shows: the new configuration, the key masked
+    assert sup.stats.engine_args == ["--model", "m2", "--api-key", "***"]
+    assert sup.stats.reloads == {"ok": 1} and sup.stats.last_reload == report
+    assert "serve_model k" in log  # the served name (the scripted backend's last flag)
+
+
+def test_a_merged_reload_appends_the_flags_to_those_running() -> None:
+    _, backend, _, report = reload_while_serving(["--max-num-seqs", "4"], merge=True)
+    assert backend.reloads == [["--model", "scripted", "--max-num-seqs", "4"]]
+    assert report["outcome"] == "ok"
+
+
+def test_a_failed_reload_keeps_the_configuration_and_counts_as_failed() -> None:
+    error = ReloadError("the new engine did not start (boom)", 500)
+    sup, _, log, raised = reload_while_serving(["--model", "bad"], error=error)
+    assert raised is error
+    assert sup.stats.engine_args == ["--model", "scripted"]
+    assert sup.stats.reloads == {"failed": 1}
+    assert sup.stats.last_reload is not None and sup.stats.last_reload["error"] == str(error)
+    assert not any(entry.startswith("serve_model") for entry in log)
+
+
+def test_a_refused_reload_counts_as_refused() -> None:
+    sup, _, _, raised = reload_while_serving(["--x"], error=ReloadError("bad flag", 400))
+    assert isinstance(raised, ReloadError) and sup.stats.reloads == {"refused": 1}
+
+
+def test_a_reload_while_not_serving_is_refused() -> None:
+    sup = Supervisor(lambda: ScriptedBackend("serve", FakeClock()))
+
+    async def main() -> None:
+        with pytest.raises(ReloadError, match="not serving") as raised:
+            await sup.reload(["--model", "x"])
+        assert raised.value.status == 409
+
+    asyncio.run(main())
+    assert sup.stats.reloads == {"refused": 1}

@@ -1,0 +1,102 @@
+"""``ichat reload``: replace a running worker's engine by one with new flags.
+
+    ichat reload http://HOST:STATUS_PORT [--merge] [--api-key KEY] -- ENGINE FLAGS...
+
+The worker (``ichat serve --status-port``) starts an engine with the new flags while
+the old one serves, warms it up, sends new requests to it on the same port, and stops
+the old engine once its requests have ended. If the new engine does not start, the old
+one serves on and this command exits non-zero with the engine's error.
+
+Exit codes: 0 reloaded; 2 bad usage, flags the engine refused, or a missing or wrong
+key; 8 the reload was refused (not serving, one in progress, an engine without
+reload) or its engine did not start (the old one serves on); 1 the worker could not
+be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from ichat.auth import bearer_headers
+
+BAD_INPUT = 2
+UNREACHABLE = 1
+FAILED = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ichat reload",
+        allow_abbrev=False,
+        usage="ichat reload STATUS_URL [--merge] [--api-key KEY] -- ENGINE_FLAGS...",
+        description="Replace a running worker's engine by one started with new flags, "
+        "without a moment out of service: the old engine serves until the new one is "
+        "ready, then finishes its requests.",
+    )
+    parser.add_argument(
+        "url", help="the worker's status URL: http://HOST:PORT of `ichat serve --status-port`"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="append the flags to those the engine runs with (a later flag wins) instead "
+        "of replacing them; with no flags: the same configuration, weights read again",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("ICHAT_ADMIN_KEY"),
+        help="the worker's admin key (default: $ICHAT_ADMIN_KEY)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds to wait for the reload to end (default: %(default)s)",
+    )
+    return parser
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Our arguments, and the engine's flags after ``--``."""
+    args = list(argv)
+    if "--" not in args:
+        return args, []
+    at = args.index("--")
+    return args[:at], args[at + 1 :]
+
+
+def main(argv: Sequence[str]) -> int:
+    ours, engine_argv = split_argv(argv)
+    parser = build_parser()
+    ns = parser.parse_args(ours)
+    if "--" not in argv and not ns.merge:
+        parser.error("give the engine's flags after `--` (or --merge to keep them)")
+    import httpx
+
+    url = ns.url.rstrip("/") + "/reload"
+    body = {"engine_args": engine_argv, "merge": ns.merge}
+    print(f"ichat reload: {url} {json.dumps(engine_argv)}", file=sys.stderr)
+    try:
+        reply = httpx.post(url, json=body, headers=bearer_headers(ns.api_key), timeout=ns.timeout)
+    except httpx.HTTPError as exc:
+        print(f"ichat reload: error: {url} cannot be reached: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    try:
+        answer = reply.json()
+    except ValueError:
+        answer = {"error": reply.text[:500]}
+    if reply.status_code == 200:
+        print(json.dumps(answer, indent=2))
+        phases = answer.get("phases") or {}
+        print(
+            f"ichat reload: reloaded in {phases.get('reload', answer.get('seconds', 0)):.1f} s; "
+            f"serving {answer.get('served_model_names')}",
+            file=sys.stderr,
+        )
+        return 0
+    print(f"ichat reload: error: HTTP {reply.status_code}: {answer.get('error')}", file=sys.stderr)
+    return BAD_INPUT if reply.status_code in (400, 401, 403) else FAILED

@@ -9,9 +9,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +296,58 @@ def run_leak_check(model_dir: Path, cycles: int, tmp_path: Path, *extra: str) ->
     print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("cycle")))
     report: dict[str, Any] = json.loads(out.read_text())
     return report
+
+
+@dataclass
+class SteadyLoad:
+    """Chats and streams on each ``(url, stream)`` target, back to back until stopped;
+    every failure is kept (a stream fails unless it ends with one "length" finish)."""
+
+    targets: list[tuple[str, bool]]
+    key: str
+    model: str = MODEL_NAME
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> SteadyLoad:
+        for url, stream in self.targets:
+            thread = threading.Thread(target=self._run, args=(url, stream), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        t0 = time.monotonic()
+        while self.ok < len(self.targets):
+            assert time.monotonic() - t0 < 120, f"the load does not run: {self.failures[:3]}"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(120)
+
+    def _run(self, url: str, stream: bool) -> None:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=self.key, max_retries=0, timeout=120)
+        while not self._stop.is_set():
+            try:
+                self._one(client, stream)
+                self.ok += 1
+            except Exception as exc:  # every failure counts
+                self.failures.append(f"{url} stream={stream}: {exc!r}"[:300])
+
+    def _one(self, client: openai.OpenAI, stream: bool) -> None:
+        messages: Any = [{"role": "user", "content": "hi"}]
+        extra = {"ignore_eos": True}
+        if not stream:
+            reply = client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=8, extra_body=extra
+            )
+            assert reply.choices[0].finish_reason == "length", reply
+            return
+        finishes = []
+        for chunk in client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=48, stream=True, extra_body=extra
+        ):
+            finishes += [c.finish_reason for c in chunk.choices if c.finish_reason]
+        assert finishes == ["length"], finishes

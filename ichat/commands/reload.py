@@ -1,11 +1,16 @@
-"""``ichat reload``: replace a running worker's engine by one with new flags.
+"""``ichat reload``: replace running workers' engines by ones with new flags.
 
-    ichat reload http://HOST:STATUS_PORT [--merge] [--api-key KEY] -- ENGINE FLAGS...
+    ichat reload http://HOST:STATUS_PORT [URL...] [--merge] [--api-key KEY] -- FLAGS...
 
-The worker (``ichat serve --status-port``) starts an engine with the new flags while
+Each worker (``ichat serve --status-port``) starts an engine with the new flags while
 the old one serves, warms it up, sends new requests to it on the same port, and stops
 the old engine once its requests have ended. If the new engine does not start, the old
 one serves on and this command exits non-zero with the engine's error.
+
+Several URLs (the workers of ``ichat up``, of a deployment) are rolled one at a time,
+each only once the one before serves its new engine; every worker stays in service
+throughout. The first failure stops the roll: the workers after it keep their old
+configuration (and the command names which ran what).
 
 Exit codes: 0 reloaded; 2 bad usage, flags the engine refused, or a missing or wrong
 key; 8 the reload was refused (not serving, one in progress, an engine without
@@ -32,13 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ichat reload",
         allow_abbrev=False,
-        usage="ichat reload STATUS_URL [--merge] [--api-key KEY] -- ENGINE_FLAGS...",
-        description="Replace a running worker's engine by one started with new flags, "
-        "without a moment out of service: the old engine serves until the new one is "
-        "ready, then finishes its requests.",
+        usage="ichat reload STATUS_URL [STATUS_URL...] [--merge] [--api-key KEY] "
+        "-- ENGINE_FLAGS...",
+        description="Replace running workers' engines by ones started with new flags, "
+        "without a moment out of service: each old engine serves until the new one is "
+        "ready, then finishes its requests. Several workers are rolled one at a time.",
     )
     parser.add_argument(
-        "url", help="the worker's status URL: http://HOST:PORT of `ichat serve --status-port`"
+        "urls",
+        nargs="+",
+        metavar="STATUS_URL",
+        help="a worker's status URL: http://HOST:PORT of `ichat serve --status-port`",
     )
     parser.add_argument(
         "--merge",
@@ -75,9 +84,24 @@ def main(argv: Sequence[str]) -> int:
     ns = parser.parse_args(ours)
     if "--" not in argv and not ns.merge:
         parser.error("give the engine's flags after `--` (or --merge to keep them)")
+    for done, url in enumerate(ns.urls):
+        code = reload_one(url, engine_argv, ns)
+        if code != 0:
+            if len(ns.urls) > 1:
+                print(
+                    f"ichat reload: the roll stopped at {url}; reloaded: {ns.urls[:done]}; "
+                    f"still on their old configuration: {ns.urls[done:]}",
+                    file=sys.stderr,
+                )
+            return code
+    return 0
+
+
+def reload_one(url: str, engine_argv: list[str], ns: argparse.Namespace) -> int:
+    """Reload the worker at status URL ``url``; the exit code it means."""
     import httpx
 
-    url = ns.url.rstrip("/") + "/reload"
+    url = url.rstrip("/") + "/reload"
     body = {"engine_args": engine_argv, "merge": ns.merge}
     print(f"ichat reload: {url} {json.dumps(engine_argv)}", file=sys.stderr)
     try:

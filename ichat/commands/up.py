@@ -65,7 +65,15 @@ class UpConfig:
     drain_timeout: float = 30.0
     standby: bool = False  # each worker keeps a standby engine (ichat serve --standby)
     status_port: int | None = None  # the first worker's /status port (then +1, +2...)
+    admin_key: str | None = None  # the workers' reload key (default: api_key)
     engine_argv: list[str] = field(default_factory=list)
+
+    @property
+    def status_urls(self) -> list[str]:
+        """The workers' status URLs (none without --status-port)."""
+        if self.status_port is None:
+            return []
+        return [f"http://127.0.0.1:{self.status_port + i}" for i in range(self.workers)]
 
     @property
     def gateway(self) -> GatewayConfig:
@@ -88,6 +96,8 @@ class UpConfig:
             argv += ["--status-port", str(self.status_port + index)]
         if self.api_key:  # the engine's own --api-key; SMG sends the same key
             argv += ["--gateway-api-key", self.api_key, "--api-key", self.api_key]
+        if self.admin_key:
+            argv += ["--admin-key", self.admin_key]
         argv += ["--model-path", model_path, "--served-model-name", self.served_model_name]
         return argv + self.engine_argv
 
@@ -219,9 +229,18 @@ def print_endpoint(config: UpConfig, ready_s: float) -> None:
         "-H 'Content-Type: application/json' "
         f'-d \'{{"model": "{config.served_model_name}", "messages": '
         '[{"role": "user", "content": "Hello"}], "max_tokens": 16}\'\n'
-        "  Ctrl-C stops everything.\n",
+        + reload_hint(config)
+        + "  Ctrl-C stops everything.\n",
         flush=True,
     )
+
+
+def reload_hint(config: UpConfig) -> str:
+    """How to roll new engine flags over the workers (with --status-port)."""
+    if not config.status_urls:
+        return ""
+    urls = " ".join(config.status_urls)
+    return f"  new engine flags, worker by worker: ichat reload {urls} --api-key KEY -- FLAGS\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,7 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="the first worker's /livez /readyz /status /metrics port, the next +1... "
-        "(default: off)",
+        "(default: off); with a key, also `ichat reload`'s",
+    )
+    parser.add_argument(
+        "--admin-key",
+        default=None,
+        help="the key `ichat reload` needs at the workers' status ports (default: "
+        "$ICHAT_ADMIN_KEY, else --api-key)",
     )
     return parser
 
@@ -295,6 +320,7 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
         ready_timeout=ns.ready_timeout,
         standby=ns.standby,
         status_port=ns.status_port,
+        admin_key=ns.admin_key,
         engine_argv=engine_argv,
     )
 

@@ -1,5 +1,6 @@
-"""`ichat up` as a user runs it: gateway + one worker, a chat through the gateway,
-Ctrl-C stops everything (exit 0, no process left, ports free)."""
+"""`ichat up` as a user runs it: gateway + two workers, a chat through the gateway,
+new engine flags rolled over both workers under load (`ichat reload`), Ctrl-C stops
+everything (exit 0, no process left, ports free)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.probe import OutputFollower
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,
+    SteadyLoad,
     console_noise,
     ichat_cmd,
     our_processes,
@@ -31,15 +33,34 @@ from tests.support import (
 pytest.importorskip("smg", reason="`ichat up` needs smg (ichat[gateway])")
 
 
-def test_ichat_up_serves_through_the_gateway_and_ctrl_c_leaves_nothing(model_dir: Path) -> None:
-    port, worker_port = free_port(), free_port()
+def two_free_ports() -> int:
+    """A free port whose next one is free too (two workers listen on P and P + 1)."""
+    while True:
+        port = free_port()
+        if port_is_free("127.0.0.1", port + 1):
+            return port
+
+
+def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(
+    model_dir: Path,
+) -> None:
+    """Two workers through the gateway; `ichat reload` rolls a new context length over
+    both, one at a time, under a steady load: no failed request, both always routable,
+    both on the new configuration; then Ctrl-C stops everything."""
+    port, worker_port, status_port = free_port(), two_free_ports(), two_free_ports()
+    gateway = f"http://127.0.0.1:{port}"
+    status_urls = [f"http://127.0.0.1:{status_port + i}" for i in range(2)]
     up = subprocess.Popen(
         ichat_cmd(
             "up",
+            "--workers",
+            "2",
             "--port",
             str(port),
             "--worker-port",
             str(worker_port),
+            "--status-port",
+            str(status_port),
             "--api-key",
             "k",
             "--model-path",
@@ -58,14 +79,44 @@ def test_ichat_up_serves_through_the_gateway_and_ctrl_c_leaves_nothing(model_dir
     follower = OutputFollower(up, "OpenAI endpoint:", None)
     try:
         try:
-            follower.wait(timeout=600)
+            follower.wait(timeout=900)
         except (RuntimeError, TimeoutError) as exc:
             raise AssertionError(f"{exc}:\n{follower.output()[-4000:]}") from exc
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        hint = f"ichat reload {' '.join(status_urls)} --api-key KEY -- FLAGS"
+        t0 = time.monotonic()
+        while hint not in follower.output():  # printed with the endpoint
+            assert time.monotonic() - t0 < 10, follower.output()[-2000:]
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="k", max_retries=0)
         reply = client.chat.completions.create(
             model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3
         )
         assert reply.choices[0].finish_reason == "length"
+        routable: list[int] = []
+        watching = threading.Event()
+        watcher = threading.Thread(target=count_routable, args=(gateway, routable, watching))
+        with SteadyLoad([(gateway, False), (gateway, True)], "k") as load:
+            watcher.start()
+            new_context = str(CONTEXT_LENGTH // 2)
+            roll = subprocess.run(
+                ichat_cmd("reload", *status_urls, "--api-key", "k", "--merge", "--",
+                          "--context-length", new_context),
+                capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            served_during_roll = load.ok
+            time.sleep(1)
+            watching.set()
+            watcher.join(30)
+        assert roll.returncode == 0, roll.stderr[-4000:]
+        assert load.failures == [] and load.ok > served_during_roll > 0
+        assert routable and min(routable) == 2  # never fewer than N - 1; here: none left
+        for i in range(2):
+            models = httpx.get(
+                f"http://127.0.0.1:{worker_port + i}/v1/models",
+                headers={"Authorization": "Bearer k"},
+            ).json()["data"]
+            assert [m["max_model_len"] for m in models] == [int(new_context)]
+            assert httpx.get(f"{status_urls[i]}/status").json()["reloads"] == {"ok": 1}
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(120)
@@ -76,6 +127,14 @@ def test_ichat_up_serves_through_the_gateway_and_ctrl_c_leaves_nothing(model_dir
     assert 0 <= out.find("deregistered") < out.find("gateway stopped")  # workers leave first
     assert not our_processes()
     assert port_is_free("127.0.0.1", port) and port_is_free("127.0.0.1", worker_port)
+
+
+def count_routable(gateway: str, seen: list[int], stop: threading.Event) -> None:
+    """Note how many healthy workers the gateway lists, every 0.1 s until ``stop``."""
+    while not stop.is_set():
+        reply = httpx.get(f"{gateway}/workers", headers={"Authorization": "Bearer k"})
+        seen.append(sum(1 for w in reply.json()["workers"] if w["is_healthy"]))
+        time.sleep(0.1)
 
 
 def test_a_worker_that_fails_to_boot_gives_ichat_up_its_exit_code(model_dir: Path) -> None:

@@ -1,7 +1,7 @@
 """`ichat reload`: a real vLLM worker behind a real SMG gateway gets new engine flags
 while it serves.
 
-Under a steady load (chats through the gateway, streams straight to the worker): a
+Under a steady load (chats and streams, through the gateway and straight to it): a
 reload without the key is refused; reloads that cannot start (an engine that fails
 during its start, an unknown flag, a missing model) leave the old engine serving; a
 reload to a new context length and then to a new served model name switches engines
@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from tests.integration.test_gateway import KEY, start_gateway, wait_for
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,
+    SteadyLoad,
     Worker,
     engine_core,
     ichat_cmd,
@@ -104,60 +104,12 @@ def gateway_models(url: str) -> list[str]:
     return [m["id"] for m in reply.json().get("data", [])] if reply.status_code == 200 else []
 
 
-@dataclass
-class Load:
-    """Chats through the gateway and streams straight to the worker, until stopped;
-    every failure is kept (``model``: the name both use)."""
-
-    setup: Setup
-    model: str = MODEL_NAME
-    through_gateway: bool = True
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def __enter__(self) -> Load:
-        urls = [self.setup.worker.url] * 2
-        if self.through_gateway:
-            urls += [self.setup.gateway_url] * 2
-        for i, url in enumerate(urls):
-            stream = i % 2 == 0
-            thread = threading.Thread(target=self._run, args=(url, stream), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        wait_for(lambda: self.ok >= 4, 120, "the load runs")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(120)
-
-    def _run(self, url: str, stream: bool) -> None:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
-        while not self._stop.is_set():
-            try:
-                self._one(client, stream)
-                self.ok += 1
-            except Exception as exc:  # every failure counts: the reload must cause none
-                self.failures.append(f"{url} stream={stream}: {exc!r}"[:300])
-
-    def _one(self, client: openai.OpenAI, stream: bool) -> None:
-        messages: Any = [{"role": "user", "content": "hi"}]
-        extra = {"ignore_eos": True}
-        if not stream:
-            reply = client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=8, extra_body=extra
-            )
-            assert reply.choices[0].finish_reason == "length", reply
-            return
-        finishes = []
-        for chunk in client.chat.completions.create(
-            model=self.model, messages=messages, max_tokens=48, stream=True, extra_body=extra
-        ):
-            finishes += [c.finish_reason for c in chunk.choices if c.finish_reason]
-        assert finishes == ["length"], finishes
+def load(setup: Setup, *, through_gateway: bool = True) -> SteadyLoad:
+    """Chats and streams straight to the worker, and through the gateway."""
+    targets = [(setup.worker.url, False), (setup.worker.url, True)]
+    if through_gateway:
+        targets += [(setup.gateway_url, False), (setup.gateway_url, True)]
+    return SteadyLoad(targets, KEY)
 
 
 def engine_pid(setup: Setup) -> int:
@@ -179,7 +131,7 @@ def test_a_reload_without_the_admin_key_is_refused_and_changes_nothing(setup: Se
 def test_reloads_that_cannot_start_leave_the_old_engine_serving(setup: Setup) -> None:
     pid = engine_pid(setup)
     shm_before = set(os.listdir("/dev/shm"))
-    with Load(setup) as load:
+    with load(setup) as running_load:
         # the engine starts and fails during its start (no room for one KV block)
         failed = setup.reload("--merge", "--", "--num-gpu-blocks-override", "1")
         unknown = setup.reload("--merge", "--", "--no-such-flag")
@@ -189,7 +141,7 @@ def test_reloads_that_cannot_start_leave_the_old_engine_serving(setup: Setup) ->
     assert "did not start" in failed.stderr and "keeps serving" in failed.stderr
     assert unknown.returncode == 2 and "unrecognized arguments: --no-such-flag" in unknown.stderr
     assert missing.returncode == 2 and "does not exist: /no/such/model" in missing.stderr
-    assert load.failures == [] and load.ok > 0
+    assert running_load.failures == [] and running_load.ok > 0
     assert engine_pid(setup) == pid  # the same engine throughout
     status = setup.status()
     assert status["reloads"] == {"failed": 1, "refused": 2}
@@ -202,12 +154,12 @@ def test_reloads_that_cannot_start_leave_the_old_engine_serving(setup: Setup) ->
 
 def test_a_reload_under_load_switches_engines_without_a_failed_request(setup: Setup) -> None:
     old = psutil.Process(engine_pid(setup))
-    with Load(setup) as load:
+    with load(setup) as running_load:
         done = setup.reload("--merge", "--", "--context-length", str(NEW_CONTEXT))
-        served_before_stop = load.ok
+        served_before_stop = running_load.ok
         time.sleep(1)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert load.failures == [] and load.ok > served_before_stop > 0
+    assert running_load.failures == [] and running_load.ok > served_before_stop > 0
     # the new engine runs the new configuration; the old one is gone
     assert setup.models(setup.worker.url) == {MODEL_NAME: NEW_CONTEXT}
     assert not running(old)
@@ -224,11 +176,11 @@ def test_a_reload_under_load_switches_engines_without_a_failed_request(setup: Se
 
 def test_a_reload_renames_the_model_and_the_gateway_follows(setup: Setup) -> None:
     # clients keep the old name (still served, second) straight at the worker
-    with Load(setup, through_gateway=False) as load:
+    with load(setup, through_gateway=False) as running_load:
         done = setup.reload("--merge", "--", "--served-model-name", RENAMED, MODEL_NAME)
         time.sleep(1)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert load.failures == [] and load.ok > 0
+    assert running_load.failures == [] and running_load.ok > 0
     assert list(setup.models(setup.worker.url)) == [RENAMED, MODEL_NAME]
     assert setup.status()["served_model_names"] == [RENAMED, MODEL_NAME]
     # SMG keeps one model per worker: it is registered again under the new name

@@ -62,6 +62,13 @@ GATEWAY_ROUND_ROBIN = (
 )
 GATEWAY_CACHE_AWARE = ("h200/bench-gateway-h200-2w.json", *GATEWAY_ROUND_ROBIN)
 SGLANG_H200 = "h200/sglang-inprocess-vs-native-h200.json"
+RELOAD_H100 = (
+    "h100/reload-h100-run1-2026-12-06.json",
+    "h100/reload-h100-run2-2026-12-06.json",
+    "h100/reload-h100-standby-2026-12-06.json",
+)
+RELOAD_CPU = "reload-cpu-2core-swap-2026-12-06.json"
+RELOAD_CPU_IN_PLACE = "reload-cpu-2core-in-place-2026-12-06.json"
 
 
 class Row(NamedTuple):
@@ -400,6 +407,45 @@ def sglang_cpu() -> str:
     )
 
 
+def reload_figures(names: Sequence[str]) -> tuple[list[float], int, int, list[float]]:
+    """Every reload's seconds, the requests and failed ones of the load, and the TTFT
+    p50 change (during − before, ms) of each run."""
+    seconds: list[float] = []
+    requests = failed = 0
+    ttft: list[float] = []
+    for name in names:
+        seconds += numbers(name, "reloads/*/phases/reload")
+        requests += int(number(name, "all/requests"))
+        failed += int(number(name, "all/failed"))
+        change = number(name, "during/ttft_p50_s") - number(name, "before/ttft_p50_s")
+        ttft.append(change * 1000)
+    return seconds, requests, failed, ttft
+
+
+def reload_text(names: Sequence[str]) -> str:
+    seconds, requests, failed, ttft = reload_figures(names)
+    return (
+        f"{len(seconds)} reloads: {listed(sorted(seconds), 1)} s; {failed} of {requests} "
+        f"streamed requests failed; TTFT p50 during − before: {listed(ttft, 0)} ms"  # noqa: RUF001
+    )
+
+
+def reload_h100() -> str:
+    return (
+        f"H100 (the card lent 2026-12-06), swaps: {reload_text(RELOAD_H100)} "
+        "(`docs/benchmarks.md`)"
+    )
+
+
+def reload_cpu() -> str:
+    in_place = numbers(RELOAD_CPU_IN_PLACE, "reloads/*/phases/reload")
+    failed = int(number(RELOAD_CPU_IN_PLACE, "all/failed"))
+    return (
+        f"swaps: {reload_text([RELOAD_CPU])}; in place (same flags): "
+        f"{listed(in_place, 2)} s, {failed} failed"
+    )
+
+
 ROWS = (
     Row("throughput ichat / native (same run, alternating)", throughput_h200, throughput_cpu),
     Row("time to ready, ichat − native", ready_h200, ready_cpu),  # noqa: RUF001
@@ -427,6 +473,12 @@ ROWS = (
         "kill -9 of one tensor-parallel worker (TP = 2, 2× H200) → detected / serving again",  # noqa: RUF001
         tensor_parallel_h200,
         none,
+    ),
+    Row(
+        "`ichat reload` of a worker under a steady streaming load: swap (a second engine "
+        "beside the serving one) / in place (the same flags, weights read again)",
+        reload_h100,
+        reload_cpu,
     ),
     Row(
         "SGLang in-process: throughput / native; kill -9 scheduler → detected / serving again",

@@ -10,6 +10,8 @@
 #   --standby (MODES="restart standby"), at UTIL of the GPU per engine (0.4: a new standby
 #   fits beside an awake engine after a failover); EXTRA: more worker flags (--log-level info
 #   keeps vLLM's own timing lines in the worker logs copied to OUT).
+# reload: RELOADS reloads (ichat reload --merge, same flags: weights read again) of one
+#   worker under CONC streams of TOKENS tokens (bench/bench_reload.py).
 # continuation: STREAMS greedy streams cut by kill -9 of the active engine (KILLS times)
 #   under --standby, continued on the standby (bench/bench_continuation.py).
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
@@ -87,6 +89,12 @@ case $MODE in
            --kills ${KILLS:-2} --streams ${STREAMS:-64} --max-tokens ${TOKENS:-512} --out $OUT ${CONTROL:-} \
            --tag ${TAG:-h200} -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.4} 2>&1 \
            | tee $OUT/bench-continuation.log | grep "^kill\|^control\|wrote" ;;
+  reload) python3 bench/bench_reload.py --model-path $ICHAT_GPU_MODEL \
+           --reloads ${RELOADS:-3} --concurrency ${CONC:-32} --max-tokens ${TOKENS:-256} \
+           --settle ${SETTLE:-10} --method ${METHOD:-swap} --out $OUT --tag ${TAG:-h200} \
+           -- --max-model-len 2048 \
+           --gpu-memory-utilization ${UTIL:-0.4} ${EXTRA:-} 2>&1 \
+           | tee $OUT/bench-reload.log | grep "^reload\|^before\|^during\|^failed\|^worker\|wrote" ;;
   startphases) python3 bench/probe_engine_start.py --model-path $ICHAT_GPU_MODEL \
            --plans ${PLANS:-off plan plan off} --out $OUT -- --max-model-len 2048 \
            --gpu-memory-utilization ${UTIL:-0.4} > $OUT/engine-start-phases.log 2>&1

@@ -32,6 +32,7 @@ from ichat.backends.compat import Workaround, Workarounds
 from ichat.backends.continuation import Continued
 from ichat.backends.failover import Failover, StandbyReport
 from ichat.backends.monitor import HealthMonitor
+from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.config import WorkerConfig
 from ichat.errors import (
     EngineDiedError,
@@ -275,10 +276,19 @@ class BaseBackend(abc.ABC):
         """The key the engine's API requires (``Authorization: Bearer``), if any."""
         return None
 
-    async def reload(self, argv: list[str]) -> dict[str, float]:
+    def apply_settings(self, config: WorkerConfig) -> None:
+        """Framework settings that need no new engine, from now on (a reload's): the
+        drain timeout, with the HTTP server's own bound."""
+        self.framework_args = config
+        if self._server is not None:
+            drain = config.drain_timeout + config.deadlines.drain_grace
+            self._server.config.timeout_graceful_shutdown = max(1, round(drain))
+
+    async def reload(self, argv: list[str], method: ReloadMethod = ReloadMethod.AUTO) -> Reloaded:
         """Replace the engine by one started with ``argv`` while this one serves, on
-        the same socket, and retire the old once its requests have ended; the reload's
-        phases (seconds). ``ReloadError`` when it cannot: the old engine serves on
+        the same socket, and retire the old once its requests have ended (a swap); or,
+        with the same flags, let the engine load its weights again in place. What ran,
+        and its phases. ``ReloadError`` when it cannot: the old engine serves on
         (default: this engine has no reload)."""
         raise ReloadError(
             f"reload is not available with the {self.engine_name} engine; "

@@ -27,6 +27,7 @@ from ichat.backends.base_backend import BackendState, BaseBackend
 from ichat.backends.continuation import Continued
 from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
+from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.backends.replay import ReplayOnEngineDeath
 from ichat.backends.vllm_engine import VLLMEngine
 from ichat.config import WorkerConfig
@@ -72,7 +73,7 @@ class VLLMBackend(BaseBackend):
         self._watched: list[psutil.Process] | None = None
         self._app: Any = None
         self._switch: AppSwitch | None = None  # what the HTTP server serves
-        self._reload_task: asyncio.Task[dict[str, float]] | None = None
+        self._reload_task: asyncio.Task[Reloaded] | None = None
         self._supported_tasks: tuple[str, ...] = ()
         super().__init__(*args, **kwargs)
 
@@ -443,12 +444,12 @@ class VLLMBackend(BaseBackend):
 
     # -------------------------------------------------------------------- reload
 
-    async def reload(self, argv: list[str]) -> dict[str, float]:
+    async def reload(self, argv: list[str], method: ReloadMethod = ReloadMethod.AUTO) -> Reloaded:
         if self._reload_task is not None and not self._reload_task.done():
             raise ReloadError("a reload is in progress; try again once it has ended", 409)
         if self.state is not BackendState.READY or self._switch is None or self._stop_requested:
             raise ReloadError(f"the engine is not serving (backend {self.state.value})", 409)
-        self._reload_task = task = asyncio.create_task(self._reload(argv))
+        self._reload_task = task = asyncio.create_task(self._reload(argv, method))
         try:
             return await task
         except asyncio.CancelledError:
@@ -457,12 +458,24 @@ class VLLMBackend(BaseBackend):
                 raise ReloadError("the worker stopped during the reload", 409) from None
             raise
 
-    async def _reload(self, argv: list[str]) -> dict[str, float]:
-        """Start an engine with ``argv`` while the active one serves, build and warm up
-        its app, switch new requests to it, then retire the old engine once its
-        requests have ended. Until the switch, any failure leaves the old serving."""
+    async def _reload(self, argv: list[str], method: ReloadMethod) -> Reloaded:
+        """The same flags and an engine that can: its weights loaded again in place;
+        otherwise (or ``swap``) a new engine started with ``argv`` while the active one
+        serves, its app built and warmed up, new requests switched to it, the old
+        retired once its requests have ended. Until the switch, any failure leaves the
+        old serving."""
         t0 = time.monotonic()
         args = self._parsed_for_reload(argv)
+        in_place = vllm_compat.can_reload_weights_in_place(self._engine_client)
+        same = argv == self.backend_argv
+        if method is ReloadMethod.IN_PLACE and not (same and in_place):
+            why = "the flags differ" if not same else "this vLLM cannot reload weights in place"
+            raise ReloadError(f"an in-place reload is not possible: {why}", 409)
+        if same and in_place and method is not ReloadMethod.SWAP:
+            phases = await self._reload_weights_in_place()
+            phases["reload"] = time.monotonic() - t0
+            self.phase_seconds.update(phases)
+            return Reloaded(ReloadMethod.IN_PLACE, phases)
         engine, installed, tasks, phases = await self._engine_and_app(args)
         # the switch: new requests reach the new engine from here on
         t1 = time.monotonic()
@@ -491,6 +504,42 @@ class VLLMBackend(BaseBackend):
         phases["reload_retire_old"] = time.monotonic() - t2
         phases["reload"] = time.monotonic() - t0
         self.phase_seconds.update(phases)
+        return Reloaded(ReloadMethod.SWAP, phases)
+
+    async def _reload_weights_in_place(self) -> dict[str, float]:
+        """Pause (new requests wait in the engine, those in flight finish within
+        ``--drain-timeout``, then are aborted), load the weights again, resume. A load
+        that fails leaves the weights in an unknown state: the engine is then stopped
+        and the worker fails over to its standby or restarts it, as after a death."""
+        client, engine = self._engine_client, self._active
+        assert engine is not None
+        phases: dict[str, float] = {}
+        t0 = time.monotonic()
+        pausing = asyncio.ensure_future(vllm_compat.pause_letting_requests_finish(client))
+        done, _ = await asyncio.wait({pausing}, timeout=self.framework_args.drain_timeout)
+        if not done:
+            logger.warning("reload: requests still running after the drain timeout; aborting them")
+            await vllm_compat.abort_all_requests(client)
+        await pausing
+        phases["reload_pause"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        try:
+            await vllm_compat.reload_weights(client)
+        except Exception as exc:
+            logger.error("reload: the weights did not load in place (%s); stopping the engine", exc)
+            processes.kill(processes.with_descendants(engine.processes), 0.0)
+            raise ReloadError(
+                f"the weights did not load in place ({type(exc).__name__}: {exc}); the "
+                "engine, its weights now in an unknown state, was stopped: the worker "
+                "fails over to its standby or restarts it"
+            ) from exc
+        phases["reload_weights"] = time.monotonic() - t1
+        await vllm_compat.resume(client)
+        logger.info("reload: weights loaded again in place in %.2f s", phases["reload_weights"])
+        if self.framework_args.standby:  # its weights are the old ones: a new standby
+            await self._cancel_standby_task()
+            self._report_standby(Standby.STARTING)
+            self._standby_task = asyncio.create_task(self._renew_standby())
         return phases
 
     def _parsed_for_reload(self, argv: list[str]) -> Any:

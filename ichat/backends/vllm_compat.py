@@ -236,6 +236,31 @@ async def abort_all_requests(client: Any) -> None:
             await aborted
 
 
+def can_reload_weights_in_place(client: Any) -> bool:
+    """Whether the engine can read its weights again without a new engine: pausing that
+    lets in-flight requests finish (``pause_generation(mode="wait")``, 0.32), its
+    workers' ``reload_weights`` (reached by ``collective_rpc``), and resuming."""
+    return (
+        _pause_aborting(client) is not None
+        and callable(getattr(client, "resume_generation", None))
+        and callable(getattr(client, "collective_rpc", None))
+    )
+
+
+async def pause_letting_requests_finish(client: Any) -> None:
+    """New requests wait in the engine; those in flight run to their end."""
+    await call_with(client.pause_generation, mode="wait", clear_cache=True)
+
+
+async def reload_weights(client: Any) -> None:
+    """Every worker loads the model's weights again from its path, in place."""
+    await client.collective_rpc("reload_weights")
+
+
+async def resume(client: Any) -> None:
+    await client.resume_generation()
+
+
 def engine_core_contexts(client: Any) -> list[Any]:
     """The ZMQ contexts of the engine client's core client (``engine_core``)."""
     return zmq_context.find_contexts(getattr(client, "engine_core", None))

@@ -7,6 +7,10 @@ the old one serves, warms it up, sends new requests to it on the same port, and 
 the old engine once its requests have ended. If the new engine does not start, the old
 one serves on and this command exits non-zero with the engine's error.
 
+With the same flags (``--merge`` and none), an engine that can loads its weights again
+in place instead (vLLM 0.32: new requests wait while it pauses, reloads and resumes; no
+second engine, no second share of memory); ``--swap`` or ``--in-place`` choose.
+
 Several URLs (the workers of ``ichat up``, of a deployment) are rolled one at a time,
 each only once the one before serves its new engine; every worker stays in service
 throughout. The first failure stops the roll: the workers after it keep their old
@@ -55,10 +59,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="append the flags to those the engine runs with (a later flag wins) instead "
         "of replacing them; with no flags: the same configuration, weights read again",
     )
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument(
+        "--swap",
+        action="store_const",
+        const="swap",
+        dest="method",
+        default="auto",
+        help="always start a new engine beside the serving one and switch to it",
+    )
+    how.add_argument(
+        "--in-place",
+        action="store_const",
+        const="in_place",
+        dest="method",
+        help="the same flags: the serving engine loads its weights again (refused where it cannot)",
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get("ICHAT_ADMIN_KEY"),
         help="the worker's admin key (default: $ICHAT_ADMIN_KEY)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="also set the worker's drain timeout (seconds), at once; without `--`, "
+        "only the settings change",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        default=None,
+        help="also set iChat's and the engine's log level in the worker, at once",
     )
     parser.add_argument(
         "--timeout",
@@ -82,10 +115,16 @@ def main(argv: Sequence[str]) -> int:
     ours, engine_argv = split_argv(argv)
     parser = build_parser()
     ns = parser.parse_args(ours)
-    if "--" not in argv and not ns.merge:
+    settings = {
+        name: value
+        for name, value in (("drain_timeout", ns.drain_timeout), ("log_level", ns.log_level))
+        if value is not None
+    }
+    if "--" not in argv and not ns.merge and not settings:
         parser.error("give the engine's flags after `--` (or --merge to keep them)")
+    flags = engine_argv if "--" in argv or ns.merge else None  # None: settings only
     for done, url in enumerate(ns.urls):
-        code = reload_one(url, engine_argv, ns)
+        code = reload_one(url, flags, settings, ns)
         if code != 0:
             if len(ns.urls) > 1:
                 print(
@@ -97,13 +136,17 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def reload_one(url: str, engine_argv: list[str], ns: argparse.Namespace) -> int:
+def reload_one(
+    url: str, engine_argv: list[str] | None, settings: dict[str, object], ns: argparse.Namespace
+) -> int:
     """Reload the worker at status URL ``url``; the exit code it means."""
     import httpx
 
     url = url.rstrip("/") + "/reload"
-    body = {"engine_args": engine_argv, "merge": ns.merge}
-    print(f"ichat reload: {url} {json.dumps(engine_argv)}", file=sys.stderr)
+    body: dict[str, object] = {"merge": ns.merge, "method": ns.method, "settings": settings}
+    if engine_argv is not None:
+        body["engine_args"] = engine_argv
+    print(f"ichat reload: {url} {json.dumps(engine_argv)} {json.dumps(settings)}", file=sys.stderr)
     try:
         reply = httpx.post(url, json=body, headers=bearer_headers(ns.api_key), timeout=ns.timeout)
     except httpx.HTTPError as exc:
@@ -117,7 +160,8 @@ def reload_one(url: str, engine_argv: list[str], ns: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2))
         phases = answer.get("phases") or {}
         print(
-            f"ichat reload: reloaded in {phases.get('reload', answer.get('seconds', 0)):.1f} s; "
+            f"ichat reload: reloaded ({answer.get('method')}) in "
+            f"{phases.get('reload', answer.get('seconds', 0)):.1f} s; "
             f"serving {answer.get('served_model_names')}",
             file=sys.stderr,
         )

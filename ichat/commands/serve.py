@@ -285,11 +285,12 @@ async def run_worker(cls: type[BaseBackend], config: WorkerConfig, argv: list[st
     starts; the supervisor takes it for its first start and makes the next ones."""
     first: list[BaseBackend] = [cls(config, argv)]
     engine = first[0]
-    last = [engine]  # its flags are those a reload gave, if one did: a restart keeps them
+    last = [engine]  # its flags and settings are a reload's, if one ran: restarts keep them
     with reaper.guarded() as guard:  # engine processes die with this process, even on SIGKILL
 
         def make_backend() -> BaseBackend:
-            backend = first.pop() if first else cls(config, last[0].backend_argv)
+            made = last[0]
+            backend = first.pop() if first else cls(made.framework_args, made.backend_argv)
             backend.on_engine_shm = guard.record_shm  # unlinked by the guard, if need be
             last[0] = backend
             return backend

@@ -28,15 +28,29 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from ichat.backends.reloaded import ReloadMethod
 from ichat.worker import metrics
 from ichat.worker.supervisor import WorkerState, WorkerStats
 
 logger = logging.getLogger("ichat.status")
 
-# (engine argv, merge) -> (HTTP status, the reload's report or its error); blocks
-Reload = Callable[[list[str], bool], tuple[int, dict[str, object]]]
+
+@dataclass(frozen=True)
+class ReloadRequest:
+    """``POST /reload``'s body: the engine's flags (None: settings only), whether they
+    are appended to the running ones, how, and framework settings to apply."""
+
+    argv: list[str] | None
+    merge: bool = False
+    method: ReloadMethod = ReloadMethod.AUTO
+    settings: dict[str, object] = field(default_factory=dict)
+
+
+# a reload request -> (HTTP status, the reload's report or its error); blocks
+Reload = Callable[[ReloadRequest], tuple[int, dict[str, object]]]
 
 
 def readiness(stats: WorkerStats) -> tuple[bool, str]:
@@ -147,7 +161,7 @@ class StatusServer:
             return 400, {"error": request}
         if self.reload is None:
             return 503, {"error": "the worker is not running yet"}
-        return self.reload(*request)
+        return self.reload(request)
 
     def answer(self, path: str) -> tuple[int, dict[str, object]]:
         if path == "/readyz":
@@ -163,13 +177,29 @@ class StatusServer:
         return (200 if ok else 503), {"ok": ok, "reason": why}
 
 
-def _reload_request(body: bytes) -> tuple[list[str], bool] | str:
-    """``{"engine_args": [...], "merge": false}`` read; what is wrong with it otherwise."""
+def _reload_request(body: bytes) -> ReloadRequest | str:
+    """``{"engine_args": [...], "merge": false, "method": "auto", "settings": {}}`` read
+    (``engine_args`` may be left out with ``settings`` or ``merge``); what is wrong with
+    it otherwise."""
     try:
         request: Any = json.loads(body or b"{}")
     except ValueError as exc:
         return f"the body is not JSON: {exc}"
-    argv = request.get("engine_args") if isinstance(request, dict) else None
-    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        return 'the body needs "engine_args": a list of strings (the engine\'s flags)'
-    return argv, bool(request.get("merge", False))
+    if not isinstance(request, dict):
+        return "the body is a JSON object"
+    argv = request.get("engine_args")
+    settings = request.get("settings") or {}
+    merge = bool(request.get("merge", False))
+    if not isinstance(settings, dict):
+        return '"settings" is an object: {"drain_timeout": 60, "log_level": "info"}'
+    if argv is None and not (settings or merge):
+        return 'the body needs "engine_args" (the engine\'s flags) or "settings"'
+    if argv is not None and (
+        not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)
+    ):
+        return '"engine_args" is a list of strings (the engine\'s flags)'
+    try:
+        method = ReloadMethod(request.get("method", ReloadMethod.AUTO.value))
+    except ValueError:
+        return f'"method" is one of {[m.value for m in ReloadMethod]}'
+    return ReloadRequest(argv, merge, method, settings)

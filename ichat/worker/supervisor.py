@@ -36,9 +36,11 @@ from ichat.aio import first_completed
 from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
 from ichat.backends.continuation import Continued
 from ichat.backends.failover import Failover, StandbyReport
+from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.errors import CrashLoopError, EngineDiedError, ReloadError, StartupError
 from ichat.restart_policy import CrashHistory, GiveUp, Restart, RestartPolicy
 from ichat.worker.secrets import masked_argv
+from ichat.worker.settings import apply_log_level, shown, updated
 
 logger = logging.getLogger("ichat.supervisor")
 
@@ -81,6 +83,7 @@ class WorkerStats:
     # reloads by outcome (ok, failed, refused) and the last one's report
     engine_args: list[str] = field(default_factory=list)
     served_model_names: list[str] = field(default_factory=list)
+    settings: dict[str, object] = field(default_factory=dict)  # drain_timeout, log_level
     reloads: dict[str, int] = field(default_factory=dict)
     last_reload: dict[str, object] | None = None
 
@@ -264,10 +267,19 @@ class Supervisor:
             self.request_stop(force=True)
             self.stats.state = WorkerState.FAILED
 
-    async def reload(self, argv: list[str], *, merge: bool = False) -> dict[str, object]:
+    async def reload(
+        self,
+        argv: list[str] | None,
+        *,
+        merge: bool = False,
+        method: ReloadMethod = ReloadMethod.AUTO,
+        settings: dict[str, object] | None = None,
+    ) -> dict[str, object]:
         """Replace the serving engine by one started with ``argv`` (appended to the
-        running flags with ``merge``: later flags win) while the old one serves; the
-        reload's report. ``ReloadError`` when refused or failed: the old engine serves on."""
+        running flags with ``merge``: later flags win) while the old one serves, or with
+        the same flags reload its weights in place (``method``); then apply framework
+        ``settings`` (``argv`` None and no ``merge``: the settings alone). The reload's
+        report. ``ReloadError`` when refused or failed: nothing changed."""
         started = self._wall_clock()
         backend = self.backend
         try:
@@ -275,22 +287,32 @@ class Supervisor:
                 raise ReloadError(
                     f"the worker is not serving (state {self.stats.state.value})", 409
                 )
-            new_argv = [*backend.backend_argv, *argv] if merge else list(argv)
-            phases = await backend.reload(new_argv)
+            config = updated(backend.framework_args, settings or {})
+            if argv is None and not merge:
+                reloaded = Reloaded(ReloadMethod.SETTINGS)
+            else:
+                new_argv = [*backend.backend_argv, *(argv or [])] if merge else list(argv or [])
+                reloaded = await backend.reload(new_argv, method)
         except ReloadError as exc:
             outcome = "refused" if exc.status < 500 else "failed"
             self._note_reload(outcome, started, error=str(exc))
             raise
+        if settings:
+            backend.apply_settings(config)
+            if config.log_level is not None and "log_level" in settings:
+                apply_log_level(config.log_level)
+        phases = reloaded.phases
         self.stats.phase_seconds.update(phases)
         if self.membership is not None:  # a new served model name: registered anew
             self.membership.serve_model(backend.served_model_name())
         self._note_configuration(backend)
         logger.info(
-            "reload done in %.2f s: the engine runs %s",
+            "reload (%s) done in %.2f s: the engine runs %s",
+            reloaded.method.value,
             phases.get("reload", 0.0),
             self.stats.engine_args,
         )
-        return self._note_reload("ok", started, phases=phases)
+        return self._note_reload("ok", started, phases=phases, method=reloaded.method)
 
     def _note_reload(
         self,
@@ -299,10 +321,12 @@ class Supervisor:
         *,
         error: str | None = None,
         phases: dict[str, float] | None = None,
+        method: ReloadMethod | None = None,
     ) -> dict[str, object]:
         self.stats.reloads[outcome] = self.stats.reloads.get(outcome, 0) + 1
         report: dict[str, object] = {
             "outcome": outcome,
+            "method": method.value if method is not None else None,
             "started_unix": started,
             "seconds": self._wall_clock() - started,
             "phases": dict(phases or {}),
@@ -316,6 +340,7 @@ class Supervisor:
     def _note_configuration(self, backend: BaseBackend) -> None:
         self.stats.engine_args = masked_argv(backend.backend_argv)
         self.stats.served_model_names = backend.served_model_names()
+        self.stats.settings = shown(backend.framework_args)
 
     def _on_continuation(self, continued: Continued) -> None:
         counts = self.stats.continuations

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from ichat.errors import PortInUseError, ReloadError
 from ichat.process.signals import captured_signals
 from ichat.worker import metrics
 from ichat.worker.registration import GatewayRegistration, GatewaySettings
-from ichat.worker.status_server import StatusServer
+from ichat.worker.status_server import ReloadRequest, StatusServer
 from ichat.worker.supervisor import Supervisor
 
 logger = logging.getLogger("ichat.serve")
@@ -103,7 +104,7 @@ class Worker:
             except OSError as exc:
                 raise PortInUseError(self.status.host, self.status.port, exc) from exc
             self._stack.callback(self.status.stop)
-            self.status.reload = lambda argv, merge: self._reload_from_a_thread(loop, argv, merge)
+            self.status.reload = functools.partial(self._reload_from_a_thread, loop)
         self._stack.enter_context(metrics.registered(self.supervisor.stats))
         self._stack.enter_context(captured_signals(loop, self._signals))
         self._tasks.append(asyncio.create_task(self._act_on_signals()))
@@ -111,10 +112,12 @@ class Worker:
             self._tasks.append(asyncio.create_task(self.registration.run()))
 
     def _reload_from_a_thread(
-        self, loop: asyncio.AbstractEventLoop, argv: list[str], merge: bool
+        self, loop: asyncio.AbstractEventLoop, request: ReloadRequest
     ) -> tuple[int, dict[str, object]]:
         """Run a reload on the worker's loop; block the calling thread until it ends."""
-        reload = self.supervisor.reload(argv, merge=merge)
+        reload = self.supervisor.reload(
+            request.argv, merge=request.merge, method=request.method, settings=request.settings
+        )
         try:
             return 200, asyncio.run_coroutine_threadsafe(reload, loop).result()
         except ReloadError as exc:

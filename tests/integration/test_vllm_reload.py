@@ -5,13 +5,15 @@ Under a steady load (chats and streams, through the gateway and straight to it):
 reload without the key is refused; reloads that cannot start (an engine that fails
 during its start, an unknown flag, a missing model) leave the old engine serving; a
 reload to a new context length and then to a new served model name switches engines
-on the same port with no failed request, the gateway following the new name; a
-restart after that keeps the new configuration; nothing is left after the stop.
+on the same port with no failed request, the gateway following the new name; new
+weights at the same path and the same flags are loaded in place by the same engine;
+a restart after that keeps the new configuration; nothing is left after the stop.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -25,6 +27,7 @@ import openai
 import psutil
 import pytest
 
+from ichat.commands.make_test_model import SHAPES, make_test_model
 from ichat.process.processes import free_port, port_is_free, title
 from tests.integration.test_gateway import KEY, start_gateway, wait_for
 from tests.support import (
@@ -49,6 +52,7 @@ class Setup:
     gateway_url: str
     worker: Worker
     status_url: str
+    model_dir: Path  # a copy of the test model: its weights are replaced by a test
 
     def status(self) -> dict[str, Any]:
         return httpx.get(f"{self.status_url}/status", timeout=10).json()  # type: ignore[no-any-return]
@@ -72,12 +76,13 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("reload")
+    served = Path(shutil.copytree(model_dir, tmp / "served"))
     shm_before = set(os.listdir("/dev/shm"))
     port, status_port = free_port(), free_port()
     gateway_url = f"http://127.0.0.1:{port}"
     gateway = start_gateway(port, tmp / "gateway.log")
     args = [
-        "--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
+        "--model-path", str(served), "--served-model-name", MODEL_NAME,
         "--context-length", str(CONTEXT_LENGTH), "--api-key", KEY,
         "--gateway-url", gateway_url, "--gateway-api-key", KEY,
         "--status-port", str(status_port), "--drain-timeout", "20",
@@ -85,7 +90,7 @@ def setup(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     try:
         with start_worker(tmp, *args) as worker:
             worker.wait_ready()
-            setup = Setup(gateway_url, worker, f"http://127.0.0.1:{status_port}")
+            setup = Setup(gateway_url, worker, f"http://127.0.0.1:{status_port}", served)
             wait_for(lambda: MODEL_NAME in gateway_models(gateway_url), 60, "registered")
             yield setup
     finally:
@@ -192,9 +197,53 @@ def test_a_reload_renames_the_model_and_the_gateway_follows(setup: Setup) -> Non
     assert reply.choices[0].finish_reason in ("length", "stop")
 
 
+def greedy(setup: Setup) -> list[int]:
+    """The token ids of one greedy completion (the same every time, for fixed weights)."""
+    reply = httpx.post(
+        f"{setup.worker.url}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": MODEL_NAME, "prompt": "once upon a time", "max_tokens": 16,
+              "temperature": 0, "ignore_eos": True, "return_token_ids": True},
+        timeout=60,
+    )  # fmt: skip
+    reply.raise_for_status()
+    return reply.json()["choices"][0]["token_ids"]  # type: ignore[no-any-return]
+
+
+def test_new_weights_at_the_same_path_are_loaded_in_place(setup: Setup) -> None:
+    pid, before = engine_pid(setup), greedy(setup)
+    assert greedy(setup) == before  # greedy: the same ids while the weights are the same
+    other = make_test_model(setup.model_dir.parent / "other", SHAPES["tiny"], seed=1)
+    weights = setup.model_dir / "model.safetensors"
+    staged = weights.with_suffix(".new")
+    shutil.copyfile(other / "model.safetensors", staged)
+    os.replace(staged, weights)  # a new file: the serving engine's mapping keeps the old
+    with load(setup, through_gateway=False) as running_load:
+        done = setup.reload("--merge")  # the same flags
+        time.sleep(1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"method": "in_place"' in done.stdout
+    assert running_load.failures == [] and running_load.ok > 0
+    assert engine_pid(setup) == pid  # the same engine, no second one
+    assert greedy(setup) != before  # it generates from the new weights
+    phases = setup.status()["last_reload"]["phases"]
+    assert {"reload_pause", "reload_weights"} <= set(phases)
+
+
+def test_framework_settings_change_at_once_without_touching_the_engine(setup: Setup) -> None:
+    pid, reloads = engine_pid(setup), setup.status()["reloads"]["ok"]
+    done = setup.reload("--drain-timeout", "7", "--log-level", "info")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"method": "settings"' in done.stdout
+    status = setup.status()
+    assert status["settings"] == {"drain_timeout": 7.0, "log_level": "info"}
+    assert status["reloads"]["ok"] == reloads + 1 and engine_pid(setup) == pid
+
+
 def test_a_restart_after_a_reload_keeps_the_new_configuration(setup: Setup) -> None:
     os.kill(engine_pid(setup), signal.SIGKILL)
     wait_for(lambda: setup.status()["engine_deaths"] == 1, 30, "the death seen")
     wait_for(lambda: setup.status()["state"] == "ready", 300, "ready again")
     assert setup.models(setup.worker.url)[RENAMED] == NEW_CONTEXT
-    assert setup.status()["restarts"] == 1
+    status = setup.status()
+    assert status["restarts"] == 1 and status["settings"]["drain_timeout"] == 7.0

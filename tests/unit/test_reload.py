@@ -17,7 +17,7 @@ from ichat.backends.app_switch import AppSwitch, InstalledApp
 from ichat.commands import reload as reload_command
 from ichat.process.processes import free_port
 from ichat.worker.secrets import masked_argv
-from ichat.worker.status_server import StatusServer
+from ichat.worker.status_server import ReloadRequest, StatusServer
 from ichat.worker.supervisor import WorkerStats
 from tests.unit.test_registration import Gateway, scenario
 
@@ -115,12 +115,13 @@ def test_secret_flags_are_masked_and_others_shown() -> None:
 
 
 @pytest.fixture
-def status() -> Iterator[tuple[StatusServer, list[tuple[list[str], bool]]]]:
+def status() -> Iterator[tuple[StatusServer, list[tuple[list[str], bool, str]]]]:
     """A status server whose reloads are recorded; "--fail" fails, "--bad" is refused."""
-    calls: list[tuple[list[str], bool]] = []
+    calls: list[tuple[list[str], bool, str]] = []
 
-    def reload(argv: list[str], merge: bool) -> tuple[int, dict[str, object]]:
-        calls.append((argv, merge))
+    def reload(request: ReloadRequest) -> tuple[int, dict[str, object]]:
+        argv = request.argv or []
+        calls.append((argv, request.merge, request.method.value))
         if "--bad" in argv:
             return 400, {"outcome": "failed", "error": "invalid vLLM arguments: --bad"}
         if "--fail" in argv:
@@ -147,17 +148,20 @@ def test_reload_needs_the_admin_key(status: tuple[StatusServer, list[Any]]) -> N
     right = {"Authorization": "Bearer sekret"}
     reply = httpx.post(url, json=body, headers=right, timeout=5)
     assert reply.status_code == 200 and reply.json()["outcome"] == "ok"
-    assert calls == [(["--model", "m"], False)]
+    assert calls == [(["--model", "m"], False, "auto")]
 
 
 def test_a_malformed_reload_body_is_refused(status: tuple[StatusServer, list[Any]]) -> None:
     server, calls = status
     url = f"http://127.0.0.1:{server.port}/reload"
     headers = {"Authorization": "Bearer sekret"}
-    for body in (b"not json", b'{"engine_args": "--model m"}', b"[1]"):
+    bodies = (b"not json", b'{"engine_args": "--model m"}', b"[1]",
+              b'{"engine_args": [], "method": "sideways"}')  # fmt: skip
+    for body in bodies:
         reply = httpx.post(url, content=body, headers=headers)
         assert reply.status_code == 400
-        assert "engine_args" in reply.text or "not JSON" in reply.text
+        why = ("engine_args", "not JSON", "a JSON object", "in_place")
+        assert any(reason in reply.text for reason in why), reply.text
     assert calls == []
 
 
@@ -173,11 +177,16 @@ def test_the_command_reports_success_refusal_and_failure_by_exit_code(
     server, calls = status
     url = f"http://127.0.0.1:{server.port}"
     assert reload_command.main([url, "--api-key", "sekret", "--", "--model", "m"]) == 0
-    assert reload_command.main([url, "--api-key", "sekret", "--merge"]) == 0
+    assert reload_command.main([url, "--api-key", "sekret", "--merge", "--in-place"]) == 0
     assert reload_command.main([url, "--api-key", "sekret", "--", "--bad"]) == 2
     assert reload_command.main([url, "--api-key", "sekret", "--", "--fail"]) == 8
     assert reload_command.main([url, "--api-key", "wrong", "--", "--model", "m"]) == 2
-    assert calls == [(["--model", "m"], False), ([], True), (["--bad"], False), (["--fail"], False)]
+    assert calls == [
+        (["--model", "m"], False, "auto"),
+        ([], True, "in_place"),
+        (["--bad"], False, "auto"),
+        (["--fail"], False, "auto"),
+    ]
     err = capsys.readouterr().err
     assert "HTTP 500: the new engine did not start (x)" in err
     assert "HTTP 401" in err
@@ -206,10 +215,10 @@ def test_a_reload_request_blocks_only_its_own_thread(
     slow = server.reload
     assert slow is not None
 
-    def blocking(argv: list[str], merge: bool) -> tuple[int, dict[str, object]]:
+    def blocking(request: ReloadRequest) -> tuple[int, dict[str, object]]:
         started.set()
         release.wait(10)
-        return slow(argv, merge)
+        return slow(request)
 
     server.reload = blocking
     base = f"http://127.0.0.1:{server.port}"
@@ -264,3 +273,24 @@ def test_an_engine_without_reload_refuses_it_clearly() -> None:
     with pytest.raises(ReloadError, match="not available with the fake engine") as raised:
         asyncio.run(backend.reload(["--model", "m"]))
     assert raised.value.status == 501
+
+
+def test_settings_alone_are_sent_without_engine_flags() -> None:
+    seen: list[ReloadRequest] = []
+
+    def reload(request: ReloadRequest) -> tuple[int, dict[str, object]]:
+        seen.append(request)
+        return 200, {"outcome": "ok", "method": "settings"}
+
+    server = StatusServer(WorkerStats(), "127.0.0.1", free_port(), admin_key="k")
+    server.reload = reload
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        args = [url, "--api-key", "k", "--drain-timeout", "60", "--log-level", "debug"]
+        assert reload_command.main(args) == 0
+    finally:
+        server.stop()
+    [request] = seen
+    assert request.argv is None and not request.merge
+    assert request.settings == {"drain_timeout": 60.0, "log_level": "debug"}

@@ -9,6 +9,8 @@ import pytest
 
 from ichat.backends.compat import Workarounds
 from ichat.backends.failover import Failover, Standby, StandbyReport
+from ichat.backends.reloaded import Reloaded, ReloadMethod
+from ichat.config import WorkerConfig
 from ichat.errors import CrashLoopError, EngineDiedError, ReloadError, StartupError
 from ichat.restart_policy import RestartPolicy
 from ichat.worker.supervisor import Supervisor, WorkerState
@@ -40,6 +42,7 @@ class ScriptedBackend:
         self.on_failover: Any = None  # set by the supervisor
         self.on_standby: Any = None
         self.backend_argv = ["--model", "scripted"]
+        self.framework_args = WorkerConfig()
         self.reloads: list[list[str]] = []
         self.reload_error: ReloadError | None = None  # what the next reload raises
 
@@ -79,15 +82,22 @@ class ScriptedBackend:
     def served_model_name(self) -> str:
         return self.backend_argv[-1]
 
+    def apply_settings(self, config: WorkerConfig) -> None:
+        self.framework_args = config
+
     def served_model_names(self) -> list[str]:
         return [self.served_model_name()]
 
-    async def reload(self, argv: list[str]) -> dict[str, float]:
+    async def reload(self, argv: list[str], method: ReloadMethod = ReloadMethod.AUTO) -> Reloaded:
         self.reloads.append(argv)
         if self.reload_error is not None:
             raise self.reload_error
+        same = argv == self.backend_argv
         self.backend_argv = list(argv)
-        return {"reload_engine_start": 2.0, "reload": 2.5}
+        done = (
+            ReloadMethod.IN_PLACE if same and method is not ReloadMethod.SWAP else ReloadMethod.SWAP
+        )
+        return Reloaded(done, {"reload_engine_start": 2.0, "reload": 2.5})
 
 
 def supervise(
@@ -417,7 +427,11 @@ def test_failovers_in_a_crash_loop_give_up() -> None:
 
 
 def reload_while_serving(
-    argv: list[str], *, merge: bool = False, error: ReloadError | None = None
+    argv: list[str] | None,
+    *,
+    merge: bool = False,
+    error: ReloadError | None = None,
+    settings: dict[str, object] | None = None,
 ) -> tuple[Supervisor, ScriptedBackend, list[str], Any]:
     """A supervisor serving one backend (with a gateway) asked to reload it once: the
     supervisor, the backend, what the gateway was told, and the reload's result (its
@@ -440,7 +454,7 @@ def reload_while_serving(
         while sup.stats.state is not WorkerState.READY:
             await asyncio.sleep(0)
         try:
-            result.append(await sup.reload(argv, merge=merge))
+            result.append(await sup.reload(argv, merge=merge, settings=settings))
         except ReloadError as exc:
             result.append(exc)
         sup.request_stop()
@@ -454,6 +468,7 @@ def test_a_reload_replaces_the_flags_reports_its_phases_and_renames_at_the_gatew
     sup, backend, log, report = reload_while_serving(["--model", "m2", "--api-key", "k"])
     assert backend.reloads == [["--model", "m2", "--api-key", "k"]]
     assert report["outcome"] == "ok" and report["phases"]["reload"] == 2.5
+    assert report["method"] == "swap"
     # what /status shows: the new configuration, the key masked
     assert sup.stats.engine_args == ["--model", "m2", "--api-key", "***"]
     assert sup.stats.reloads == {"ok": 1} and sup.stats.last_reload == report
@@ -464,6 +479,12 @@ def test_a_merged_reload_appends_the_flags_to_those_running() -> None:
     _, backend, _, report = reload_while_serving(["--max-num-seqs", "4"], merge=True)
     assert backend.reloads == [["--model", "scripted", "--max-num-seqs", "4"]]
     assert report["outcome"] == "ok"
+
+
+def test_a_merged_reload_without_flags_keeps_them_and_says_what_ran() -> None:
+    _, backend, _, report = reload_while_serving([], merge=True)
+    assert backend.reloads == [["--model", "scripted"]]
+    assert report["method"] == "in_place"
 
 
 def test_a_failed_reload_keeps_the_configuration_and_counts_as_failed() -> None:
@@ -491,3 +512,20 @@ def test_a_reload_while_not_serving_is_refused() -> None:
 
     asyncio.run(main())
     assert sup.stats.reloads == {"refused": 1}
+
+
+def test_settings_alone_apply_at_once_without_touching_the_engine() -> None:
+    sup, backend, _, report = reload_while_serving(None, settings={"drain_timeout": 75})
+    assert backend.reloads == [] and report["method"] == "settings"
+    assert backend.framework_args.drain_timeout == 75.0
+    assert sup.stats.settings["drain_timeout"] == 75.0
+
+
+def test_settings_come_with_a_reload_and_a_bad_one_changes_nothing() -> None:
+    _, backend, _, _ = reload_while_serving(
+        ["--model", "m2"], settings={"drain_timeout": 5, "log_level": "warning"}
+    )
+    assert backend.reloads == [["--model", "m2"]] and backend.framework_args.drain_timeout == 5
+    sup, backend, _, raised = reload_while_serving(["--model", "m3"], settings={"color": 1})
+    assert isinstance(raised, ReloadError) and raised.status == 400
+    assert backend.reloads == [] and sup.stats.reloads == {"refused": 1}

@@ -21,7 +21,6 @@ import concurrent.futures
 import itertools
 import json
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_failover import active_engine_core, status, wait_standby
-from common import bench_parser, pyplot, save_figure, save_report
+from common import bench_parser, pyplot, run_facts, save_figure, save_report
 
 from ichat.process.processes import free_port
 from tests.support import MODEL_NAME, start_worker
@@ -150,15 +149,8 @@ def main() -> int:
                   f"{sum(r['token_exact'] for r in rows)} token-exact, longest gap "
                   f"{max(r['longest_gap_s'] or 0 for r in rows):.3f} s; {result['worker']}",
                   flush=True)  # fmt: skip
-    try:
-        import vllm
-
-        version = vllm.__version__
-    except ImportError:
-        version = None
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
-              "cores": os.cpu_count(), "vllm": version, "command": " ".join(sys.argv),
-              "streams": args.streams, "max_tokens": args.max_tokens, "kills": kills}  # fmt: skip
+    report = {**run_facts(), "streams": args.streams, "max_tokens": args.max_tokens,
+              "kills": kills}  # fmt: skip
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     for kill in kills:

@@ -17,8 +17,6 @@ Writes JSON and PNG (``--out``). Numbers only: nothing here asserts a speed.
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -30,7 +28,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import bench_parser, chat_body, percentile, pyplot, save_figure, save_report
+from common import (
+    bench_parser,
+    chat_body,
+    percentile,
+    pyplot,
+    run_facts,
+    save_figure,
+    save_report,
+)
 
 from ichat.process.processes import free_port
 from tests.support import MODEL_NAME, start_worker
@@ -164,14 +170,7 @@ def main() -> int:
                          "served_model_names", "engine_args")}  # fmt: skip
     before = [r for r in rows if r["sent_s"] < windows[0]["start_s"]]
     during = [r for r in rows if any(w["start_s"] <= r["sent_s"] <= w["end_s"] for w in windows)]
-    try:
-        import vllm
-
-        version = vllm.__version__
-    except ImportError:
-        version = None
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
-              "cores": os.cpu_count(), "vllm": version, "command": " ".join(sys.argv),
+    report = {**run_facts(),
               "tag": args.tag, "method": args.method, "concurrency": args.concurrency,
               "max_tokens": args.max_tokens,
               "reloads": windows, "before": summary(before), "during": summary(during),

@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
+import platform
 import secrets
 import sys
 import time
@@ -62,6 +64,18 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model-path", required=True)
     return parser
+
+
+def run_facts() -> dict[str, Any]:
+    """What every report starts with: when, where, which vLLM, and the command."""
+    try:
+        import vllm
+
+        version: str | None = vllm.__version__
+    except ImportError:
+        version = None
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
+            "cores": os.cpu_count(), "vllm": version, "command": " ".join(sys.argv)}  # fmt: skip
 
 
 def save_report(

@@ -46,29 +46,23 @@ class WorkerCollector:
             "Engine deaths after which the standby engine served in the dead one's place.",
             value=s.failovers,
         )
-        continuations = CounterMetricFamily(
+        yield _by_outcome(
             "ichat_worker_continuations",
             "Streams cut by an engine death and continued on the next engine, by outcome "
             "(continued, cut, refused, closed, gave_up).",
-            labels=["outcome"],
+            s.continuations,
         )
-        for outcome, count in sorted(s.continuations.items()):
-            continuations.add_metric([outcome], count)
-        yield continuations
         yield CounterMetricFamily(
             "ichat_worker_continuation_reprefilled_tokens",
             "Prompt tokens (prompt + generated) the next engine prefilled to continue cut streams.",
             value=s.continuation_reprefilled_tokens,
         )
-        reloads = CounterMetricFamily(
+        yield _by_outcome(
             "ichat_worker_reloads",
             "Engine reloads (ichat reload) by outcome: ok, failed (the new engine did not "
             "start; the old served on), refused.",
-            labels=["outcome"],
+            s.reloads,
         )
-        for outcome, count in sorted(s.reloads.items()):
-            reloads.add_metric([outcome], count)
-        yield reloads
         standby = GaugeMetricFamily(
             "ichat_worker_standby",
             "1 for the standby engine's current state (off, starting, ready, asleep, failed).",
@@ -124,6 +118,16 @@ class WorkerCollector:
         for name, outcome in sorted(s.workarounds.items()):
             workarounds.add_metric([name], 0.0 if outcome == "resolved" else 1.0)
         yield workarounds
+
+
+def _by_outcome(name: str, text: str, counts: dict[str, int]) -> Any:
+    """A counter with one series per outcome."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(name, text, labels=["outcome"])
+    for outcome, count in sorted(counts.items()):
+        family.add_metric([outcome], count)
+    return family
 
 
 @contextlib.contextmanager

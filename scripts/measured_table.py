@@ -409,7 +409,7 @@ def sglang_cpu() -> str:
 
 def reload_figures(names: Sequence[str]) -> tuple[list[float], int, int, list[float]]:
     """Every reload's seconds, the requests and failed ones of the load, and the TTFT
-    p50 change (during − before, ms) of each run."""
+    p50 change (during - before, ms) of each run."""
     seconds: list[float] = []
     requests = failed = 0
     ttft: list[float] = []

@@ -226,10 +226,13 @@ class BaseBackend(abc.ABC):
         self._engine_shm = set()
 
     def _unlink_engine_shm_left_behind(self) -> None:
-        """Unlink the recorded /dev/shm files that no live process of ours maps (an
-        engine's that is gone); forget them."""
+        """Unlink the recorded /dev/shm files that no engine process maps any more (an
+        engine's that is gone); forget them. What this process itself maps keeps no
+        file: its mapping outlives the name, and nothing else would unlink it (SGLang's
+        load-snapshot file, which the worker maps for reading once a gateway asks for
+        loads, stayed behind after every engine of a worker behind SMG)."""
         if self._engine_shm:
-            live = [psutil.Process(), *processes.children()]
+            live = processes.children()
             shared_memory.unlink_left_behind(self._engine_shm, live)
             in_use = {m.inode for m in shared_memory.mapped(live)}
             self._engine_shm = {m for m in self._engine_shm if m.inode in in_use}

@@ -49,6 +49,7 @@ class Setup:
     gateway: subprocess.Popen[str]
     gateway_url: str
     worker: Worker
+    shm_before: set[str]  # /dev/shm before the worker started
 
     @property
     def worker_url(self) -> str:
@@ -88,12 +89,13 @@ def setup(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     try:
         follower.wait(timeout=60)
         status_port = free_port()
+        shm_before = set(os.listdir("/dev/shm"))
         args = ("--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
                 "--api-key", KEY, "--gateway-url", gateway_url, "--gateway-api-key", KEY,
                 "--status-port", str(status_port), *CPU_FLAGS)  # fmt: skip
         with start_worker(tmp_path_factory.mktemp("sglang-gw"), *args, backend="sglang") as w:
             w.wait_ready(timeout=400, url=f"http://127.0.0.1:{status_port}", path="/readyz")
-            yield Setup(gateway, gateway_url, w)
+            yield Setup(gateway, gateway_url, w, shm_before)
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(30)
@@ -163,3 +165,6 @@ def test_sigterm_leaves_the_gateway_then_exits_0(setup: Setup) -> None:
     setup.worker.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: setup.worker_url not in setup.records(), 10, "unlisted at the stop")
     assert setup.worker.proc.wait(60) == 0, setup.worker.output()[-3000:]
+    # SGLang's load-snapshot file of each engine (the first and the restarted one), which
+    # the worker maps once the gateway asks for loads, was left behind before
+    assert set(os.listdir("/dev/shm")) - setup.shm_before == set()

@@ -228,9 +228,7 @@ class VLLMBackend(BaseBackend):
         """Shut every engine down: one a reload is starting, the standby (or the one
         starting), the active, and dead or replaced ones still being closed."""
         for task in (self._reload_task, self._standby_task):
-            if task is not None and not task.done():
-                task.cancel()
-                await asyncio.wait({task})
+            await _cancelled(task)
         self._standby_task = None
         engines = [self._standby, self._active, *self._retired]
         self._standby = self._active = None
@@ -360,12 +358,8 @@ class VLLMBackend(BaseBackend):
         await asyncio.to_thread(
             processes.kill, processes.with_descendants(dead.processes), deadlines.terminate
         )
-        try:
-            await asyncio.wait_for(dead.stack.aclose(), deadlines.engine_shutdown)
-        except Exception as exc:
-            logger.warning("closing the dead engine raised %r", exc)
+        await self._close_engine(dead)
         self._retired.remove(dead)
-        self._unlink_engine_shm_left_behind()
         self.phase_seconds["failover_cleanup"] = time.monotonic() - t0
         await self._start_standby()
 
@@ -495,10 +489,8 @@ class VLLMBackend(BaseBackend):
         self._record_engine_shm()
         phases["reload_switch"] = time.monotonic() - t1
         logger.info("reload: the new engine %s serves; retiring %s", engine.pids, old_engine.pids)
-        if standby:  # the standby runs the old configuration: replaced by one of the new
-            await self._cancel_standby_task()
-            self._report_standby(Standby.STARTING)
-            self._standby_task = asyncio.create_task(self._renew_standby())
+        if standby:
+            await self._renew_standby_in_the_background()
         t2 = time.monotonic()
         await self._retire(retired, old_engine)
         phases["reload_retire_old"] = time.monotonic() - t2
@@ -536,10 +528,8 @@ class VLLMBackend(BaseBackend):
         phases["reload_weights"] = time.monotonic() - t1
         await vllm_compat.resume(client)
         logger.info("reload: weights loaded again in place in %.2f s", phases["reload_weights"])
-        if self.framework_args.standby:  # its weights are the old ones: a new standby
-            await self._cancel_standby_task()
-            self._report_standby(Standby.STARTING)
-            self._standby_task = asyncio.create_task(self._renew_standby())
+        if self.framework_args.standby:
+            await self._renew_standby_in_the_background()
         return phases
 
     def _parsed_for_reload(self, argv: list[str]) -> Any:
@@ -638,11 +628,12 @@ class VLLMBackend(BaseBackend):
             await asyncio.to_thread(processes.terminate, left, deadlines.terminate)
         self._unlink_engine_shm_left_behind()
 
-    async def _cancel_standby_task(self) -> None:
-        task, self._standby_task = self._standby_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+    async def _renew_standby_in_the_background(self) -> None:
+        """After a reload the standby runs the old configuration or weights: stop the
+        one starting, if any, and replace it by one of the new, in the background."""
+        await _cancelled(self._standby_task)
+        self._report_standby(Standby.STARTING)
+        self._standby_task = asyncio.create_task(self._renew_standby())
 
     async def _renew_standby(self) -> None:
         """After a reload: close the standby of the old configuration, start one of the new."""
@@ -690,8 +681,7 @@ class VLLMBackend(BaseBackend):
         return _served_model_name_of(self._backend_args)
 
     def served_model_names(self) -> list[str]:
-        names = self._backend_args.served_model_name or [self._backend_args.model]
-        return [str(n) for n in (names if isinstance(names, list) else [names])]
+        return _served_model_names_of(self._backend_args)
 
     def api_key(self) -> str | None:
         return _api_key_of(self._backend_args)
@@ -748,9 +738,20 @@ class VLLMBackend(BaseBackend):
             raise EngineDiedError(f"the vLLM engine is dead: {exc}") from exc
 
 
-def _served_model_name_of(args: Any) -> str:
+def _served_model_names_of(args: Any) -> list[str]:
     names = args.served_model_name or [args.model]
-    return str(names[0] if isinstance(names, list) else names)
+    return [str(n) for n in (names if isinstance(names, list) else [names])]
+
+
+def _served_model_name_of(args: Any) -> str:
+    return _served_model_names_of(args)[0]
+
+
+async def _cancelled(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` if it still runs, and wait until it has ended."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task})
 
 
 def _api_key_of(args: Any) -> str | None:

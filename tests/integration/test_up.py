@@ -228,12 +228,14 @@ def test_ichat_gateway_lets_a_request_in_flight_finish_before_it_stops() -> None
     threading.Thread(target=worker.serve_forever, daemon=True).start()
     gateway, follower, port, _ = start_gateway()
     url = f"http://127.0.0.1:{port}"
+    stopped = False
     try:
         follower.wait(timeout=60)
         worker_url = f"http://127.0.0.1:{worker.server_address[1]}"
         httpx.post(f"{url}/workers", json={"url": worker_url, "models": [{"id": "slow"}]})
         t0 = time.monotonic()
-        while not httpx.get(f"{url}/workers", timeout=5).json()["workers"][0]["is_healthy"]:
+        # SMG adds a worker in the background: the listing may still be empty at first
+        while not any(w["is_healthy"] for w in httpx.get(f"{url}/workers").json()["workers"]):
             assert time.monotonic() - t0 < 30
             time.sleep(0.1)
         body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}]}
@@ -241,8 +243,11 @@ def test_ichat_gateway_lets_a_request_in_flight_finish_before_it_stops() -> None
             chat = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=30)
             time.sleep(0.5)  # in flight at the gateway, answered 1.5 s later
             gateway.send_signal(signal.SIGTERM)
+            stopped = True
             reply = chat.result()
     finally:
+        if not stopped:  # the test failed before the stop: no gateway left running
+            gateway.send_signal(signal.SIGTERM)
         code = gateway.wait(60)
         worker.shutdown()
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "done"

@@ -351,3 +351,82 @@ class SteadyLoad:
         ):
             finishes += [c.finish_reason for c in chunk.choices if c.finish_reason]
         assert finishes == ["length"], finishes
+
+
+STREAM_TOKENS = 200
+
+
+@dataclass
+class Stream:
+    """One greedy streamed request with token ids asked by the client (the test's
+    check of a stream that an engine death cut)."""
+
+    path: str
+    events: list[Any] = field(default_factory=list)
+    status: int = 0
+
+    @property
+    def chunks(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if isinstance(e, dict)]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [i for c in self.chunks for ch in c["choices"] for i in ch.get("token_ids") or ()]
+
+    @property
+    def text(self) -> str:
+        key = "delta" if self.path.endswith("chat/completions") else None
+        return "".join(
+            (ch["delta"].get("content") or "") if key else ch["text"]
+            for c in self.chunks
+            for ch in c["choices"]
+        )
+
+    def run(self, url: str, key: str | None = None) -> None:
+        body: dict[str, Any] = {"model": MODEL_NAME, "max_tokens": STREAM_TOKENS,
+                                "stream": True, "ignore_eos": True, "temperature": 0,
+                                "return_token_ids": True,
+                                "stream_options": {"include_usage": True}}  # fmt: skip
+        if self.path.endswith("chat/completions"):
+            body["messages"] = [{"role": "user", "content": "tell me a story"}]
+        else:
+            body["prompt"] = "once upon a time"
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with (
+            httpx.Client(timeout=120, headers=headers) as client,
+            client.stream("POST", url + self.path, json=body) as r,
+        ):
+            self.status = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data = line.removeprefix("data: ")
+                    self.events.append(data if data == "[DONE]" else json.loads(data))
+
+    def check_complete(self, worker_url: str, key: str | None = None) -> None:
+        """One well-formed stream of all its tokens: 200, no error, one id, one finish,
+        one usage for the whole request, [DONE] once, and its text the detokenized ids
+        (no token lost or repeated at a cut)."""
+        assert self.status == 200
+        errors = [c for c in self.chunks if "error" in c]
+        assert errors == [], errors
+        assert self.events.count("[DONE]") == 1 and self.events[-1] == "[DONE]"
+        assert len(self.token_ids) == STREAM_TOKENS
+        assert len({c["id"] for c in self.chunks}) == 1
+        finishes = [ch["finish_reason"] for c in self.chunks for ch in c["choices"]]
+        assert [f for f in finishes if f] == ["length"] and finishes[-1] == "length"
+        usage = [c["usage"] for c in self.chunks if c.get("usage")]
+        assert len(usage) == 1 and usage[0]["completion_tokens"] == STREAM_TOKENS
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        detokenized = {"model": MODEL_NAME, "tokens": self.token_ids}
+        reply = httpx.post(f"{worker_url}/detokenize", json=detokenized, headers=headers,
+                           timeout=30)  # fmt: skip
+        assert reply.json()["prompt"] == self.text
+
+
+def wait_all_streaming(streams: list[Stream], tokens: int = 3, timeout: float = 120) -> list[int]:
+    """Wait until each stream has ``tokens`` token ids; how many each has then."""
+    deadline = time.monotonic() + timeout
+    while not all(len(s.token_ids) >= tokens for s in streams):
+        assert time.monotonic() < deadline, [len(s.token_ids) for s in streams]
+        time.sleep(0.01)
+    return [len(s.token_ids) for s in streams]

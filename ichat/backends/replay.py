@@ -15,6 +15,10 @@ times). A stream whose answer had begun is continued on that engine from its las
 token when it can be (``continuation_limit`` > 0; see :mod:`ichat.backends.continuation`),
 otherwise passed through untouched. A sampled request runs again from its start: the
 client gets a complete answer, drawn anew (the same one with a ``seed``).
+
+Where no engine of this worker takes over at once (no standby ready) and a gateway is
+known (``elsewhere``), both go to another worker through the gateway instead
+(:mod:`ichat.backends.elsewhere`): the request again, or the stream's continuation.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ichat.backends import continuation
+from ichat.backends import continuation, elsewhere
 from ichat.backends.continuation import (
     DONE,
     Continued,
@@ -71,6 +76,8 @@ class ReplayOnEngineDeath:
         decode: continuation.Decode | None = None,
         reasoning_parser: bool = False,
         on_continuation: Callable[[Continued], None] | None = None,
+        gateway: elsewhere.ThroughTheGateway | None = None,
+        takes_over_here: Callable[[], bool] = lambda: True,
         paths: frozenset[str] = GENERATING_PATHS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -83,22 +90,29 @@ class ReplayOnEngineDeath:
         self.decode = decode
         self.reasoning_parser = reasoning_parser
         self.on_continuation = on_continuation
+        self.gateway = gateway
+        self.takes_over_here = takes_over_here  # an engine of this worker serves next, soon
         self.paths = paths
         self._clock = clock
         self.replayed = 0  # requests run again after an engine death (for tests, logs)
         self.continued = 0  # continuations of cut streams on the next engine
+        self.forwarded = 0  # requests and continuations sent to another worker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        generating = scope["type"] == "http" and scope["method"] == "POST"
-        if not (generating and scope["path"] in self.paths):
+        posted = scope["type"] == "http" and scope["method"] == "POST"
+        if not (posted and scope["path"] in (*self.paths, elsewhere.GENERATE)):
             await self.app(scope, receive, send)
             return
         body = await _whole_body(receive)
         if body is None:
             return  # the client left while sending it
+        scope, body = elsewhere.inbound(scope, body)  # what another worker forwarded
+        if scope["path"] not in self.paths:
+            await self.app(scope, _replaying(body, receive), send)
+            return
         request = self._continuable(scope["path"], body)
+        engine = self.watch.current()
         for attempt in range(self.max_replays + 1):
-            engine = self.watch.current()
             died = functools.partial(self.watch.died, engine)
             gate = _FirstMessageGate(send, died)
             if request is None:
@@ -114,15 +128,26 @@ class ReplayOnEngineDeath:
             if not gate.dropped:
                 await gate.flush()
                 return
-            if attempt == self.max_replays or not await self._next_engine(engine):
-                await _unavailable(send, "the engine died and no other engine took over")
+            if attempt == self.max_replays:
+                break
+            target = await self._next_target(scope, engine)
+            if target is None:
+                break
+            if target.engine is None:  # another worker answers the client, as it answers
+                self.replayed += 1
+                logger.warning("%s failed as the engine died, before any byte reached the "
+                               "client: sent to another worker through the gateway",
+                               scope["path"])  # fmt: skip
+                await target.app(scope, _replaying(body, receive), send)
                 return
+            engine = target.engine
             self.replayed += 1
             logger.warning(
                 "%s failed as the engine died, before any byte reached the client: "
                 "sent again to the engine that serves now",
                 scope["path"],
             )
+        await _unavailable(send, "the engine died and no other engine took over")
 
     def _continuable(self, path: str, body: bytes) -> dict[str, Any] | None:
         """The request's JSON when its stream could be continued; None otherwise."""
@@ -149,7 +174,9 @@ class ReplayOnEngineDeath:
         assert self.max_model_len is not None
         t0 = self._clock()
         for _ in range(self.continuation_limit):
-            if stream.prompt_ids is None or not await self._next_engine(dead, send):
+            target = None if stream.prompt_ids is None else (
+                await self._next_target(scope, dead, send))  # fmt: skip
+            if target is None:
                 break
             body = stream.continuation_body(self.max_model_len())
             if body is None:  # the engine died after the last token
@@ -157,30 +184,48 @@ class ReplayOnEngineDeath:
                 await send(_body(events + DONE, more=False))
                 self._report(Continued("closed", 0, self._clock() - t0))
                 return
-            engine = self.watch.current()
             stream.begin_continuation()
-            died = functools.partial(self.watch.died, engine)
-            tail = _ContinuationStream(stream, send, died, self.decode, self._clock)
+            tail = _ContinuationStream(stream, send, target.died, self.decode, self._clock)
             self.continued += 1
             logger.warning(
-                "%s %s cut by the engine's death after %d tokens: continued on the next "
-                "engine (%d prompt tokens re-prefilled, %.3f s after the cut)",
-                scope["path"], stream.id, len(stream.generated), len(body["prompt"]),
-                self._clock() - t0,
+                "%s %s cut by the engine's death after %d tokens: continued on %s "
+                "(%d prompt tokens re-prefilled, %.3f s after the cut)",
+                scope["path"], stream.id, len(stream.generated), target.what,
+                len(body["prompt"]), self._clock() - t0,
             )  # fmt: skip
             headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-length"]
             tail_scope = {**scope, "path": continuation.COMPLETIONS, "headers": headers,
                           "raw_path": continuation.COMPLETIONS.encode()}  # fmt: skip
-            await self.app(tail_scope, _replaying(json.dumps(body).encode(), receive), tail.send)
+            await target.app(tail_scope, _replaying(json.dumps(body).encode(), receive),
+                             tail.send)  # fmt: skip
             outcome = "cut" if tail.cut else "refused" if tail.refused else "continued"
             stall = None if tail.first_sent_at is None else tail.first_sent_at - t0
             self._report(Continued(outcome, len(body["prompt"]), stall))
             if not tail.cut:
                 return
-            dead = engine
+            dead = target.engine or dead
         self._report(Continued("gave_up"))
         await send(_body(error_event("the engine died; the stream could not be continued")
                          + DONE, more=False))  # fmt: skip
+
+    async def _next_target(
+        self, scope: Scope, dead: Any, keepalive: Send | None = None
+    ) -> _Target | None:
+        """Where a request of the dead engine runs next: another worker through the
+        gateway when no engine of this worker takes over at once, else the engine that
+        serves next; None when none does within ``wait_for_next_engine``, and at once for
+        a request another worker forwarded here (its 503 makes the gateway try another)."""
+        if self.gateway is not None and not self.takes_over_here():
+            if not elsewhere.forwarded(scope):
+                self.forwarded += 1
+                request = self.gateway.request()
+                return _Target(request, lambda: request.broken, None, "another worker")
+            return None
+        if not await self._next_engine(dead, keepalive):
+            return None
+        engine = self.watch.current()
+        died = functools.partial(self.watch.died, engine)
+        return _Target(self.app, died, engine, "the next engine")
 
     def _report(self, continued: Continued) -> None:
         if self.on_continuation is not None:
@@ -199,6 +244,16 @@ class ReplayOnEngineDeath:
                 next_comment = self._clock() + 1.0
             await asyncio.sleep(0.01)
         return True
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a request of a dead engine runs next."""
+
+    app: ASGIApp
+    died: Callable[[], bool]  # its verdict on the answer it is giving
+    engine: Any  # the engine of this worker; None: another worker, through the gateway
+    what: str  # for the log
 
 
 def _body(data: bytes, *, more: bool = True) -> Message:

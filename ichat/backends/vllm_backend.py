@@ -25,6 +25,7 @@ from ichat.backends.app_switch import AppSwitch, InstalledApp
 from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BackendState, BaseBackend
 from ichat.backends.continuation import Continued
+from ichat.backends.elsewhere import ThroughTheGateway
 from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
@@ -418,8 +419,11 @@ class VLLMBackend(BaseBackend):
             vllm_config=getattr(client, "vllm_config", None),
         )
         asgi: Any = app
-        if self.framework_args.standby:  # what the dying engine failed, the next one runs
-            config = self.framework_args
+        config = self.framework_args
+        if config.standby or config.gateway_url:  # what the dying engine failed runs on
+            gateway = None
+            if config.gateway_url:  # no standby ready: another worker takes it on
+                gateway = ThroughTheGateway(config.gateway_url, config.gateway_api_key)
             asgi = ReplayOnEngineDeath(
                 app,
                 _ServingEngine(app),
@@ -429,8 +433,18 @@ class VLLMBackend(BaseBackend):
                 decode=lambda ids, skip: vllm_compat.decode(self._engine_client, ids, skip),
                 reasoning_parser=bool(getattr(args, "reasoning_parser", None)),
                 on_continuation=self._report_continuation,
+                gateway=gateway,
+                takes_over_here=self._takes_over_here,
             )
         return InstalledApp(asgi, app), tasks
+
+    def _takes_over_here(self) -> bool:
+        """Whether an engine of this worker serves at once in place of a dead one: a
+        standby is ready, or has taken over already."""
+        if self._standby is not None:
+            return True
+        client = self._engine_client
+        return client is not None and not vllm_compat.engine_has_errored(client)
 
     async def _end_serving_lifespan(self) -> None:
         if self._switch is not None:

@@ -10,6 +10,7 @@ load (it leaves before draining; no request fails).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import subprocess
 import threading
@@ -26,12 +27,15 @@ from ichat.process.processes import free_port, port_is_free
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,
+    STREAM_TOKENS,
+    Stream,
     Worker,
     engine_core,
     ichat_cmd,
     metric,
     metric_total,
     start_worker,
+    wait_all_streaming,
 )
 
 pytest.importorskip("smg", reason="the gateway tests need smg (ichat[gateway])")
@@ -255,10 +259,19 @@ class Load:
 def test_kill_9_of_one_engine_the_worker_leaves_at_once_the_other_carries_then_it_returns(
     cluster: Cluster,
 ) -> None:
+    """Without a standby: what the dead engine was doing goes to the other worker through
+    the gateway -- each stream it cut is continued there token-exactly, each request
+    with no byte sent yet runs there again -- so no request of the load fails, not even
+    those in flight at the kill; the dead worker leaves the gateway within 1 s and comes
+    back after its restart."""
     a, b = cluster.workers
     core = engine_core(a.proc.pid)
-    with Load(cluster) as load:
-        time.sleep(1.0)
+    paths = ["/v1/chat/completions", "/v1/completions"] * 2
+    streams = [Stream(p) for p in paths]
+    urls = [a.url, a.url, cluster.gateway_url, cluster.gateway_url]  # 2 on a for sure
+    with Load(cluster) as load, concurrent.futures.ThreadPoolExecutor(len(streams)) as pool:
+        running = [pool.submit(s.run, u, KEY) for u, s in zip(urls, streams, strict=True)]
+        at_kill = wait_all_streaming(streams)
         t_kill, wall_kill = time.monotonic(), time.time()
         core.kill()
         left_s = wait_for(lambda: not cluster.routable(a), 10, "the dead worker left")
@@ -268,20 +281,31 @@ def test_kill_9_of_one_engine_the_worker_leaves_at_once_the_other_carries_then_i
         b_before = successes(b)
         time.sleep(1.0)
         assert successes(b) > b_before
+        for f in running:
+            f.result(timeout=180)
     t_back = time.monotonic()
     back_s = wait_for(lambda: cluster.routable(a), 300, "the restarted worker came back")
     # a's port is closed while its engine restarts: its metrics are read once it is back
     detected_unix = metric(a, "ichat_worker_last_death_detected_timestamp_seconds")
-    after_detection = [r for r in load.results if r[0] > detected_unix]
-    failed = [r for r in after_detection if not r[1]]
-    assert after_detection and not failed, failed[:3]
+    failed = [r for r in load.results if not r[1]]
+    assert len(load.results) > 10 and not failed, failed[:3]
+    assert any(r[0] < detected_unix for r in load.results)
     assert left_s <= 1.0, f"the dead worker was still routable {left_s:.2f} s after the kill"
     assert left_s + gone_s <= 10.0
     print(
-        f"kill -9 EngineCore: detected {detected_unix - wall_kill:.3f} s, out of the "
-        f"gateway {left_s:.3f} s after the kill; {len(load.results)} requests, "
-        f"{sum(not r[1] for r in load.results)} failed (all before detection)"
+        f"\nkill -9 EngineCore: detected {detected_unix - wall_kill:.3f} s, out of the "
+        f"gateway {left_s:.3f} s after the kill; {len(load.results)} requests, 0 failed; "
+        f"streams at the kill: {at_kill} tokens"
     )
+    assert [n for n in at_kill[:2] if n < STREAM_TOKENS], "a's streams ended before the kill"
+    for s in streams:
+        s.check_complete(b.url, WORKER_B_KEY)
+    for path in set(paths):  # token-exact: greedy, the same request run without a kill
+        reference = Stream(path)
+        reference.run(b.url, WORKER_B_KEY)
+        assert all(s.token_ids == reference.token_ids for s in streams if s.path == path)
+    assert "continued on another worker" in a.output()
+    assert metric(a, 'ichat_worker_continuations_total{outcome="continued"}') >= 2
     a_before = successes(a)
     client = cluster.client()
     for _ in range(4):

@@ -6,7 +6,6 @@ Ctrl-C then leaves no process, port or /dev/shm file."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal
 import subprocess
@@ -25,12 +24,15 @@ from ichat.process.processes import free_port, port_is_free, title
 from tests.probe import OutputFollower
 from tests.support import (
     CONTEXT_LENGTH,
+    STREAM_TOKENS,
+    Stream,
     chat_ok,
     console_noise,
     ichat_cmd,
     our_processes,
     reap_zombies,
     running,
+    wait_all_streaming,
 )
 
 pytest.importorskip("smg", reason="`ichat up` needs smg (ichat[gateway])")
@@ -228,51 +230,6 @@ def test_metrics_show_the_failovers_and_the_active_engines_own(fleet: Fleet) -> 
     assert total(text, "vllm:request_success_total") == served + 1
 
 
-STREAM_TOKENS = 200
-
-
-@dataclass
-class Stream:
-    """One streamed request with token ids asked by the client (the test's check)."""
-
-    path: str
-    events: list[Any]
-    status: int = 0
-
-    @property
-    def chunks(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if isinstance(e, dict)]
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [i for c in self.chunks for ch in c["choices"] for i in ch.get("token_ids") or ()]
-
-    @property
-    def text(self) -> str:
-        key = "delta" if self.path.endswith("chat/completions") else None
-        return "".join(
-            (ch["delta"].get("content") or "") if key else ch["text"]
-            for c in self.chunks
-            for ch in c["choices"]
-        )
-
-
-def stream(url: str, path: str, stream_: Stream) -> None:
-    body: dict[str, Any] = {"model": "tiny-chat", "max_tokens": STREAM_TOKENS, "stream": True,
-                            "ignore_eos": True, "temperature": 0, "return_token_ids": True,
-                            "stream_options": {"include_usage": True}}  # fmt: skip
-    if path.endswith("chat/completions"):
-        body["messages"] = [{"role": "user", "content": "tell me a story"}]
-    else:
-        body["prompt"] = "once upon a time"
-    with httpx.Client(timeout=120) as client, client.stream("POST", url + path, json=body) as r:
-        stream_.status = r.status_code
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                data = line.removeprefix("data: ")
-                stream_.events.append(data if data == "[DONE]" else json.loads(data))
-
-
 def test_streams_cut_by_the_death_are_continued_token_exactly(fleet: Fleet) -> None:
     """kill -9 of the active engine while streams run, half of them through the gateway:
     each completes with 200, exactly
@@ -282,15 +239,11 @@ def test_streams_cut_by_the_death_are_continued_token_exactly(fleet: Fleet) -> N
     before = fleet.wait_standby_ready()
     core = engine_core(before["engines"]["active"])
     paths = ["/v1/chat/completions", "/v1/completions"] * 4
-    streams = [Stream(p, []) for p in paths]
+    streams = [Stream(p) for p in paths]
     urls = [fleet.worker_url, fleet.worker_url, fleet.url, fleet.url] * 2  # half via SMG
     with concurrent.futures.ThreadPoolExecutor(len(streams)) as pool:
-        running_ = [pool.submit(stream, u, s.path, s) for u, s in zip(urls, streams, strict=True)]
-        deadline = time.monotonic() + 120
-        while not all(len(s.token_ids) >= 3 for s in streams):
-            assert time.monotonic() < deadline, [len(s.token_ids) for s in streams]
-            time.sleep(0.01)
-        at_kill = [len(s.token_ids) for s in streams]
+        running_ = [pool.submit(s.run, u) for u, s in zip(urls, streams, strict=True)]
+        at_kill = wait_all_streaming(streams)
         os.kill(core.pid, signal.SIGKILL)
         for f in running_:
             f.result(timeout=180)
@@ -298,24 +251,12 @@ def test_streams_cut_by_the_death_are_continued_token_exactly(fleet: Fleet) -> N
     print(f"\nstreams at the kill: {at_kill} tokens ({len(cut)} unfinished)")
     assert cut, "every stream had finished before the kill: nothing was tested"
     for s in streams:
-        assert s.status == 200
-        errors = [c for c in s.chunks if "error" in c]
-        assert errors == [], errors
-        assert s.events.count("[DONE]") == 1 and s.events[-1] == "[DONE]"
-        assert len(s.token_ids) == STREAM_TOKENS
-        assert len({c["id"] for c in s.chunks}) == 1
-        finishes = [ch["finish_reason"] for c in s.chunks for ch in c["choices"]]
-        assert [f for f in finishes if f] == ["length"] and finishes[-1] == "length"
-        usage = [c["usage"] for c in s.chunks if c.get("usage")]
-        assert len(usage) == 1 and usage[0]["completion_tokens"] == STREAM_TOKENS
-        detokenized = {"model": "tiny-chat", "tokens": s.token_ids}
-        reply = httpx.post(f"{fleet.worker_url}/detokenize", json=detokenized, timeout=30)
-        assert reply.json()["prompt"] == s.text
+        s.check_complete(fleet.worker_url)
     # token-exact: greedy, so the same request uninterrupted gives the same ids (the
     # tiny model's greedy choices held here; a model with near-tied logits may not)
     for path in set(paths):
-        reference = Stream(path, [])
-        stream(fleet.worker_url, path, reference)
+        reference = Stream(path)
+        reference.run(fleet.worker_url)
         for s in streams:
             if s.path == path:
                 assert s.token_ids == reference.token_ids

@@ -1,0 +1,163 @@
+"""Another worker, through the gateway: where a request goes when this worker's engine
+died and no engine of its own takes over at once (no standby ready).
+
+Without a standby, a worker needs a whole engine start (17-36 s on an H100) before it
+serves again; with two workers behind SMG the other one can finish what the dead engine
+was doing. ``ThroughTheGateway`` makes ASGI apps that send one request to the gateway
+(SMG picks a healthy worker; the dying worker has left it at the death's detection) and
+pass the answer on as ASGI messages: ``ReplayOnEngineDeath`` runs a request the client
+has no byte of yet again there, and continues a cut stream there token-exactly (every
+worker of one model has the same tokenizer).
+
+SMG's ``/v1/completions`` takes a text prompt only (a prompt of token ids: 400, "did not
+match any variant of untagged enum StringOrArray", SMG 1.13), while its SGLang-native
+``/generate`` takes ``input_ids`` and passes fields it does not know on to the worker. A
+continuation (a completion whose prompt is token ids) therefore travels as ``/generate``
+with ``input_ids`` and the rest of the completion request under ``ichat_completion``;
+the worker that receives it runs it as ``/v1/completions`` on its engine (``inbound``).
+SMG does not pass custom headers on, so a forwarded request is marked in its body
+(``ichat_forwarded``, removed before the engine sees it): a worker whose engine is dead
+does not forward such a request again but answers 503, which SMG retries on another
+worker, so a request never circles between dying workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import httpx
+
+from ichat.auth import bearer_headers
+from ichat.backends.continuation import COMPLETIONS, DONE, error_event
+
+logger = logging.getLogger("ichat.elsewhere")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+GENERATE = "/generate"  # SMG's route that takes token ids
+FORWARDED = "ichat_forwarded"  # in the body: a dying worker sent this request
+COMPLETION = "ichat_completion"  # in a /generate body: the completion request it carries
+SCOPE_KEY = "ichat.forwarded"  # in the ASGI scope of a forwarded request
+CONNECT_TIMEOUT = 5.0
+
+
+def forwarded(scope: Scope) -> bool:
+    """Whether this request was forwarded by a worker whose engine died."""
+    return bool(scope.get(SCOPE_KEY))
+
+
+def outbound(path: str, body: bytes) -> tuple[str, bytes]:
+    """The request as it goes through the gateway: marked as forwarded; a completion
+    whose prompt is token ids as ``/generate``."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return path, body
+    if not isinstance(request, dict):
+        return path, body
+    prompt = request.get("prompt")
+    if path == COMPLETIONS and isinstance(prompt, list) and all(type(i) is int for i in prompt):
+        rest = {key: value for key, value in request.items() if key != "prompt"}
+        carried = {"model": request.get("model"), "input_ids": prompt,
+                   "stream": bool(request.get("stream")), FORWARDED: True,
+                   COMPLETION: rest}  # fmt: skip
+        return GENERATE, json.dumps(carried).encode()
+    return path, json.dumps({**request, FORWARDED: True}).encode()
+
+
+def inbound(scope: Scope, body: bytes) -> tuple[Scope, bytes]:
+    """A request as this worker's engine takes it: one another worker forwarded loses
+    its mark (and is noted in the scope), a carried completion becomes one again."""
+    if FORWARDED.encode() not in body:
+        return scope, body
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return scope, body
+    if not isinstance(request, dict) or not request.pop(FORWARDED, False):
+        return scope, body
+    headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() != b"content-length"]
+    scope = {**scope, SCOPE_KEY: True, "headers": headers}
+    carried = request.get(COMPLETION)
+    if scope["path"] == GENERATE and isinstance(carried, dict):
+        scope.update(path=COMPLETIONS, raw_path=COMPLETIONS.encode())
+        request = {**carried, "prompt": request.get("input_ids")}
+    return scope, json.dumps(request).encode()
+
+
+class ThroughTheGateway:
+    """Makes one ``GatewayRequest`` per forwarded request."""
+
+    def __init__(
+        self, url: str, api_key: str | None, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.transport = transport  # tests script the gateway here
+
+    def request(self) -> GatewayRequest:
+        return GatewayRequest(self.url, self.api_key, self.transport)
+
+
+class GatewayRequest:
+    """An ASGI app for one request: the gateway's answer, as ASGI messages. A
+    connection that breaks mid-answer ends it with an error event (a stream) or a 502,
+    and sets ``broken`` before that event is sent."""
+
+    def __init__(
+        self, url: str, api_key: str | None, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.url = url
+        self.api_key = api_key
+        self.transport = transport
+        self.broken = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, body = outbound(scope["path"], await _body_of(receive))
+        headers = {**bearer_headers(self.api_key), "content-type": "application/json"}
+        started = False
+        timeout = httpx.Timeout(CONNECT_TIMEOUT, read=None)  # a long answer is no fault
+        try:
+            async with (
+                httpx.AsyncClient(timeout=timeout, transport=self.transport) as client,
+                client.stream("POST", self.url + path, content=body, headers=headers) as response,
+            ):
+                kept = [(b"content-type", response.headers.get("content-type", "").encode())]
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": kept})  # fmt: skip
+                started = True
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            self.broken = True
+            why = f"the gateway did not answer: {type(exc).__name__}: {exc}"
+            logger.warning("%s forwarded to %s: %s", scope["path"], self.url, why)
+            if started:
+                await send({"type": "http.response.body", "body": error_event(why, 502) + DONE,
+                            "more_body": False})  # fmt: skip
+            else:
+                await _json(send, 502, {"error": {"message": why, "type": "BadGateway",
+                                                  "code": 502}})  # fmt: skip
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _body_of(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})

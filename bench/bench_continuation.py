@@ -127,7 +127,8 @@ def main() -> int:
     args = parser.parse_args()
     status_port = free_port()
     worker_args = ("--model-path", args.model_path, "--served-model-name", MODEL_NAME,
-                   "--standby", "--status-port", str(status_port), *args.engine_args)  # fmt: skip
+                   "--standby", "--continuation-limit", "3",
+                   "--status-port", str(status_port), *args.engine_args)  # fmt: skip
     kills = []
     with tempfile.TemporaryDirectory() as tmp, start_worker(Path(tmp), *worker_args) as worker:
         worker.wait_ready(timeout=1800)

@@ -14,6 +14,9 @@
 #   worker under CONC streams of TOKENS tokens (bench/bench_reload.py).
 # continuation: STREAMS greedy streams cut by kill -9 of the active engine (KILLS times)
 #   under --standby, continued on the standby (bench/bench_continuation.py).
+# ab: native vLLM, ichat serve and ichat serve with streams tracked (--gateway-url) resident
+#   at once (UTIL of the GPU each), BLOCKS blocks of alternating load windows
+#   (bench/bench_ab.py): throughput ratios and latency differences with a 95 % CI.
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
 # gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
 #   (WORKERS="1 2", CONFIGS="ichat", PROMPTS=distinct: every request its own prompt).
@@ -95,6 +98,12 @@ case $MODE in
            -- --max-model-len 2048 \
            --gpu-memory-utilization ${UTIL:-0.4} ${EXTRA:-} 2>&1 \
            | tee $OUT/bench-reload.log | grep "^reload\|^before\|^during\|^failed\|^worker\|wrote" ;;
+  ab)    python3 bench/bench_ab.py --model-path $ICHAT_GPU_MODEL --blocks ${BLOCKS:-8} \
+           --starts ${STARTS:-1} --configs ${CONFIGS:-native ichat ichat+replay ichat+tracked} \
+           --concurrency ${CONC:-256} --requests ${REQUESTS:-1024} --max-tokens ${TOKENS:-128} \
+           --client-processes 8 --out $OUT --tag ${TAG:-h100} \
+           -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.22} 2>&1 \
+           | tee $OUT/bench-ab.log | grep "^start\|wrote" ;;
   startphases) python3 bench/probe_engine_start.py --model-path $ICHAT_GPU_MODEL \
            --plans ${PLANS:-off plan plan off} --out $OUT -- --max-model-len 2048 \
            --gpu-memory-utilization ${UTIL:-0.4} > $OUT/engine-start-phases.log 2>&1

@@ -274,9 +274,17 @@ class _UntilTheEngineDies:
     def _event(self, raw: bytes, event: dict[str, Any] | str | None) -> bytes | None:
         raise NotImplementedError
 
+    def _fast(self, raw: bytes) -> bytes | None:
+        """The event for the client without parsing it; None: parse it."""
+        return None
+
     async def _forward(self, message: Message) -> None:
         out = []
         for raw in self._events.feed(message.get("body", b"")):
+            fast = self._fast(raw)
+            if fast is not None:
+                out.append(fast + b"\n\n")
+                continue
             event = continuation.parse(raw)
             if isinstance(event, dict) and "error" in event and self._engine_died():
                 self.cut = True
@@ -297,6 +305,9 @@ class _EngineStream(_UntilTheEngineDies):
         super().__init__(send, engine_died)
         self._stream = stream
         self._passthrough = False  # not a stream (an error status): untouched
+
+    def _fast(self, raw: bytes) -> bytes | None:
+        return self._stream.from_engine_bytes(raw)
 
     def _event(self, raw: bytes, event: dict[str, Any] | str | None) -> bytes | None:
         if isinstance(event, dict):

@@ -123,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=WorkerConfig.continuation_limit,
         metavar="N",
-        help="with --standby: continue a stream that its dying engine cut on the next "
-        "engine from its last token (token ids, same sampling), at most N times per "
-        "request; 0: off (default: %(default)s)",
+        help="continue a stream that its dying engine cut from its last token (token "
+        "ids, same sampling) on the standby (--standby) or on another worker through the "
+        "gateway (--gateway-url), at most N times per request; costs the API process "
+        "CPU for every streamed token (docs/benchmarks.md); 0: off (default: %(default)s)",
     )
     parser.add_argument(
         "--continuation-timeout",

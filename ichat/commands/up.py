@@ -64,6 +64,7 @@ class UpConfig:
     ready_timeout: float = 1800.0
     drain_timeout: float = 30.0
     standby: bool = False  # each worker keeps a standby engine (ichat serve --standby)
+    continuation_limit: int = 0  # ichat serve --continuation-limit
     status_port: int | None = None  # the first worker's /status port (then +1, +2...)
     admin_key: str | None = None  # the workers' reload key (default: api_key)
     engine_argv: list[str] = field(default_factory=list)
@@ -92,6 +93,8 @@ class UpConfig:
         argv += ["--gateway-url", self.gateway.url]
         if self.standby:
             argv += ["--standby"]
+        if self.continuation_limit:
+            argv += ["--continuation-limit", str(self.continuation_limit)]
         if self.status_port is not None:
             argv += ["--status-port", str(self.status_port + index)]
         if self.api_key:  # the engine's own --api-key; SMG sends the same key
@@ -284,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="each worker keeps a standby engine and fails over to it (ichat serve --standby)",
     )
     parser.add_argument(
+        "--continuation-limit",
+        type=int,
+        default=d.continuation_limit,
+        metavar="N",
+        help="continue streams cut by an engine death on the standby or another worker, "
+        "at most N times a request (ichat serve --continuation-limit; default: off)",
+    )
+    parser.add_argument(
         "--status-port",
         type=int,
         default=None,
@@ -319,6 +330,7 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
         drain_timeout=ns.drain_timeout,
         ready_timeout=ns.ready_timeout,
         standby=ns.standby,
+        continuation_limit=ns.continuation_limit,
         status_port=ns.status_port,
         admin_key=ns.admin_key,
         engine_argv=engine_argv,

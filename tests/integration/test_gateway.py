@@ -126,6 +126,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
         "--context-length", str(CONTEXT_LENGTH), "--api-key", KEY,
         "--gateway-url", gateway_url, "--gateway-api-key", KEY, "--drain-timeout", "20",
+        "--continuation-limit", "3",
     ]  # fmt: skip
     args_b = [WORKER_B_KEY if arg == KEY and args[i - 1] == "--api-key" else arg
               for i, arg in enumerate(args)]  # fmt: skip

@@ -81,6 +81,8 @@ def fleet(model_dir: Path) -> Iterator[Fleet]:
         ichat_cmd(
             "up",
             "--standby",
+            "--continuation-limit",
+            "3",
             "--port",
             str(port),
             "--worker-port",

@@ -286,3 +286,64 @@ def test_a_cut_inside_a_character_gets_that_character_once_not_the_prompt() -> N
     contents = [c["choices"][0]["delta"]["content"] for c in events if isinstance(c, dict)]
     assert contents == ["", "<[10]>", "<[11]>", "", "é", "<[203]>"]
     assert engine.requests[1][1]["prompt"] == [1, 2, 10, 11, 201]
+
+
+def _with_delta(delta: dict[str, Any]) -> dict[str, Any]:
+    chunk = chat_chunk([10])
+    return {**chunk, "choices": [{**chunk["choices"][0], "delta": delta}]}
+
+
+EMPTY_TEXT = _with_delta({"content": ""})  # a byte of a split character
+ROLE_ONLY = _with_delta({"role": "assistant"})
+
+
+def compact(event: dict[str, Any]) -> bytes:
+    """An event as vLLM writes it (pydantic's compact JSON), without the SSE framing."""
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("asked_ids", [False, True])
+@pytest.mark.parametrize(
+    ("path", "chunk"),
+    [
+        (CHAT, chat_chunk([10])),
+        (CHAT, {**chat_chunk([10, 11]), "prompt_token_ids": None}),
+        (CHAT, chat_chunk([])),
+        (COMPLETIONS, completion_chunk([10])),
+        (CHAT, EMPTY_TEXT),
+    ],
+)
+def test_an_ordinary_chunk_read_from_its_bytes_is_read_as_when_parsed(
+    path: str, chunk: dict[str, Any], asked_ids: bool
+) -> None:
+    """The fast path (token ids and empty text read from the bytes) gives the client the
+    same event and notes the same ids and pending bytes as parsing the chunk."""
+    body = {"stream": True, "return_token_ids": asked_ids, "messages": [], "prompt": "x"}
+    fast, parsed = TrackedStream.of(path, body), TrackedStream.of(path, body)
+    for stream in (fast, parsed):
+        stream.id, stream.pending = "chatcmpl-1", 1
+    raw = compact(chunk)
+    sent = fast.from_engine_bytes(raw)
+    assert sent is not None
+    expected = parsed.from_engine(json.loads(raw[6:]))
+    assert json.loads(sent[6:]) == expected
+    assert (fast.generated, fast.pending) == (parsed.generated, parsed.pending)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        compact(chat_chunk([10], "length")),  # a finish
+        compact({**chat_chunk(None), "prompt_token_ids": PROMPT}),  # the first
+        compact({"id": "c", "choices": [], "usage": {"completion_tokens": 1}}),
+        compact({"error": {"message": "EngineCore encountered an issue", "code": 500}}),
+        b"data: [DONE]",
+        b"data: " + json.dumps(chat_chunk([10])).encode(),  # another layout: spaces
+        compact(ROLE_ONLY),  # no text field
+    ],
+)
+def test_any_other_chunk_takes_the_parsed_path(raw: bytes) -> None:
+    stream = TrackedStream.of(CHAT, {"stream": True, "messages": []})
+    stream.id = "chatcmpl-1"
+    assert stream.from_engine_bytes(raw) is None
+    assert stream.generated == []

@@ -284,8 +284,10 @@ class BaseBackend(abc.ABC):
         drain timeout, with the HTTP server's own bound."""
         self.framework_args = config
         if self._server is not None:
-            drain = config.drain_timeout + config.deadlines.drain_grace
-            self._server.config.timeout_graceful_shutdown = max(1, round(drain))
+            from ichat.backends.http_server import graceful_shutdown_seconds
+
+            bound = graceful_shutdown_seconds(_server_drain(config))
+            self._server.config.timeout_graceful_shutdown = bound
 
     async def reload(self, argv: list[str], method: ReloadMethod = ReloadMethod.AUTO) -> Reloaded:
         """Replace the engine by one started with ``argv`` while this one serves, on
@@ -408,9 +410,7 @@ class BaseBackend(abc.ABC):
         options.setdefault("log_level", config.engine_log_level)
         # uvicorn cuts what is left at its own deadline: after ours, when the engine has
         # aborted the requests still in flight and their streams have ended
-        self._server = make_server(
-            app, drain_timeout=config.drain_timeout + config.deadlines.drain_grace, **options
-        )
+        self._server = make_server(app, drain_timeout=_server_drain(config), **options)
         self.on_server_created(self._server)
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
 
@@ -604,6 +604,12 @@ class BaseBackend(abc.ABC):
         if before is None:
             return []
         return [p for p in processes.children() if p.pid not in before]
+
+
+def _server_drain(config: WorkerConfig) -> float:
+    """How long uvicorn lets a graceful shutdown run: past our drain deadline, when the
+    engine has aborted what was still in flight and those streams have ended."""
+    return config.drain_timeout + config.deadlines.drain_grace
 
 
 def collect_frozen_garbage() -> None:

@@ -25,7 +25,14 @@ class NoSignalServer(uvicorn.Server):
         yield
 
 
+def graceful_shutdown_seconds(drain_timeout: float) -> int:
+    """uvicorn's bound on a graceful shutdown: whole seconds, at least one."""
+    return max(1, round(drain_timeout))
+
+
 def make_server(app: Any, *, drain_timeout: float, **options: Any) -> NoSignalServer:
     """Build the server; ``options`` are further ``uvicorn.Config`` settings."""
-    config = uvicorn.Config(app, timeout_graceful_shutdown=max(1, round(drain_timeout)), **options)
+    config = uvicorn.Config(
+        app, timeout_graceful_shutdown=graceful_shutdown_seconds(drain_timeout), **options
+    )
     return NoSignalServer(config)

@@ -31,6 +31,7 @@ import sys
 from collections.abc import Sequence
 
 from ichat.auth import bearer_headers
+from ichat.worker.settings import LOG_LEVELS
 
 BAD_INPUT = 2
 UNREACHABLE = 1
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        choices=LOG_LEVELS,
         default=None,
         help="also set iChat's and the engine's log level in the worker, at once",
     )

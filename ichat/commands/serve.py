@@ -21,11 +21,10 @@ from ichat.config import WorkerConfig
 from ichat.errors import IChatError
 from ichat.process import reaper
 from ichat.process.signals import forked_children_drop_our_handlers
+from ichat.worker.settings import LOG_LEVELS, logging_level
 from ichat.worker.worker import Worker
 
 logger = logging.getLogger("ichat.serve")
-
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +216,7 @@ def configure_logging(level: str) -> None:
     ichat_logger = logging.getLogger("ichat")
     ichat_logger.handlers[:] = [handler]
     ichat_logger.propagate = False
-    ichat_logger.setLevel(logging.DEBUG if level == "trace" else getattr(logging, level.upper()))
+    ichat_logger.setLevel(logging_level(level))
 
 
 def run_event_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

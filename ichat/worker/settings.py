@@ -43,10 +43,15 @@ def updated(config: WorkerConfig, settings: dict[str, object]) -> WorkerConfig:
 def apply_log_level(level: str) -> None:
     """iChat's loggers and the engines' loggers of this process at ``level`` (the
     engine's own processes keep the level they started with)."""
-    value = logging.DEBUG if level == "trace" else getattr(logging, level.upper())
+    value = logging_level(level)
     logging.getLogger("ichat").setLevel(value)
     for name in ENGINE_LOGGERS:
         logging.getLogger(name).setLevel(value)
+
+
+def logging_level(level: str) -> int:
+    """The ``logging`` level of a ``--log-level`` name (uvicorn's "trace": DEBUG)."""
+    return logging.DEBUG if level == "trace" else int(getattr(logging, level.upper()))
 
 
 def shown(config: WorkerConfig) -> dict[str, object]:

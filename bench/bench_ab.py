@@ -177,6 +177,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     load = Load(args.requests, args.concurrency, args.max_tokens, distinct=True)
     windows: list[dict[str, Any]] = []
+
+    def report() -> dict[str, Any]:
+        return {**run_facts(), "tag": args.tag, "configs": args.configs,
+                "engine_args": args.engine_args, "load": load.__dict__,
+                "blocks": args.blocks, "starts": args.starts, "windows": windows,
+                "summary": summarise(windows, args.configs)}  # fmt: skip
+
     for start in range(args.starts):
         with servers(args.configs, args, start) as urls:
             for block in range(args.blocks):
@@ -188,12 +195,9 @@ def main() -> None:
                     print(f"start {start} block {block} {config}: "
                           f"{result['out_tok_per_s']:.0f} tok/s, TTFT p50 "
                           f"{result['ttft_p50_ms']:.1f} ms", flush=True)  # fmt: skip
-    report = {**run_facts(), "tag": args.tag, "configs": args.configs,
-              "engine_args": args.engine_args, "load": load.__dict__, "blocks": args.blocks,
-              "starts": args.starts, "windows": windows,
-              "summary": summarise(windows, args.configs)}  # fmt: skip
-    print(json.dumps(report["summary"], indent=1))
-    save_report(report, args.out / f"ab-{args.tag}", plot)
+                # after every block: a run cut short by a time limit still leaves its file
+                save_report(report(), args.out / f"ab-{args.tag}", plot)
+    print(json.dumps(report()["summary"], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|standby|tp|bench|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|leak OUT_DIR
+#   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|continuation|reload|startphases|leak OUT_DIR
 # faults: kill -9 of EngineCore (KILLS times) and SIGTERM drains (INFLIGHT streams).
 # startphases: vLLM's engine started PLANS times in one process, with and without its
 #   startup plan (bench/probe_engine_start.py).

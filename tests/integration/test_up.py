@@ -139,7 +139,9 @@ def count_routable(gateway: str, seen: list[int], stop: threading.Event) -> None
 
 def test_a_worker_that_fails_to_boot_gives_ichat_up_its_exit_code(model_dir: Path) -> None:
     port, worker_port = free_port(), free_port()
+    # the gateway's metrics port too: by default port + 1, which another process may hold
     args = ["--port", str(port), "--worker-port", str(worker_port),
+            "--prometheus-port", str(free_port()),
             "--model-path", str(model_dir), "--no-such-engine-flag"]  # fmt: skip
     proc = subprocess.run(
         ichat_cmd("up", *args),

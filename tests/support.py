@@ -420,7 +420,8 @@ class Stream:
         detokenized = {"model": MODEL_NAME, "tokens": self.token_ids}
         reply = httpx.post(f"{worker_url}/detokenize", json=detokenized, headers=headers,
                            timeout=30)  # fmt: skip
-        assert reply.json()["prompt"] == self.text
+        whole = reply.json()["prompt"]
+        assert whole == self.text, f"detokenized {whole!r} != streamed {self.text!r}"
 
 
 def wait_all_streaming(streams: list[Stream], tokens: int = 3, timeout: float = 120) -> list[int]:

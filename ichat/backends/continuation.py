@@ -173,11 +173,11 @@ class TrackedStream:
         of it); None when the chunk needs the parsed path: the first, one with a finish,
         usage, an error, or any layout not matched exactly.
 
-        Parsing and re-serialising every chunk cost the API process 13 us a token (26 %
-        more CPU a token on CPU; 0.61 of native vLLM's throughput at 256 streams on an
-        H100, bench/bench_ab.py): the chunk's token ids and whether its text is empty are
-        read from the bytes instead. In vLLM's compact JSON a key pattern like
-        ``"token_ids":[`` cannot occur inside a string (its quotes are escaped there)."""
+        Parsing and re-serialising every chunk left 0.61 of native vLLM's throughput at
+        256 streams on an H100 (bench/bench_ab.py, docs/benchmarks.md): the chunk's
+        token ids and whether its text is empty are read from the bytes instead. In
+        vLLM's compact JSON a key pattern like ``"token_ids":[`` cannot occur inside a
+        string (its quotes are escaped there)."""
         if self.id is None or b'"prompt_token_ids":[' in raw:
             return None  # an error event, usage or [DONE] has no "token_ids" (below)
         found = _TOKEN_IDS.findall(raw)

@@ -12,12 +12,14 @@ client translated into its stream: the same ``id``, ``created``, ``model`` and c
 format, one ``finish_reason``, one ``usage`` counting the whole request, ``[DONE]`` once.
 Model: Dynamo's request migration (prompt + generated tokens, remaining ``max_tokens``).
 
-A cut between the bytes of one character (byte-fallback tokens whose text is still
-empty) would make vLLM's detokenizer flush the whole prompt's text with the
-continuation's first character (its ``DecodeStream`` primed with a prompt that ends
-mid-character): until that character is complete the continuation's text is decoded
-here, from a few tokens before the cut (``decode``), as vLLM's incremental detokenizer
-would have. Exact for greedy decoding. Sampled streams continue with a fresh draw (a ``seed``
+The continuation's text is decoded here from its token ids (``decode``: the engine's
+tokenizer), in a window rolling a few tokens behind, as vLLM's incremental detokenizer
+would have decoded the whole stream: what reached the client before the cut is the
+text of the ids up to it less a character still incomplete there (its bytes held back),
+and the continuing engine's own text cannot be used -- its ``DecodeStream``, primed
+with a prompt that ends mid-character, flushes the prompt's whole text -- nor can the
+cut be placed by chunks, whose last token may have begun a character while their text
+is not empty. Exact for greedy decoding. Sampled streams continue with a fresh draw (a ``seed``
 restarts at the continuation); a stop string that would span the cut is not seen
 there. Not continued (the error event passes as before): ``n`` or ``best_of`` > 1,
 ``echo``, logprobs, tools, a ``response_format`` or structured output, presence or
@@ -29,12 +31,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-Message = MutableMapping[str, Any]
-Send = Callable[[Message], Awaitable[None]]
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's (and vLLM's) default there
@@ -46,7 +45,9 @@ CARRIED = (
     "spaces_between_special_tokens", "include_stop_str_in_output", "priority", "user",
     "cache_salt", "vllm_xargs",
 )  # fmt: skip
-RESYNC_CONTEXT = 4  # tokens decoded before the pending ones (as vLLM's slow detokenizer)
+# tokens decoded before the cut with the continuation's (more than a character's bytes)
+TEXT_WINDOW = 8
+REPLACEMENT = "\ufffd"  # what a decoder gives for the bytes of an incomplete character
 Decode = Callable[[list[int], bool], str]  # token ids, skip special tokens -> text
 STRUCTURED = (
     "structured_outputs", "guided_json", "guided_regex", "guided_choice",
@@ -102,9 +103,12 @@ class TrackedStream:
     generated: list[int] = field(default_factory=list)
     finished: bool = False  # a finish_reason reached the client
     usage_sent: bool = False
-    pending: int = 0  # the last generated tokens whose text is still empty (a split char)
-    resync_from: int | None = None  # while the continuation's text is decoded here: where
-    # the split character's tokens begin in ``generated``
+    # a continuation's text, decoded here: where the stream was cut, where the decoded
+    # window begins in ``generated`` and the text of that window the client received
+    # (None: not read yet)
+    cut: int | None = None
+    window: int = 0
+    known: str | None = None
 
     @classmethod
     def of(cls, path: str, body: dict[str, Any]) -> TrackedStream:
@@ -175,7 +179,7 @@ class TrackedStream:
 
         Parsing and re-serialising every chunk left 0.61 of native vLLM's throughput at
         256 streams on an H100 (bench/bench_ab.py, docs/benchmarks.md): the chunk's
-        token ids and whether its text is empty are read from the bytes instead. In
+        token ids are read from the bytes instead. In
         vLLM's compact JSON a key pattern like ``"token_ids":[`` cannot occur inside a
         string (its quotes are escaped there)."""
         if self.id is None or b'"prompt_token_ids":[' in raw:
@@ -183,33 +187,52 @@ class TrackedStream:
         found = _TOKEN_IDS.findall(raw)
         if len(found) != 1 or raw.count(b'"finish_reason":null') != 1:
             return None
-        key, empty = _TEXT[self.path]
-        if key not in raw:  # no text field
+        if _TEXT_KEY[self.path] not in raw:  # no text field
             return None
-        ids = list(map(int, found[0].split(b","))) if found[0] else []
-        self.generated += ids
-        if ids:
-            self.pending = self.pending + len(ids) if empty in raw else 0
+        if found[0]:
+            self.generated += map(int, found[0].split(b","))
         return raw if self.asked_ids else _TOKEN_IDS.sub(b'"token_ids":null', raw)
 
     def begin_continuation(self) -> None:
-        """The next events are a continuation's: decode its text here while the cut
-        split a character."""
-        self.resync_from = len(self.generated) - self.pending if self.pending else None
+        """The next events are a continuation's: their text is decoded here."""
+        self.cut, self.known = len(self.generated), None
 
-    def _resynced_text(self, text: str, decode: Decode | None) -> str:
-        """The text of the continuation's chunk just noted (its ids in ``generated``)."""
-        split = self.resync_from
-        if split is None or decode is None:
+    def _continued_text(self, text: str, new: int, decode: Decode | None) -> str:
+        """The text of the continuation's chunk just noted (its ``new`` ids ending
+        ``generated``), token by token as vLLM's ``DecodeStream`` gives it: a token whose
+        text ends in an incomplete character gives none (held back) until one completes
+        it. The engine's ``text`` only without a tokenizer, or for a decoder whose text
+        of earlier ids changes with later ones."""
+        if self.cut is None or decode is None:
             return text
-        context = self.generated[max(0, split - RESYNC_CONTEXT) : split]
         skip = bool(self.body.get("skip_special_tokens", True))
-        known = decode(context, skip)
-        whole = decode(context + self.generated[split:], skip)
-        if whole.endswith("\ufffd") or not whole.startswith(known):
-            return ""  # the character is not complete yet
-        self.resync_from = None
-        return whole[len(known) :]
+        if self.known is None:
+            self.window, self.known = self._received(decode, skip)
+        out = []
+        for end in range(len(self.generated) - new + 1, len(self.generated) + 1):
+            whole = decode(self.generated[self.window : end], skip)
+            if whole.endswith(REPLACEMENT):
+                continue
+            if not whole.startswith(self.known):
+                self.cut = None
+                return text
+            out.append(whole[len(self.known) :])
+            self.window = max(0, end - TEXT_WINDOW)
+            self.known = decode(self.generated[self.window : end], skip)
+        return "".join(out)
+
+    def _received(self, decode: Decode, skip: bool) -> tuple[int, str]:
+        """Where a window of ids before the cut begins, and the text of that window the
+        client received: up to the last token whose text was complete."""
+        assert self.cut is not None
+        window = self.cut
+        while window > 0:
+            window = max(0, window - TEXT_WINDOW)
+            for end in range(self.cut, window, -1):
+                text = decode(self.generated[window:end], skip)
+                if not text.endswith(REPLACEMENT):
+                    return window, text
+        return 0, ""
 
     def from_continuation(
         self, event: dict[str, Any], decode: Decode | None = None
@@ -229,8 +252,7 @@ class TrackedStream:
         for choice in event["choices"]:
             ids = list(choice.get("token_ids") or ())
             self.generated.extend(ids)
-            text = self._resynced_text(choice.get("text", ""), decode)
-            self._note_text(ids, text)
+            text = self._continued_text(choice.get("text", ""), len(ids), decode)
             self.finished = self.finished or choice.get("finish_reason") is not None
             out = self._with_text({"index": 0}, text)
             out["logprobs"] = None
@@ -247,19 +269,10 @@ class TrackedStream:
         ids = choice.get("token_ids")
         if ids:
             self.generated.extend(ids)
-            delta = choice.get("delta")
-            self._note_text(
-                ids, delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            )
         if not self.asked_ids and "token_ids" in choice:
             choice["token_ids"] = None
         if choice.get("finish_reason") is not None:
             self.finished = True
-
-    def _note_text(self, ids: list[int], text: str | None) -> None:
-        """Tokens whose text is still empty are pending (the bytes of a split character)."""
-        if ids:
-            self.pending = 0 if text else self.pending + len(ids)
 
     def _head(self) -> dict[str, Any]:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
@@ -295,6 +308,10 @@ class TrackedStream:
         return events
 
 
+# every outcome of a continuation (Continued.outcome), each exported from the start
+CONTINUATION_OUTCOMES = ("continued", "cut", "refused", "closed", "gave_up")
+
+
 @dataclass(frozen=True)
 class Continued:
     """One continuation of a cut stream, for the worker's metrics: ``outcome`` is
@@ -310,7 +327,7 @@ class Continued:
 
 
 _TOKEN_IDS = re.compile(rb'"token_ids":\[([0-9,]*)\]')
-_TEXT = {CHAT: (b'"content":"', b'"content":""'), COMPLETIONS: (b'"text":"', b'"text":""')}
+_TEXT_KEY = {CHAT: b'"content":"', COMPLETIONS: b'"text":"'}
 
 
 def sse(event: dict[str, Any] | str) -> bytes:

@@ -25,20 +25,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 import httpx
 
 from ichat.auth import bearer_headers
+from ichat.backends.asgi import Receive, Scope, Send, send_error, whole_body
 from ichat.backends.continuation import COMPLETIONS, DONE, error_event
 
 logger = logging.getLogger("ichat.elsewhere")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 GENERATE = "/generate"  # SMG's route that takes token ids
 FORWARDED = "ichat_forwarded"  # in the body: a dying worker sent this request
@@ -102,7 +97,7 @@ class ThroughTheGateway:
         self.transport = transport  # tests script the gateway here
 
     def request(self) -> GatewayRequest:
-        return GatewayRequest(self.url, self.api_key, self.transport)
+        return GatewayRequest(self)
 
 
 class GatewayRequest:
@@ -110,23 +105,23 @@ class GatewayRequest:
     connection that breaks mid-answer ends it with an error event (a stream) or a 502,
     and sets ``broken`` before that event is sent."""
 
-    def __init__(
-        self, url: str, api_key: str | None, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
-        self.url = url
-        self.api_key = api_key
-        self.transport = transport
+    def __init__(self, gateway: ThroughTheGateway) -> None:
+        self.gateway = gateway
         self.broken = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path, body = outbound(scope["path"], await _body_of(receive))
-        headers = {**bearer_headers(self.api_key), "content-type": "application/json"}
+        received = await whole_body(receive)
+        if received is None:
+            return  # the client left: nothing to forward
+        path, body = outbound(scope["path"], received)
+        url = self.gateway.url
+        headers = {**bearer_headers(self.gateway.api_key), "content-type": "application/json"}
         started = False
         timeout = httpx.Timeout(CONNECT_TIMEOUT, read=None)  # a long answer is no fault
         try:
             async with (
-                httpx.AsyncClient(timeout=timeout, transport=self.transport) as client,
-                client.stream("POST", self.url + path, content=body, headers=headers) as response,
+                httpx.AsyncClient(timeout=timeout, transport=self.gateway.transport) as client,
+                client.stream("POST", url + path, content=body, headers=headers) as response,
             ):
                 kept = [(b"content-type", response.headers.get("content-type", "").encode())]
                 await send({"type": "http.response.start", "status": response.status_code,
@@ -137,27 +132,11 @@ class GatewayRequest:
         except httpx.HTTPError as exc:
             self.broken = True
             why = f"the gateway did not answer: {type(exc).__name__}: {exc}"
-            logger.warning("%s forwarded to %s: %s", scope["path"], self.url, why)
+            logger.warning("%s forwarded to %s: %s", scope["path"], url, why)
             if started:
                 await send({"type": "http.response.body", "body": error_event(why, 502) + DONE,
                             "more_body": False})  # fmt: skip
             else:
-                await _json(send, 502, {"error": {"message": why, "type": "BadGateway",
-                                                  "code": 502}})  # fmt: skip
+                await send_error(send, 502, "BadGateway", why)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _body_of(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
-    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})

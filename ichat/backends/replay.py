@@ -28,11 +28,12 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ichat.backends import continuation, elsewhere
+from ichat.backends.asgi import ASGIApp, Message, Receive, Scope, Send, send_error, whole_body
 from ichat.backends.continuation import (
     DONE,
     Continued,
@@ -44,11 +45,6 @@ from ichat.backends.continuation import (
 
 logger = logging.getLogger("ichat.replay")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 GENERATING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -103,7 +99,7 @@ class ReplayOnEngineDeath:
         if not (posted and scope["path"] in (*self.paths, elsewhere.GENERATE)):
             await self.app(scope, receive, send)
             return
-        body = await _whole_body(receive)
+        body = await whole_body(receive)
         if body is None:
             return  # the client left while sending it
         scope, body = elsewhere.inbound(scope, body)  # what another worker forwarded
@@ -147,7 +143,9 @@ class ReplayOnEngineDeath:
                 "sent again to the engine that serves now",
                 scope["path"],
             )
-        await _unavailable(send, "the engine died and no other engine took over")
+        await send_error(
+            send, 503, "ServiceUnavailable", "the engine died and no other engine took over"
+        )
 
     def _continuable(self, path: str, body: bytes) -> dict[str, Any] | None:
         """The request's JSON when its stream could be continued; None otherwise."""
@@ -427,17 +425,6 @@ def _is_error_event(body: bytes) -> bool:
     return isinstance(event, dict) and "error" in event
 
 
-async def _whole_body(receive: Receive) -> bytes | None:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 def _replaying(body: bytes, receive: Receive) -> Receive:
     """The request's body once, then the client's own messages (its disconnect)."""
     sent = False
@@ -450,15 +437,3 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-async def _unavailable(send: Send, why: str) -> None:
-    payload = json.dumps({"error": {"message": why, "type": "ServiceUnavailable", "code": 503}})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload.encode()})

@@ -100,6 +100,13 @@ class GatewayRefused(GatewayError):
         self.status = status
 
 
+class PrometheusError(IChatError):
+    """The Prometheus server ``ichat up --prometheus`` runs next to the fleet did not
+    start, or exited."""
+
+    exit_code = 9
+
+
 class WorkerExitedError(IChatError):
     """A worker of ``ichat up`` exited on its own. ``ichat up`` exits with the worker's
     code when it is one of iChat's (2 configuration, 3 boot failure, 4 died without

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
+# Prometheus and promtool (Debian's package, unpacked): alert rules and a real server
+PROM_BIN=$(bash scripts/setup-prometheus.sh)
+export ICHAT_PROMETHEUS=${ICHAT_PROMETHEUS:-$PWD/$PROM_BIN/prometheus}
+export ICHAT_PROMTOOL=${ICHAT_PROMTOOL:-$PWD/$PROM_BIN/promtool}
 PY=${ICHAT_VENV:-.venv}/bin/python
 "$PY" -m ruff check ichat tests bench scripts
 "$PY" -m mypy

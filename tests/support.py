@@ -431,3 +431,45 @@ def wait_all_streaming(streams: list[Stream], tokens: int = 3, timeout: float = 
         assert time.monotonic() < deadline, [len(s.token_ids) for s in streams]
         time.sleep(0.01)
     return [len(s.token_ids) for s in streams]
+
+
+def prometheus_binary(name: str = "prometheus") -> str:
+    """Prometheus' ``prometheus`` or ``promtool``: $ICHAT_PROMETHEUS / $ICHAT_PROMTOOL
+    (scripts/test.sh sets them), else scripts/setup-prometheus.sh's folder."""
+    given = os.environ.get(f"ICHAT_{name.upper()}")
+    if given:
+        return given
+    local = Path(__file__).resolve().parents[1] / ".tools" / "prometheus" / "usr" / "bin" / name
+    if not local.exists():
+        raise AssertionError(f"{name} not found: run scripts/setup-prometheus.sh")
+    return str(local)
+
+
+@dataclass
+class PrometheusAPI:
+    """A real Prometheus server's HTTP API (/api/v1)."""
+
+    url: str
+
+    def _get(self, path: str, **params: Any) -> Any:
+        reply = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
+        body = reply.json()
+        assert reply.status_code == 200 and body["status"] == "success", (path, params, body)
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query's series (``metric``, ``value``)."""
+        return self._get("query", query=expr)["result"]  # type: ignore[no-any-return]
+
+    def query_range(self, expr: str, seconds: float, step: float = 2.0) -> list[dict[str, Any]]:
+        """A range query's series over the last ``seconds``."""
+        now = time.time()
+        data = self._get("query_range", query=expr, start=now - seconds, end=now, step=step)
+        return data["result"]  # type: ignore[no-any-return]
+
+    def alerts(self, name: str) -> list[dict[str, Any]]:
+        """Active alerts (pending or firing) called ``name``."""
+        return [a for a in self._get("alerts")["alerts"] if a["labels"]["alertname"] == name]
+
+    def targets(self) -> list[dict[str, Any]]:
+        return self._get("targets")["activeTargets"]  # type: ignore[no-any-return]

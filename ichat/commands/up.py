@@ -41,6 +41,7 @@ from ichat.errors import (
     ReadinessTimeoutError,
     WorkerExitedError,
 )
+from ichat.observability.prometheus import PrometheusConfig, PrometheusProcess
 from ichat.process import processes
 from ichat.process.readiness import Backoff, wait_until_ready
 from ichat.process.signals import captured_signals, first_signal
@@ -67,14 +68,40 @@ class UpConfig:
     continuation_limit: int = 0  # ichat serve --continuation-limit
     status_port: int | None = None  # the first worker's /status port (then +1, +2...)
     admin_key: str | None = None  # the workers' reload key (default: api_key)
+    # a Prometheus server scraping the fleet and evaluating iChat's alert rules on this
+    # port (None: off); its binary (default: $ICHAT_PROMETHEUS, else on the PATH)
+    prometheus: int | None = None
+    prometheus_bin: str | None = None
     engine_argv: list[str] = field(default_factory=list)
+
+    @property
+    def worker_status_port(self) -> int | None:
+        """The first worker's status port: as given, else with Prometheus (which
+        scrapes it) the worker port + 100."""
+        if self.status_port is None and self.prometheus is not None:
+            return self.worker_port + 100
+        return self.status_port
 
     @property
     def status_urls(self) -> list[str]:
         """The workers' status URLs (none without --status-port)."""
-        if self.status_port is None:
+        first = self.worker_status_port
+        if first is None:
             return []
-        return [f"http://127.0.0.1:{self.status_port + i}" for i in range(self.workers)]
+        return [f"http://127.0.0.1:{first + i}" for i in range(self.workers)]
+
+    @property
+    def monitoring(self) -> PrometheusConfig | None:
+        """What the Prometheus server scrapes (None: no --prometheus)."""
+        if self.prometheus is None:
+            return None
+        return PrometheusConfig(
+            workers=[url.removeprefix("http://") for url in self.status_urls],
+            engines=[f"127.0.0.1:{self.worker_port + i}" for i in range(self.workers)],
+            gateways=[f"127.0.0.1:{self.gateway.prometheus_port or self.port + 1}"],
+            port=self.prometheus,
+            binary=self.prometheus_bin,
+        )
 
     @property
     def gateway(self) -> GatewayConfig:
@@ -95,8 +122,8 @@ class UpConfig:
             argv += ["--standby"]
         if self.continuation_limit:
             argv += ["--continuation-limit", str(self.continuation_limit)]
-        if self.status_port is not None:
-            argv += ["--status-port", str(self.status_port + index)]
+        if self.worker_status_port is not None:
+            argv += ["--status-port", str(self.worker_status_port + index)]
         if self.api_key:  # the engine's own --api-key; SMG sends the same key
             argv += ["--gateway-api-key", self.api_key, "--api-key", self.api_key]
         if self.admin_key:
@@ -139,11 +166,15 @@ class Group:
         self.config = config
         self.gateway = GatewayProcess(config.gateway)
         self.workers: list[subprocess.Popen[bytes]] = []
+        monitoring = config.monitoring
+        self.prometheus = PrometheusProcess(monitoring) if monitoring is not None else None
 
     def check_ports(self) -> None:
         config = self.config
+        if self.prometheus is not None:
+            self.prometheus.config.find_binary()  # before anything starts
         for i in range(config.workers):
-            for base in (config.worker_port, config.status_port):
+            for base in (config.worker_port, config.worker_status_port):
                 if base is not None and not processes.port_is_free("127.0.0.1", base + i):
                     raise PortInUseError("127.0.0.1", base + i)
 
@@ -153,8 +184,15 @@ class Group:
             logger.info("starting worker %d: %s", i, " ".join(argv))
             self.workers.append(subprocess.Popen(argv))
 
+    async def start_prometheus(self) -> None:
+        if self.prometheus is not None:
+            self.prometheus.start()
+            await self.prometheus.wait_ready(timeout=60)
+
     def check_running(self) -> None:
         self.gateway.check_running()
+        if self.prometheus is not None:
+            self.prometheus.check_running()
         for i, worker in enumerate(self.workers):
             if worker.poll() is not None:
                 raise WorkerExitedError(i, worker.returncode)
@@ -197,6 +235,8 @@ class Group:
             with contextlib.suppress(ChildProcessError):
                 worker.wait()
         self.gateway.stop()  # no worker left to route to: nothing to drain
+        if self.prometheus is not None:  # last: it saw the stop
+            self.prometheus.stop()
 
 
 async def run_up(config: UpConfig) -> int:
@@ -208,6 +248,7 @@ async def run_up(config: UpConfig) -> int:
         group.gateway.start()
         try:
             await group.gateway.wait_ready(timeout=60)
+            await group.start_prometheus()
             group.start_workers(model_path)
             waiting, got_signal = await first_completed(group.wait_routable(), received.get())
             if got_signal.done():
@@ -233,6 +274,7 @@ def print_endpoint(config: UpConfig, ready_s: float) -> None:
         f'-d \'{{"model": "{config.served_model_name}", "messages": '
         '[{"role": "user", "content": "Hello"}], "max_tokens": 16}\'\n'
         + reload_hint(config)
+        + prometheus_hint(config)
         + "  Ctrl-C stops everything.\n",
         flush=True,
     )
@@ -244,6 +286,17 @@ def reload_hint(config: UpConfig) -> str:
         return ""
     urls = " ".join(config.status_urls)
     return f"  new engine flags, worker by worker: ichat reload {urls} --api-key KEY -- FLAGS\n"
+
+
+def prometheus_hint(config: UpConfig) -> str:
+    """Where the fleet's Prometheus answers (with --prometheus)."""
+    monitoring = config.monitoring
+    if monitoring is None:
+        return ""
+    return (
+        f"  Prometheus: {monitoring.url}  (alerts: {monitoring.url}/alerts; Grafana "
+        "dashboard: deploy/observability/grafana-dashboard.json)\n"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +360,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the key `ichat reload` needs at the workers' status ports (default: "
         "$ICHAT_ADMIN_KEY, else --api-key)",
     )
+    parser.add_argument(
+        "--prometheus",
+        type=int,
+        nargs="?",
+        const=9090,
+        default=None,
+        metavar="PORT",
+        help="also run a Prometheus server on PORT (default 9090) that scrapes the workers, "
+        "their engines and the gateway and evaluates iChat's alert rules; gives the "
+        "workers status ports (--status-port, default: --worker-port + 100)",
+    )
+    parser.add_argument(
+        "--prometheus-bin",
+        default=None,
+        metavar="PATH",
+        help="the Prometheus binary (default: $ICHAT_PROMETHEUS, else `prometheus` on the PATH)",
+    )
     return parser
 
 
@@ -333,6 +403,8 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
         continuation_limit=ns.continuation_limit,
         status_port=ns.status_port,
         admin_key=ns.admin_key,
+        prometheus=ns.prometheus,
+        prometheus_bin=ns.prometheus_bin,
         engine_argv=engine_argv,
     )
 

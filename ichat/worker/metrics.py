@@ -16,8 +16,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from ichat.backends.continuation import CONTINUATION_OUTCOMES
 from ichat.backends.failover import Standby
-from ichat.worker.supervisor import WorkerState, WorkerStats
+from ichat.worker.supervisor import RELOAD_OUTCOMES, WorkerState, WorkerStats
 
 
 class WorkerCollector:
@@ -51,6 +52,7 @@ class WorkerCollector:
             "Streams cut by an engine death and continued on the next engine, by outcome "
             "(continued, cut, refused, closed, gave_up).",
             s.continuations,
+            CONTINUATION_OUTCOMES,
         )
         yield CounterMetricFamily(
             "ichat_worker_continuation_reprefilled_tokens",
@@ -62,6 +64,7 @@ class WorkerCollector:
             "Engine reloads (ichat reload) by outcome: ok, failed (the new engine did not "
             "start; the old served on), refused.",
             s.reloads,
+            RELOAD_OUTCOMES,
         )
         standby = GaugeMetricFamily(
             "ichat_worker_standby",
@@ -71,6 +74,15 @@ class WorkerCollector:
         for name in (member.value for member in Standby):
             standby.add_metric([name], 1.0 if s.standby == name else 0.0)
         yield standby
+        info = GaugeMetricFamily(
+            "ichat_worker_info",
+            "1, labelled with what the worker serves (model), the URL the gateway reaches it "
+            "at (url: SMG's worker label) and its gateway (gateway; empty: none).",
+            labels=["model", "url", "gateway"],
+        )
+        model = s.served_model_names[0] if s.served_model_names else ""
+        info.add_metric([model, s.url, s.gateway_url], 1.0)
+        yield info
         state = GaugeMetricFamily(
             "ichat_worker_state", "1 for the worker's current state.", labels=["state"]
         )
@@ -120,13 +132,14 @@ class WorkerCollector:
         yield workarounds
 
 
-def _by_outcome(name: str, text: str, counts: dict[str, int]) -> Any:
-    """A counter with one series per outcome."""
+def _by_outcome(name: str, text: str, counts: dict[str, int], known: tuple[str, ...]) -> Any:
+    """A counter with one series per outcome, every known outcome from the start (at
+    0), so that ``increase()`` sees the first one happen."""
     from prometheus_client.core import CounterMetricFamily
 
     family = CounterMetricFamily(name, text, labels=["outcome"])
-    for outcome, count in sorted(counts.items()):
-        family.add_metric([outcome], count)
+    for outcome in sorted(set(known) | set(counts)):
+        family.add_metric([outcome], counts.get(outcome, 0))
     return family
 
 

@@ -46,12 +46,16 @@ logger = logging.getLogger("ichat.supervisor")
 
 
 class WorkerState(str, enum.Enum):
-    STARTING = "starting"
-    READY = "ready"
-    RESTARTING = "restarting"
+    STARTING = "starting"  # the first engine boots
+    READY = "ready"  # an engine serves
+    RESTARTING = "restarting"  # the engine died: until a new one serves
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+
+
+# every outcome of a reload (``ichat reload``), each exported from the start
+RELOAD_OUTCOMES = ("ok", "failed", "refused")
 
 
 @dataclass
@@ -86,6 +90,10 @@ class WorkerStats:
     settings: dict[str, object] = field(default_factory=dict)  # drain_timeout, log_level
     reloads: dict[str, int] = field(default_factory=dict)
     last_reload: dict[str, object] | None = None
+    # who this worker is, for joining its metrics with the gateway's: the URL the
+    # gateway reaches it at (SMG's ``worker`` label) and the gateway's URL ("": none)
+    url: str = ""
+    gateway_url: str = ""
 
 
 @dataclass
@@ -368,5 +376,4 @@ class Supervisor:
         logger.warning("engine died; restart %d in %.2f s", self.stats.restarts + 1, decision.delay)
         await first_completed(self._sleep(decision.delay), self._stop.wait())
         if not self._stop.is_set():
-            self.stats.restarts += 1
-            self.stats.state = WorkerState.STARTING
+            self.stats.restarts += 1  # the state stays "restarting" until it serves

@@ -77,6 +77,8 @@ class Worker:
         supervisor = Supervisor(
             make_backend, config.restart_policy, restart=config.restart, membership=registration
         )
+        supervisor.stats.url = config.advertise_url or config.base_url
+        supervisor.stats.gateway_url = (config.gateway_url or "").rstrip("/")
         status = None
         if config.status_port is not None:
             status = StatusServer(

@@ -10,8 +10,10 @@ load (it leaves before draining; no request fails).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+import json
 import subprocess
 import threading
 import time
@@ -22,18 +24,23 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 
+from ichat.observability import shipped
+from ichat.observability.prometheus import PrometheusConfig, PrometheusProcess
 from ichat.process.processes import free_port, port_is_free
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,
     STREAM_TOKENS,
+    PrometheusAPI,
     Stream,
     Worker,
     engine_core,
     ichat_cmd,
     metric,
     metric_total,
+    prometheus_binary,
     start_worker,
     wait_all_streaming,
 )
@@ -54,6 +61,8 @@ class Cluster:
     workers: list[Worker]
     direct_while_gateway_down: bool
     registered_after_gateway_up_s: float
+    status_ports: list[int]  # each worker's /status /metrics port
+    gateway_metrics_port: int
 
     def listed(self) -> dict[str, dict[str, object]]:
         """url -> the gateway's record of each worker it lists ({} while it is down)."""
@@ -106,8 +115,8 @@ def gateway_answers(url: str) -> bool:
         return False
 
 
-def start_gateway(port: int, log: Path) -> subprocess.Popen[str]:
-    args = ["--port", str(port), "--api-key", KEY, "--prometheus-port", str(free_port())]
+def start_gateway(port: int, metrics_port: int, log: Path) -> subprocess.Popen[str]:
+    args = ["--port", str(port), "--api-key", KEY, "--prometheus-port", str(metrics_port)]
     with log.open("a") as out:
         return subprocess.Popen(
             ichat_cmd("gateway", *args),
@@ -130,14 +139,18 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     ]  # fmt: skip
     args_b = [WORKER_B_KEY if arg == KEY and args[i - 1] == "--api-key" else arg
               for i, arg in enumerate(args)]  # fmt: skip
-    with start_worker(tmp, *args) as a, start_worker(tmp, *args_b) as b:
+    status_ports, metrics_port = [free_port(), free_port()], free_port()
+    with (
+        start_worker(tmp, *args, "--status-port", str(status_ports[0])) as a,
+        start_worker(tmp, *args_b, "--status-port", str(status_ports[1])) as b,
+    ):
         a.wait_ready()
         b.wait_ready()
         # the gateway does not exist yet: both serve directly
         direct = openai.OpenAI(base_url=f"{a.url}/v1", api_key=KEY, max_retries=0)
         direct_ok = chat(direct) == "length"
-        gateway = start_gateway(port, tmp / "gateway.log")
-        cluster = Cluster(gateway_url, gateway, [a, b], direct_ok, 0.0)
+        gateway = start_gateway(port, metrics_port, tmp / "gateway.log")
+        cluster = Cluster(gateway_url, gateway, [a, b], direct_ok, 0.0, status_ports, metrics_port)
         try:
             cluster.registered_after_gateway_up_s = wait_for(
                 lambda: all(cluster.routable(w) for w in (a, b)),
@@ -318,6 +331,107 @@ def test_kill_9_of_one_engine_the_worker_leaves_at_once_the_other_carries_then_i
     print(f"back in the gateway {back_s + (t_back - t_kill):.1f} s after the kill")
 
 
+@pytest.fixture(scope="module")
+def prometheus(cluster: Cluster) -> Iterator[PrometheusAPI]:
+    """A real Prometheus scraping the cluster every second with iChat's alert rules,
+    started by the code `ichat up --prometheus` runs."""
+    config = PrometheusConfig(
+        workers=[f"127.0.0.1:{p}" for p in cluster.status_ports],
+        engines=[f"127.0.0.1:{w.port}" for w in cluster.workers],
+        gateways=[f"127.0.0.1:{cluster.gateway_metrics_port}"],
+        port=free_port(),
+        interval=1.0,
+        binary=prometheus_binary(),
+    )
+    server = PrometheusProcess(config)
+    server.start()
+    try:
+        asyncio.run(server.wait_ready(timeout=60))
+        api = PrometheusAPI(config.url)
+        wait_for(
+            lambda: all(t["health"] == "up" for t in api.targets()) and len(api.targets()) == 5,
+            30,
+            "Prometheus scrapes 2 workers, 2 engines and the gateway",
+        )
+        yield api
+    finally:
+        server.stop()
+    assert port_is_free("127.0.0.1", config.port)
+
+
+def test_prometheus_sees_an_engine_death_the_alert_goes_pending_then_clears(
+    cluster: Cluster, prometheus: PrometheusAPI
+) -> None:
+    """kill -9 of b's engine: through Prometheus' own API, IChatEngineDown (alerts.yml)
+    goes pending (firing after a minute) for b's status port while b restarts, and is
+    gone once b serves again; the join behind IChatWorkerOutOfGateway matches what
+    SMG reports for real (its worker label is the URL the worker registered)."""
+    a, b = cluster.workers
+    instance = f"127.0.0.1:{cluster.status_ports[1]}"
+    urls = {s["metric"]["url"] for s in prometheus.query('ichat_worker_info{gateway!=""}')}
+    in_gateway = prometheus.query(
+        'label_replace(smg_worker_health == 1, "url", "$1", "worker", "(.*)")'
+    )
+    assert urls == {a.url, b.url} == {s["metric"]["url"] for s in in_gateway}
+    out_of_gateway = _alert_expr("IChatWorkerOutOfGateway")
+    assert prometheus.query(out_of_gateway) == []  # both serve and are in the gateway
+    assert prometheus.alerts("IChatEngineDown") == []
+    t_kill = time.monotonic()
+    engine_core(b.proc.pid).kill()
+    pending_s = wait_for(
+        lambda: (
+            [a["state"] for a in prometheus.alerts("IChatEngineDown")] in (["pending"], ["firing"])
+        ),
+        60,
+        "IChatEngineDown pending or firing",
+    )
+    (alert,) = prometheus.alerts("IChatEngineDown")
+    assert alert["labels"]["instance"] == instance and alert["labels"]["severity"] == "critical"
+    wait_for(lambda: cluster.routable(b), 300, "b serves again")
+    served_s = time.monotonic() - t_kill
+    cleared_s = wait_for(lambda: prometheus.alerts("IChatEngineDown") == [], 30, "alert cleared")
+    deaths = prometheus.query(f'ichat_worker_engine_deaths_total{{instance="{instance}"}}')
+    assert float(deaths[0]["value"][1]) >= 1
+    # SMG's health gauge follows its own checks (every 5 s): the join is empty again
+    # well within the alert's 2 min
+    joined_s = wait_for(lambda: prometheus.query(out_of_gateway) == [], 30, "b back in SMG's view")
+    print(
+        f"\nIChatEngineDown {alert['state']} {pending_s:.1f} s after the kill; b served again "
+        f"after {served_s:.1f} s; the alert cleared {cleared_s:.1f} s later; SMG's health "
+        f"gauge had b back {joined_s:.1f} s after that"
+    )
+
+
+def test_every_dashboard_query_returns_data_from_the_fleet(
+    cluster: Cluster, prometheus: PrometheusAPI
+) -> None:
+    """Each panel of the Grafana dashboard, and its worker variable, asked of the
+    Prometheus that scraped this fleet through deaths and restarts (Grafana's
+    $__rate_interval and $instance given values Grafana would give them)."""
+    client = cluster.client()
+    for _ in range(4):  # requests in the last minute for the latency panels
+        assert chat(client) == "length"
+    time.sleep(3)  # scraped
+    board = json.loads(shipped("grafana-dashboard.json").read_text())
+    empty = []
+    for panel in (p for p in board["panels"] if p["type"] != "row"):
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "1m").replace("$instance", ".*")
+            if not prometheus.query_range(expr, seconds=240):
+                empty.append(f"{panel['title']}: {expr}")
+    assert empty == []
+    variable = board["templating"]["list"][1]["query"]["query"]
+    match = variable.removeprefix("label_values(").rsplit(",", 1)[0]
+    instances = {s["metric"]["instance"] for s in prometheus.query(match)}
+    assert instances == {f"127.0.0.1:{p}" for p in cluster.status_ports}
+
+
+def _alert_expr(name: str) -> str:
+    groups = yaml.safe_load(shipped("alerts.yml").read_text())["groups"]
+    (expr,) = [r["expr"] for g in groups for r in g["rules"] if r.get("alert") == name]
+    return str(expr)
+
+
 def test_a_client_that_disconnects_mid_stream_aborts_the_request_in_the_engine(
     cluster: Cluster,
 ) -> None:
@@ -362,7 +476,9 @@ def test_a_restarted_gateway_gets_both_workers_back_within_5_s(
     cluster.gateway.kill()  # gone with every registration it held
     cluster.gateway.wait()
     wait_for(lambda: port_is_free("127.0.0.1", port), 10, "the gateway's port freed")
-    cluster.gateway = start_gateway(port, tmp_path / "gateway-restarted.log")
+    cluster.gateway = start_gateway(
+        port, cluster.gateway_metrics_port, tmp_path / "gateway-restarted.log"
+    )
     wait_for(lambda: gateway_answers(cluster.gateway_url), 30, "the new gateway answers")
     t0 = time.monotonic()
     while not all(cluster.routable(w) for w in cluster.workers):

@@ -10,6 +10,7 @@ import json
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,10 +24,12 @@ from tests.probe import OutputFollower
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,
+    PrometheusAPI,
     SteadyLoad,
     console_noise,
     ichat_cmd,
     our_processes,
+    prometheus_binary,
     reap_zombies,
 )
 
@@ -48,7 +51,9 @@ def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(
     both, one at a time, under a steady load: no failed request, both always routable,
     both on the new configuration; then Ctrl-C stops everything."""
     port, worker_port, status_port = free_port(), two_free_ports(), two_free_ports()
+    prometheus_port, metrics_port = free_port(), free_port()
     gateway = f"http://127.0.0.1:{port}"
+    folders_before = set(Path(tempfile.gettempdir()).glob("ichat-prometheus-*"))
     status_urls = [f"http://127.0.0.1:{status_port + i}" for i in range(2)]
     up = subprocess.Popen(
         ichat_cmd(
@@ -68,7 +73,11 @@ def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(
             "--served-model-name",
             MODEL_NAME,
             "--prometheus-port",
-            str(free_port()),
+            str(metrics_port),
+            "--prometheus",
+            str(prometheus_port),
+            "--prometheus-bin",
+            prometheus_binary(),
             "--context-length",
             str(CONTEXT_LENGTH),
         ),
@@ -117,6 +126,17 @@ def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(
             ).json()["data"]
             assert [m["max_model_len"] for m in models] == [int(new_context)]
             assert httpx.get(f"{status_urls[i]}/status").json()["reloads"] == {"ok": 1}
+        # --prometheus: a real Prometheus scrapes both workers, their engines and the
+        # gateway, and saw both reloads
+        prometheus = PrometheusAPI(f"http://127.0.0.1:{prometheus_port}")
+        assert f"Prometheus: {prometheus.url}" in follower.output()
+        jobs = sorted((t["labels"]["job"], t["health"]) for t in prometheus.targets())
+        assert jobs == sorted([(j, "up") for j in ("ichat-worker", "ichat-engine") * 2]
+                              + [("ichat-gateway", "up")])  # fmt: skip
+        t0 = time.monotonic()
+        while len(prometheus.query('ichat_worker_reloads_total{outcome="ok"} == 1')) < 2:
+            assert time.monotonic() - t0 < 30, prometheus.query("ichat_worker_reloads_total")
+            time.sleep(1)
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(120)
@@ -127,6 +147,11 @@ def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(
     assert 0 <= out.find("deregistered") < out.find("gateway stopped")  # workers leave first
     assert not our_processes()
     assert port_is_free("127.0.0.1", port) and port_is_free("127.0.0.1", worker_port)
+    assert port_is_free("127.0.0.1", prometheus_port)
+    assert "Prometheus stopped" in out  # after the gateway: it saw the whole stop
+    assert out.find("gateway stopped") < out.find("Prometheus stopped")
+    # its configuration and data went with it
+    assert set(Path(tempfile.gettempdir()).glob("ichat-prometheus-*")) == folders_before
 
 
 def count_routable(gateway: str, seen: list[int], stop: threading.Event) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import ichat
 
 PACKAGE = Path(ichat.__file__).parent
-LAYERS = {"process": 1, "backends": 2, "worker": 3, "commands": 4}
+LAYERS = {"process": 1, "backends": 2, "worker": 3, "observability": 3, "commands": 4}
 ENTRY_POINTS = {"cli.py", "__main__.py"}
 
 

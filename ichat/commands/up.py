@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -31,6 +34,7 @@ import psutil
 from ichat.aio import first_completed
 from ichat.auth import bearer_headers
 from ichat.commands.gateway import GatewayConfig, GatewayProcess
+from ichat.commands.rolling import Roll, roll
 from ichat.commands.run import run_command
 from ichat.config import StopDeadlines
 from ichat.errors import (
@@ -44,7 +48,7 @@ from ichat.errors import (
 from ichat.observability.prometheus import PrometheusConfig, PrometheusProcess
 from ichat.process import processes
 from ichat.process.readiness import Backoff, wait_until_ready
-from ichat.process.signals import captured_signals, first_signal
+from ichat.process.signals import HANDLED, captured_signals, first_signal
 
 logger = logging.getLogger("ichat.up")
 
@@ -124,12 +128,28 @@ class UpConfig:
             argv += ["--continuation-limit", str(self.continuation_limit)]
         if self.worker_status_port is not None:
             argv += ["--status-port", str(self.worker_status_port + index)]
-        if self.api_key:  # the engine's own --api-key; SMG sends the same key
-            argv += ["--gateway-api-key", self.api_key, "--api-key", self.api_key]
+        if self.api_key:  # SMG sends the clients' key on; the engine's own is the same
+            argv += ["--gateway-api-key", self.api_key]
         if self.admin_key:
             argv += ["--admin-key", self.admin_key]
-        argv += ["--model-path", model_path, "--served-model-name", self.served_model_name]
-        return argv + self.engine_argv
+        return argv + self.engine_flags(model_path)
+
+    def engine_flags(self, model_path: str) -> list[str]:
+        """The workers' engine flags: the engine's own key (the same as the gateway's),
+        the model and everything iChat does not know."""
+        flags = ["--api-key", self.api_key] if self.api_key else []
+        flags += ["--model-path", model_path, "--served-model-name", self.served_model_name]
+        return flags + self.engine_argv
+
+    def fixed_fields_changed(self, new: UpConfig) -> list[str]:
+        """The settings ``new`` changes that a rolling reload cannot (it changes the
+        engine flags, the model and the drain timeout)."""
+        movable = {"engine_argv", "model_path", "served_model_name", "drain_timeout"}
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name not in movable and getattr(self, f.name) != getattr(new, f.name)
+        ]
 
 
 def prepare_model(config: UpConfig) -> str:
@@ -217,6 +237,90 @@ class Group:
             except ReadinessTimeoutError:
                 raise IChatError(f"not routable within {config.ready_timeout:.0f} s") from None
 
+    async def serve(
+        self, received: asyncio.Queue[signal.Signals], argv: Sequence[str]
+    ) -> signal.Signals:
+        """Until a stop signal (returned); each SIGHUP reads the arguments again (a file
+        given as ``@FILE``) and rolls the workers onto their new engine flags."""
+        while True:
+            sig = await first_signal(received, self.check_running)
+            if sig is not signal.SIGHUP:
+                return sig
+            task = asyncio.ensure_future(self.reload(argv))
+            stop = await self._while(task, received)
+            if stop is not None:
+                return stop
+
+    async def _while(
+        self, task: asyncio.Future[None], received: asyncio.Queue[signal.Signals]
+    ) -> signal.Signals | None:
+        """Wait for ``task`` (checking the processes); a stop signal meanwhile cancels
+        it and is returned, a SIGHUP is ignored (a roll is in progress)."""
+        while not task.done():
+            getter: asyncio.Future[signal.Signals] = asyncio.ensure_future(received.get())
+            both: set[asyncio.Future[Any]] = {task, getter}
+            await asyncio.wait(both, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                self.check_running()
+                continue
+            if getter.result() is signal.SIGHUP:
+                logger.warning("SIGHUP ignored: a roll is in progress")
+                continue
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return getter.result()
+        task.result()
+        return None
+
+    async def reload(self, argv: Sequence[str]) -> None:
+        """SIGHUP: the arguments read again; new engine flags, model or drain timeout
+        rolled over the workers one at a time. Anything else is refused (logged)."""
+        old = self.config
+        try:
+            new = parse_args(argv)
+            model_path = prepare_model(new)
+        except (IChatError, SystemExit) as exc:  # argparse exits on a bad argument
+            logger.error("SIGHUP: the arguments cannot be read (%s): nothing reloaded", exc)
+            return
+        fixed = old.fixed_fields_changed(new)
+        why = None
+        if fixed:
+            why = f"{', '.join(fixed)} cannot change without restarting ichat up"
+        elif new == old:
+            why = "the arguments did not change (read again from a file given as @FILE)"
+        elif not old.status_urls:
+            why = "the workers have no status port (--status-port)"
+        elif not (old.admin_key or old.api_key):
+            why = "the workers take no reload without a key (--admin-key or --api-key)"
+        if why is not None:
+            logger.error("SIGHUP: nothing reloaded: %s", why)
+            return
+        settings: dict[str, object] = {}
+        if new.drain_timeout != old.drain_timeout:
+            settings["drain_timeout"] = new.drain_timeout
+        plan = Roll(
+            status_urls=old.status_urls,
+            engine_argv=new.engine_flags(model_path),
+            settings=settings,
+            admin_key=old.admin_key or old.api_key,
+            timeout=old.ready_timeout,
+        )
+        logger.info("SIGHUP: rolling %d worker(s) onto %s", old.workers, plan.engine_argv)
+        done = await roll(plan)
+        if done.ok:
+            self.config = new
+            logger.info("SIGHUP: every worker reloaded")
+            return
+        left = [url for url in old.status_urls if url not in done.reloaded]
+        logger.error(
+            "SIGHUP: the roll stopped: %s; reloaded: %s; on their old configuration: %s",
+            done.error,
+            done.reloaded,
+            left,
+        )
+
     async def stop(self, received: asyncio.Queue[signal.Signals]) -> None:
         """Workers first (leave, drain), then the gateway; a signal meanwhile kills."""
         for worker in self.workers:
@@ -239,10 +343,10 @@ class Group:
             self.prometheus.stop()
 
 
-async def run_up(config: UpConfig) -> int:
+async def run_up(config: UpConfig, argv: Sequence[str] = ()) -> int:
     group = Group(config)
     received: asyncio.Queue[signal.Signals] = asyncio.Queue()
-    with captured_signals(asyncio.get_running_loop(), received):
+    with captured_signals(asyncio.get_running_loop(), received, (*HANDLED, signal.SIGHUP)):
         group.check_ports()
         model_path = prepare_model(config)
         group.gateway.start()
@@ -255,7 +359,7 @@ async def run_up(config: UpConfig) -> int:
                 logger.info("stopping before the workers were ready")
                 return 0
             print_endpoint(config, waiting.result())
-            sig = await first_signal(received, group.check_running)
+            sig = await group.serve(received, argv)
             logger.info("%s received: stopping workers, then the gateway", sig.name)
             return 0
         finally:
@@ -299,13 +403,23 @@ def prometheus_hint(config: UpConfig) -> str:
     )
 
 
+class ArgumentsFromFiles(argparse.ArgumentParser):
+    """``@FILE`` arguments as shell words per line, ``#`` comments allowed."""
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = UpConfig()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentsFromFiles(
         prog="ichat up",
         allow_abbrev=False,
+        fromfile_prefix_chars="@",
         description="Start the gateway and N workers; every other argument goes to the "
-        "workers' engine unchanged.",
+        "workers' engine unchanged. Arguments may come from a file (@FILE: shell words, "
+        "# comments); SIGHUP reads them again and rolls new engine flags, model or drain "
+        "timeout over the workers, one at a time (needs --status-port).",
     )
     parser.add_argument("--workers", type=int, default=d.workers, help="default: %(default)s")
     parser.add_argument(
@@ -410,4 +524,4 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
 
 
 def main(argv: Sequence[str]) -> int:
-    return run_command("ichat up", lambda: run_up(parse_args(argv)))
+    return run_command("ichat up", lambda: run_up(parse_args(argv), argv))

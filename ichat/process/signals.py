@@ -17,11 +17,14 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def captured_signals(
-    loop: asyncio.AbstractEventLoop, received: asyncio.Queue[signal.Signals]
+    loop: asyncio.AbstractEventLoop,
+    received: asyncio.Queue[signal.Signals],
+    signals: tuple[signal.Signals, ...] = HANDLED,
 ) -> Iterator[None]:
-    """While inside, SIGINT/SIGTERM are put on ``received`` and nothing else happens."""
-    previous = {sig: signal.getsignal(sig) for sig in HANDLED}
-    for sig in HANDLED:
+    """While inside, ``signals`` (SIGINT/SIGTERM) are put on ``received`` and nothing
+    else happens."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
         loop.add_signal_handler(sig, received.put_nowait, sig)
     try:
         yield

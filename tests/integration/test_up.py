@@ -45,42 +45,32 @@ def two_free_ports() -> int:
 
 
 def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(
-    model_dir: Path,
+    model_dir: Path, tmp_path: Path
 ) -> None:
-    """Two workers through the gateway; `ichat reload` rolls a new context length over
-    both, one at a time, under a steady load: no failed request, both always routable,
-    both on the new configuration; then Ctrl-C stops everything."""
+    """Two workers through the gateway, arguments from a file; `ichat reload` rolls a new
+    context length over both, one at a time, under a steady load: no failed request,
+    both always routable, both on the new configuration; SIGHUP after the file changed
+    rolls the next one the same way, and a flag the engine refuses stops the roll at the
+    first worker with both still serving; then Ctrl-C stops everything."""
     port, worker_port, status_port = free_port(), two_free_ports(), two_free_ports()
     prometheus_port, metrics_port = free_port(), free_port()
     gateway = f"http://127.0.0.1:{port}"
     folders_before = set(Path(tempfile.gettempdir()).glob("ichat-prometheus-*"))
     status_urls = [f"http://127.0.0.1:{status_port + i}" for i in range(2)]
+    args = tmp_path / "fleet.args"  # SIGHUP reads it again
+
+    def write_args(*engine: str) -> None:
+        args.write_text(
+            f"--workers 2 --port {port} --worker-port {worker_port} "
+            f"--status-port {status_port} --api-key k\n"
+            f"--model-path {model_dir} --served-model-name {MODEL_NAME}\n"
+            f"--prometheus-port {metrics_port} --prometheus {prometheus_port}\n"
+            "# the engine's own flags\n" + " ".join(engine) + "\n"
+        )
+
+    write_args("--context-length", str(CONTEXT_LENGTH))
     up = subprocess.Popen(
-        ichat_cmd(
-            "up",
-            "--workers",
-            "2",
-            "--port",
-            str(port),
-            "--worker-port",
-            str(worker_port),
-            "--status-port",
-            str(status_port),
-            "--api-key",
-            "k",
-            "--model-path",
-            str(model_dir),
-            "--served-model-name",
-            MODEL_NAME,
-            "--prometheus-port",
-            str(metrics_port),
-            "--prometheus",
-            str(prometheus_port),
-            "--prometheus-bin",
-            prometheus_binary(),
-            "--context-length",
-            str(CONTEXT_LENGTH),
-        ),
+        ichat_cmd("up", f"@{args}", "--prometheus-bin", prometheus_binary()),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -126,6 +116,43 @@ def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(
             ).json()["data"]
             assert [m["max_model_len"] for m in models] == [int(new_context)]
             assert httpx.get(f"{status_urls[i]}/status").json()["reloads"] == {"ok": 1}
+
+        # SIGHUP: the file read again, its new engine flags rolled the same way
+        def max_model_lens() -> list[int]:
+            return [
+                model["max_model_len"]
+                for i in range(2)
+                for model in httpx.get(
+                    f"http://127.0.0.1:{worker_port + i}/v1/models",
+                    headers={"Authorization": "Bearer k"},
+                ).json()["data"]
+            ]
+
+        def after_sighup(marker: str) -> str:
+            seen = follower.output().count(marker)
+            up.send_signal(signal.SIGHUP)
+            t0 = time.monotonic()
+            while follower.output().count(marker) == seen:
+                assert up.poll() is None and time.monotonic() - t0 < 900, follower.output()[-3000:]
+                time.sleep(0.2)
+            return follower.output()
+
+        quarter = CONTEXT_LENGTH // 4
+        write_args("--context-length", str(quarter))
+        with SteadyLoad([(gateway, False), (gateway, True)], "k") as load:
+            after_sighup("SIGHUP: every worker reloaded")
+            time.sleep(1)
+        assert load.failures == [] and load.ok > 0
+        assert max_model_lens() == [quarter, quarter]
+        write_args("--context-length", str(quarter), "--no-such-engine-flag")
+        out = after_sighup("SIGHUP: the roll stopped")
+        stopped = out[out.rfind("SIGHUP: the roll stopped") :].splitlines()[0]
+        assert f"{status_urls[0]}: HTTP 400" in stopped and "reloaded: []" in stopped, stopped
+        assert max_model_lens() == [quarter, quarter]  # both serve their old engines
+        again = client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert again.choices[0].finish_reason == "length"
         # --prometheus: a real Prometheus scrapes both workers, their engines and the
         # gateway, and saw both reloads
         prometheus = PrometheusAPI(f"http://127.0.0.1:{prometheus_port}")
@@ -134,7 +161,7 @@ def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(
         assert jobs == sorted([(j, "up") for j in ("ichat-worker", "ichat-engine") * 2]
                               + [("ichat-gateway", "up")])  # fmt: skip
         t0 = time.monotonic()
-        while len(prometheus.query('ichat_worker_reloads_total{outcome="ok"} == 1')) < 2:
+        while len(prometheus.query('ichat_worker_reloads_total{outcome="ok"} == 2')) < 2:
             assert time.monotonic() - t0 < 30, prometheus.query("ichat_worker_reloads_total")
             time.sleep(1)
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -48,6 +49,7 @@ class Fleet:
     worker_port: int
     status_port: int
     shm_before: set[str]
+    model_dir: Path  # the fleet's own copy (a test hides it)
 
     @property
     def url(self) -> str:
@@ -74,8 +76,10 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(model_dir: Path) -> Iterator[Fleet]:
+def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     port, worker_port, status_port = free_port(), free_port(), free_port()
+    model = tmp_path_factory.mktemp("standby") / "model"
+    shutil.copytree(model_dir, model)
     shm_before = set(os.listdir("/dev/shm"))
     up = subprocess.Popen(
         ichat_cmd(
@@ -92,7 +96,7 @@ def fleet(model_dir: Path) -> Iterator[Fleet]:
             "--prometheus-port",
             str(free_port()),
             "--model-path",
-            str(model_dir),
+            str(model),
             "--served-model-name",
             "tiny-chat",
             "--context-length",
@@ -103,7 +107,7 @@ def fleet(model_dir: Path) -> Iterator[Fleet]:
         text=True,
     )
     follower = OutputFollower(up, "OpenAI endpoint:", None)
-    fleet = Fleet(up, follower, port, worker_port, status_port, shm_before)
+    fleet = Fleet(up, follower, port, worker_port, status_port, shm_before, model)
     try:
         try:
             follower.wait(timeout=900)
@@ -272,6 +276,34 @@ def test_streams_cut_by_the_death_are_continued_token_exactly(fleet: Fleet) -> N
     assert status["last_continuation_stall_s"] < KILL_TO_SERVING_LIMIT
     metrics = httpx.get(f"{fleet.worker_url}/metrics", timeout=10).text
     assert 'ichat_worker_continuations_total{outcome="continued"}' in metrics
+
+
+def test_a_standby_that_cannot_start_is_reported_and_the_active_serves_on(
+    fleet: Fleet,
+) -> None:
+    """The model's folder gone (an unmounted volume) when a failover starts the next
+    standby: that start fails, /status and /metrics say so and why, and the engine that
+    took over serves on, in the gateway; nothing of the failed start is left."""
+    before = fleet.wait_standby_ready()
+    hidden = fleet.model_dir.with_name("model-gone")
+    fleet.model_dir.rename(hidden)
+    try:
+        os.kill(engine_core(before["engines"]["active"]).pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while (status := fleet.status())["standby"] != "failed":
+            assert status["standby"] in ("starting", "ready", "asleep"), status
+            assert time.monotonic() - t0 < 300, status
+            time.sleep(0.5)
+    finally:
+        hidden.rename(fleet.model_dir)
+    assert status["failovers"] == before["failovers"] + 1 and status["restarts"] == 0
+    assert status["state"] == "ready" and "standby" not in status["engines"], status
+    assert status["standby_reason"], status  # the engine's error, as it raised it
+    metrics = httpx.get(f"http://127.0.0.1:{fleet.status_port}/metrics", timeout=10).text
+    assert 'ichat_worker_standby{state="failed"} 1.0' in metrics
+    assert chat_ok(fleet.worker_url) and routable(fleet)
+    assert "the standby engine did not start" in fleet.follower.output()
+    print(f"\nstandby failed after {time.monotonic() - t0:.1f} s: {status['standby_reason']}")
 
 
 def test_ctrl_c_leaves_no_process_port_or_shared_memory(fleet: Fleet) -> None:

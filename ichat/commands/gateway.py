@@ -25,9 +25,9 @@ import httpx
 import psutil
 
 from ichat.commands.run import run_command
-from ichat.errors import ConfigError, GatewayError, PortInUseError, ReadinessTimeoutError
+from ichat.errors import ConfigError, GatewayError, PortInUseError
 from ichat.process import processes
-from ichat.process.readiness import Backoff, wait_until_ready
+from ichat.process.readiness import wait_answering
 from ichat.process.signals import captured_signals, first_signal
 
 logger = logging.getLogger("ichat.gateway")
@@ -125,33 +125,9 @@ class GatewayProcess:
 
     async def wait_ready(self, timeout: float) -> float:
         """Seconds until SMG's /health answered; raises if it exits or times out."""
-        proc = self.proc
-        assert proc is not None
-
-        def check_alive() -> None:
-            if proc.poll() is not None:
-                raise GatewayError(
-                    f"the gateway exited with code {proc.returncode} during start-up "
-                    "(its log above says why)"
-                )
-
-        async with httpx.AsyncClient(timeout=2) as client:
-
-            async def answers() -> bool:
-                try:
-                    return (await client.get(f"{self.config.url}/health")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            try:
-                return await wait_until_ready(
-                    answers,
-                    timeout=timeout,
-                    check_alive=check_alive,
-                    backoff=Backoff(initial=0.05, factor=1.5, maximum=0.5),
-                )
-            except ReadinessTimeoutError:
-                raise GatewayError(f"the gateway did not answer within {timeout:.0f} s") from None
+        assert self.proc is not None
+        url = f"{self.config.url}/health"
+        return await wait_answering(url, self.proc, timeout, GatewayError, "the gateway")
 
     def check_running(self) -> None:
         proc = self.proc

@@ -23,13 +23,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psutil
 
-from ichat.errors import ConfigError, PortInUseError, PrometheusError, ReadinessTimeoutError
+from ichat.errors import ConfigError, PortInUseError, PrometheusError
 from ichat.observability import shipped
 from ichat.process import processes
-from ichat.process.readiness import Backoff, wait_until_ready
+from ichat.process.readiness import wait_answering
 
 logger = logging.getLogger("ichat.prometheus")
 
@@ -112,33 +111,9 @@ class PrometheusProcess:
 
     async def wait_ready(self, timeout: float) -> float:
         """Seconds until Prometheus' /-/ready answered 200; raises if it exits first."""
-        proc = self.proc
-        assert proc is not None
-
-        def check_alive() -> None:
-            if proc.poll() is not None:
-                raise PrometheusError(
-                    f"Prometheus exited with code {proc.returncode} during start-up "
-                    "(its log above says why)"
-                )
-
-        async with httpx.AsyncClient(timeout=2) as client:
-
-            async def ready() -> bool:
-                try:
-                    return (await client.get(f"{self.config.url}/-/ready")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            try:
-                return await wait_until_ready(
-                    ready,
-                    timeout=timeout,
-                    check_alive=check_alive,
-                    backoff=Backoff(initial=0.05, factor=1.5, maximum=0.5),
-                )
-            except ReadinessTimeoutError:
-                raise PrometheusError(f"Prometheus was not ready within {timeout:.0f} s") from None
+        assert self.proc is not None
+        url = f"{self.config.url}/-/ready"
+        return await wait_answering(url, self.proc, timeout, PrometheusError, "Prometheus")
 
     def check_running(self) -> None:
         proc = self.proc

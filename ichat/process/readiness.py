@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -54,3 +55,41 @@ async def wait_until_ready(
             )
         await sleep(min(delay, remaining))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def wait_answering(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    failed: Callable[[str], Exception],
+    name: str,
+) -> float:
+    """Seconds until ``GET url`` answered 200 from the child ``proc`` (a server iChat
+    started: the gateway, Prometheus); ``failed(message)`` is raised if ``proc`` exits
+    first or ``timeout`` passes."""
+    import httpx
+
+    def check_alive() -> None:
+        if proc.poll() is not None:
+            raise failed(
+                f"{name} exited with code {proc.returncode} during start-up (its log above "
+                "says why)"
+            )
+
+    async with httpx.AsyncClient(timeout=2) as client:
+
+        async def answers() -> bool:
+            try:
+                return (await client.get(url)).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            return await wait_until_ready(
+                answers,
+                timeout=timeout,
+                check_alive=check_alive,
+                backoff=Backoff(initial=0.05, factor=1.5, maximum=0.5),
+            )
+        except ReadinessTimeoutError:
+            raise failed(f"{name} did not answer within {timeout:.0f} s") from None

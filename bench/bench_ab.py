@@ -15,6 +15,9 @@ its windows) and, with ``--starts`` > 1, the between-start spread. Configuration
 (`ichat serve --gateway-url` of a gateway that is not there: requests pass the middleware
 that runs them again elsewhere after an engine death) and ``ichat+tracked`` (the same
 with ``--continuation-limit 3``: each stream read event by event for its token ids).
+A ``+ids`` suffix (``native+ids``) makes the clients ask that server for the token ids
+themselves (``return_token_ids``): what tracking costs the engine's own server, apart
+from iChat's reading of the stream.
 
     python bench/bench_ab.py --model-path .cache/tiny-model --blocks 6 -- --max-model-len 512
 """
@@ -22,6 +25,7 @@ with ``--continuation-limit 3``: each stream read event by event for its token i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import statistics
@@ -49,6 +53,7 @@ METRICS = ("out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99
 
 
 def command(config: str, model: str, port: int, engine_args: list[str]) -> list[str]:
+    config = config.removesuffix("+ids")
     if config == "native":
         return native_cmd("vllm", model, port, engine_args)
     extra = []
@@ -189,7 +194,8 @@ def main() -> None:
             for block in range(args.blocks):
                 shift = block % len(args.configs)
                 for config in args.configs[shift:] + args.configs[:shift]:
-                    result = streams(urls[config], load, args.client_processes)
+                    asked = dataclasses.replace(load, token_ids=config.endswith("+ids"))
+                    result = streams(urls[config], asked, args.client_processes)
                     windows.append({"index": len(windows), "start": start, "block": block,
                                     "config": config, **result})  # fmt: skip
                     print(f"start {start} block {block} {config}: "

@@ -30,13 +30,19 @@ def ichat_serve_cmd(model: str, port: int, *extra: str, backend: str = "vllm") -
     ]  # fmt: skip
 
 
-def chat_body(max_tokens: int, *, stream: bool = False, tag: str = "") -> dict[str, Any]:
+def chat_body(
+    max_tokens: int, *, stream: bool = False, tag: str = "", token_ids: bool = False
+) -> dict[str, Any]:
     """A chat request that generates exactly ``max_tokens`` tokens (vLLM's extras).
 
     A ``tag`` starts the prompt: requests with different tags share no prefix, as
-    different users' requests do (no prefix-cache hit, no cache-aware affinity)."""
+    different users' requests do (no prefix-cache hit, no cache-aware affinity).
+    ``token_ids``: the response carries the token ids too (vLLM's ``return_token_ids``,
+    what iChat asks the engine for when it tracks a stream for continuation)."""
     prompt = "Write a long story about a model."
+    extra = {"return_token_ids": True} if token_ids else {}
     return {
+        **extra,
         "model": MODEL_NAME,
         "messages": [{"role": "user", "content": f"{tag}: {prompt}" if tag else prompt}],
         "max_tokens": max_tokens,
@@ -107,6 +113,7 @@ class Load:
     concurrency: int
     max_tokens: int
     distinct: bool = False
+    token_ids: bool = False  # ask for the token ids (return_token_ids)
 
     def share(self, parts: int, i: int) -> Load:
         """Part ``i`` of ``parts`` (for one of several client processes or workers)."""
@@ -132,7 +139,7 @@ async def _stream_samples(url: str, load: Load, start: Callable[[], object]) -> 
         async def one(record: bool) -> None:
             nonlocal tokens
             tag = secrets.token_hex(8) if load.distinct else ""  # differs from its 1st char
-            body = chat_body(load.max_tokens, stream=True, tag=tag)
+            body = chat_body(load.max_tokens, stream=True, tag=tag, token_ids=load.token_ids)
             async with sem:
                 t0 = time.perf_counter()
                 last = None

@@ -64,7 +64,8 @@ class WorkerConfig:
     # A stream its dying engine cut is continued from its last token on the next engine
     # (a standby) or another worker (through the gateway), at most this many times (0:
     # off: reading every stream's token ids costs the API process CPU per token, 0.61
-    # of native vLLM's throughput at 256 streams on an H100 before its fast path); how
+    # of native vLLM's throughput at 256 streams on an H100 before its fast path, 0.771
+    # with it: docs/benchmarks.md); how
     # long a request waits for the next engine (continued or run again) before it gets
     # a 503 or error event.
     continuation_limit: int = 0

@@ -68,6 +68,9 @@ RELOAD_H100 = (
     "h100/reload-h100-standby-2026-12-06.json",
 )
 RELOAD_CPU = "reload-cpu-2core-swap-2026-12-06.json"
+AB_H100 = "h100/ab-h100-fast-path-2026-12-07.json"
+AB_H100_IDS = "h100/ab-h100-token-ids-2026-12-07.json"
+AB_CPU = "ab-cpu-2core-2026-12-06.json"
 RELOAD_CPU_IN_PLACE = "reload-cpu-2core-in-place-2026-12-06.json"
 
 
@@ -432,8 +435,7 @@ def reload_text(names: Sequence[str]) -> str:
 
 def reload_h100() -> str:
     return (
-        f"H100 (the card lent 2026-12-06), swaps: {reload_text(RELOAD_H100)} "
-        "(`docs/benchmarks.md`)"
+        f"H100 (the card lent 2026-12-06), swaps: {reload_text(RELOAD_H100)} (`docs/benchmarks.md`)"
     )
 
 
@@ -443,6 +445,32 @@ def reload_cpu() -> str:
     return (
         f"swaps: {reload_text([RELOAD_CPU])}; in place (same flags): "
         f"{listed(in_place, 2)} s, {failed} failed"
+    )
+
+
+def ab_ratio(name: str, config: str) -> str:
+    """A configuration's throughput / native in a resident side-by-side run: the mean
+    over paired blocks and its bootstrap 95 % interval."""
+    ratio = f"summary/{config}/throughput_ratio"
+    low, high = numbers(name, f"{ratio}/ci95")
+    return f"{fmt(number(name, f'{ratio}/mean'), 3)} [{fmt(low, 3)}, {fmt(high, 3)}]"
+
+
+def ab_h100() -> str:
+    return (
+        f"H100, 256 streams × 128 tokens, 7 blocks: ichat {ab_ratio(AB_H100, 'ichat')}, "  # noqa: RUF001
+        f"with continuation **{ab_ratio(AB_H100, 'ichat+tracked')}**; on a slower H100 "
+        f"(6 blocks): with continuation {ab_ratio(AB_H100_IDS, 'ichat+tracked')}, native "
+        f"vLLM whose clients ask for the token ids {ab_ratio(AB_H100_IDS, 'native+ids')} "
+        f"({backticked(AB_H100)}, {backticked(AB_H100_IDS)})"
+    )
+
+
+def ab_cpu() -> str:
+    return (
+        f"32 streams × 64 tokens, 8 blocks: ichat {ab_ratio(AB_CPU, 'ichat')}, with "  # noqa: RUF001
+        f"`--gateway-url` {ab_ratio(AB_CPU, 'ichat+replay')}, with continuation "
+        f"{ab_ratio(AB_CPU, 'ichat+tracked')} ({backticked(AB_CPU)})"
     )
 
 
@@ -479,6 +507,12 @@ ROWS = (
         "beside the serving one) / in place (the same flags, weights read again)",
         reload_h100,
         reload_cpu,
+    ),
+    Row(
+        "throughput / native vLLM, servers resident side by side, paired blocks, mean "
+        "[bootstrap 95 % CI]; continuation: `--continuation-limit` (off by default)",
+        ab_h100,
+        ab_cpu,
     ),
     Row(
         "SGLang in-process: throughput / native; kill -9 scheduler → detected / serving again",

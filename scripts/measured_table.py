@@ -71,6 +71,7 @@ RELOAD_CPU = "reload-cpu-2core-swap-2026-12-06.json"
 AB_H100 = "h100/ab-h100-fast-path-2026-12-07.json"
 AB_H100_IDS = "h100/ab-h100-token-ids-2026-12-07.json"
 AB_CPU = "ab-cpu-2core-2026-12-06.json"
+GATEWAY_KILL_CPU = "gateway-kill-cpu-2core-2026-12-07.json"
 RELOAD_CPU_IN_PLACE = "reload-cpu-2core-in-place-2026-12-06.json"
 
 
@@ -337,9 +338,18 @@ def cycles_cpu() -> str:
 
 
 def gateway_kill_cpu() -> str:
+    name = GATEWAY_KILL_CPU
+    streams = numbers(name, "kills/*/streams_exact")
+    each = len(value(name, "kills/0/streams"))
     return (
-        "out of the gateway, no request failed after the detection "
-        "(`tests/integration/test_gateway.py`; no stored figures)"
+        f"{len(streams)} kills without a standby under a probe every 50 ms through SMG: "
+        f"**{number(name, 'probes_failed'):.0f} of {number(name, 'probes_total'):.0f} "
+        f"probes failed**; detected {listed(numbers(name, 'kills/*/detected_s'), 2)} s, out "
+        f"of the gateway {listed(numbers(name, 'kills/*/out_of_gateway_s'), 2)} s, back "
+        f"{listed(numbers(name, 'kills/*/back_in_gateway_s'), 0)} s after the kill; 200-token "
+        f"streams in flight (half sent to the dying engine, continued on the other worker) "
+        f"complete and token-exact: {listed(streams, 0)} of {each} "
+        f"({backticked(name)}; also `tests/integration/test_gateway.py`)"
     )
 
 

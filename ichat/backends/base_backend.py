@@ -550,7 +550,8 @@ class BaseBackend(abc.ABC):
             seconds,
         )
         if self.on_failover is not None:
-            self.on_failover(Failover(str(death), detected_unix, seconds, phases))
+            window = self.monitor.detection_window
+            self.on_failover(Failover(str(death), detected_unix, seconds, phases, window))
         return True
 
     async def _shutdown(self) -> None:

@@ -37,3 +37,4 @@ class Failover:
     detected_unix: float | None  # when the death was detected (wall clock)
     seconds: float  # from the detection to serving on the standby
     phases: dict[str, float]  # failover_wake, failover_switch (seconds)
+    detection_window: float | None = None  # HealthMonitor.detection_window

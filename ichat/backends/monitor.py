@@ -43,6 +43,7 @@ class HealthMonitor:
         self.slow_probes = 0
         self.detected_at: float | None = None  # monotonic
         self.detected_unix: float | None = None  # wall clock, for metrics
+        self.alive_at: float | None = None  # monotonic: the last check the engine passed
         self._stopped = False
 
     async def run(self) -> None:
@@ -74,6 +75,7 @@ class HealthMonitor:
                 raise
             if probe.done():
                 probe.result()
+                self.alive_at = self._clock()
             else:
                 self.slow_probes += 1
                 logger.warning(
@@ -81,6 +83,7 @@ class HealthMonitor:
                     self._probe_timeout,
                 )
                 await self._wait_slow_probe(probe)
+                self.alive_at = self._clock()
         except EngineDiedError:
             self.detected_at = self._clock()
             self.detected_unix = self._wall_clock()
@@ -89,6 +92,14 @@ class HealthMonitor:
                 self.detected_at - started,
             )
             raise
+
+    @property
+    def detection_window(self) -> float | None:
+        """Seconds from the last check the engine passed to the detection of its death:
+        the death happened within them, so its detection took at most this long."""
+        if self.detected_at is None or self.alive_at is None:
+            return None
+        return self.detected_at - self.alive_at
 
     async def _wait_slow_probe(self, probe: asyncio.Future[None]) -> None:
         try:

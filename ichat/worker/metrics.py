@@ -101,6 +101,12 @@ class WorkerCollector:
                 "Unix time an engine death was last detected.",
             ),
             (
+                "ichat_worker_last_death_detection_window_seconds",
+                s.last_death_detection_window_s,
+                "Seconds from the dead engine's last passed health check to the detection "
+                "of its death: the detection took at most this long.",
+            ),
+            (
                 "ichat_worker_last_continuation_stall_seconds",
                 s.last_continuation_stall_s,
                 "Seconds from the last cut stream's cut to its first continued chunk.",

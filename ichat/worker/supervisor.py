@@ -67,6 +67,8 @@ class WorkerStats:
     engine_deaths: int = 0
     last_ready_unix: float | None = None
     last_death_detected_unix: float | None = None
+    # from the dead engine's last passed health check to the detection of its death
+    last_death_detection_window_s: float | None = None
     last_restart_to_ready_s: float | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     # where the backends reach into the engine's internals: name -> "resolved", or
@@ -223,6 +225,8 @@ class Supervisor:
         self.stats.engine_deaths += 1
         detected = backend.monitor.detected_unix if backend.monitor else None
         self.stats.last_death_detected_unix = detected or self._wall_clock()
+        if backend.monitor is not None:
+            self.stats.last_death_detection_window_s = backend.monitor.detection_window
 
     async def _on_ready(self, backend: BaseBackend, life: _Life, died_at: float | None) -> None:
         """From ready on: the worker's state, phases and membership; at the death's
@@ -256,6 +260,7 @@ class Supervisor:
         self.stats.engine_deaths += 1
         self.stats.failovers += 1
         self.stats.last_death_detected_unix = failover.detected_unix or self._wall_clock()
+        self.stats.last_death_detection_window_s = failover.detection_window
         self.stats.last_restart_to_ready_s = failover.seconds
         self.stats.phase_seconds.update(failover.phases)
         uptime = now - (self._serving_since or now)

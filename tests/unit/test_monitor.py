@@ -125,3 +125,28 @@ def test_stop_ends_the_monitor_even_if_a_cancellation_was_lost() -> None:
 
     asyncio.run(main())
     assert monitor.checks >= 2 and monitor.detected_at is None
+
+
+def test_the_detection_window_runs_from_the_last_passed_check_to_the_detection() -> None:
+    """The death happened after the last check the engine passed: its detection took at
+    most the time from that check to the detection."""
+    n, now = 0, 0.0
+
+    def clock() -> float:
+        nonlocal now
+        now += 1.0
+        return now
+
+    async def dies_on_third_check() -> None:
+        nonlocal n
+        n += 1
+        if n == 3:
+            raise EngineDiedError("gone")
+
+    monitor = HealthMonitor(dies_on_third_check, interval=0.0, probe_timeout=1.0, clock=clock)
+    assert monitor.detection_window is None
+    with pytest.raises(EngineDiedError):
+        asyncio.run(monitor.run())
+    # clock: check 1 starts 1, passes 2; check 2 starts 3, passes 4; check 3 starts 5,
+    # the death is detected at 6
+    assert (monitor.alive_at, monitor.detected_at, monitor.detection_window) == (4.0, 6.0, 2.0)

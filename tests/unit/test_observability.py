@@ -199,6 +199,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for() -> None:
         "ichat_worker_restarts_total",
         "ichat_worker_engine_deaths_total",
         "ichat_worker_last_restart_to_ready_seconds",
+        "ichat_worker_last_death_detection_window_seconds",
         "ichat_worker_phase_seconds",
         "vllm:num_requests_running",
         "vllm:e2e_request_latency_seconds_bucket",

@@ -115,8 +115,9 @@ def gateway_answers(url: str) -> bool:
         return False
 
 
-def start_gateway(port: int, metrics_port: int, log: Path) -> subprocess.Popen[str]:
-    args = ["--port", str(port), "--api-key", KEY, "--prometheus-port", str(metrics_port)]
+def start_gateway(port: int, log: Path, metrics_port: int | None = None) -> subprocess.Popen[str]:
+    metrics = metrics_port or free_port()
+    args = ["--port", str(port), "--api-key", KEY, "--prometheus-port", str(metrics)]
     with log.open("a") as out:
         return subprocess.Popen(
             ichat_cmd("gateway", *args),
@@ -149,7 +150,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # the gateway does not exist yet: both serve directly
         direct = openai.OpenAI(base_url=f"{a.url}/v1", api_key=KEY, max_retries=0)
         direct_ok = chat(direct) == "length"
-        gateway = start_gateway(port, metrics_port, tmp / "gateway.log")
+        gateway = start_gateway(port, tmp / "gateway.log", metrics_port)
         cluster = Cluster(gateway_url, gateway, [a, b], direct_ok, 0.0, status_ports, metrics_port)
         try:
             cluster.registered_after_gateway_up_s = wait_for(
@@ -477,7 +478,7 @@ def test_a_restarted_gateway_gets_both_workers_back_within_5_s(
     cluster.gateway.wait()
     wait_for(lambda: port_is_free("127.0.0.1", port), 10, "the gateway's port freed")
     cluster.gateway = start_gateway(
-        port, cluster.gateway_metrics_port, tmp_path / "gateway-restarted.log"
+        port, tmp_path / "gateway-restarted.log", cluster.gateway_metrics_port
     )
     wait_for(lambda: gateway_answers(cluster.gateway_url), 30, "the new gateway answers")
     t0 = time.monotonic()

@@ -64,13 +64,18 @@ class GatewayConfig:
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def metrics_port(self) -> int:
+        """SMG's Prometheus port: as given, else the port after ``port``."""
+        return self.prometheus_port or self.port + 1
+
     def smg_argv(self) -> list[str]:
         given = {arg.split("=", 1)[0] for arg in self.extra if arg.startswith("--")}
         defaults = {
             "--host": self.host,
             "--port": str(self.port),
             "--policy": self.policy,
-            "--prometheus-port": str(self.prometheus_port or self.port + 1),
+            "--prometheus-port": str(self.metrics_port),
             "--health-check-interval-secs": str(self.health_check_interval),
             "--health-failure-threshold": str(self.health_failure_threshold),
             "--shutdown-grace-period-secs": str(self.shutdown_grace),
@@ -116,7 +121,7 @@ class GatewayProcess:
     def start(self) -> None:
         check_installed()
         config = self.config
-        for port in (config.port, config.prometheus_port or config.port + 1):
+        for port in (config.port, config.metrics_port):
             if not processes.port_is_free(config.host or "0.0.0.0", port):
                 raise PortInUseError(config.host, port)
         argv = config.smg_argv()
@@ -167,7 +172,7 @@ class GatewayProcess:
     async def _idle(self, client: httpx.AsyncClient) -> bool:
         """True when SMG's metrics show no request in flight; False when unknown."""
         config = self.config
-        url = f"http://127.0.0.1:{config.prometheus_port or config.port + 1}/metrics"
+        url = f"http://127.0.0.1:{config.metrics_port}/metrics"
         try:
             response = await client.get(url)
         except httpx.HTTPError:

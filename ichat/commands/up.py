@@ -102,7 +102,7 @@ class UpConfig:
         return PrometheusConfig(
             workers=[url.removeprefix("http://") for url in self.status_urls],
             engines=[f"127.0.0.1:{self.worker_port + i}" for i in range(self.workers)],
-            gateways=[f"127.0.0.1:{self.gateway.prometheus_port or self.port + 1}"],
+            gateways=[f"127.0.0.1:{self.gateway.metrics_port}"],
             port=self.prometheus,
             binary=self.prometheus_bin,
         )

@@ -55,6 +55,9 @@ class WorkerConfig:
     health_probe_timeout: float = 5.0
     # Graceful stop: in-flight requests get this long before connections are closed.
     drain_timeout: float = 30.0
+    # With a gateway: what is still running at the drain deadline goes on on another
+    # worker, and this worker relays those answers for at most this long more.
+    handoff_timeout: float = 60.0
     # Supervision: start a fresh backend when the engine dies after being ready.
     restart: bool = True
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)

@@ -20,7 +20,13 @@ import httpx
 import openai
 import psutil
 
-from ichat.process.processes import free_port, is_python_helper, stop_gracefully, title
+from ichat.process.processes import (
+    free_port,
+    is_python_helper,
+    port_is_free,
+    stop_gracefully,
+    title,
+)
 from tests.probe import wait_healthy
 
 MODEL_NAME = "tiny-chat"
@@ -80,6 +86,14 @@ def reap_zombies() -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] != 0:
             pass
+
+
+def two_free_ports() -> int:
+    """A free port whose next one is free too (two workers listen on P and P + 1)."""
+    while True:
+        port = free_port()
+        if port_is_free("127.0.0.1", port + 1):
+            return port
 
 
 def ichat_cmd(*args: str) -> list[str]:
@@ -364,6 +378,7 @@ class Stream:
     path: str
     events: list[Any] = field(default_factory=list)
     status: int = 0
+    max_tokens: int = STREAM_TOKENS
 
     @property
     def chunks(self) -> list[dict[str, Any]]:
@@ -383,7 +398,7 @@ class Stream:
         )
 
     def run(self, url: str, key: str | None = None) -> None:
-        body: dict[str, Any] = {"model": MODEL_NAME, "max_tokens": STREAM_TOKENS,
+        body: dict[str, Any] = {"model": MODEL_NAME, "max_tokens": self.max_tokens,
                                 "stream": True, "ignore_eos": True, "temperature": 0,
                                 "return_token_ids": True,
                                 "stream_options": {"include_usage": True}}  # fmt: skip
@@ -410,12 +425,12 @@ class Stream:
         errors = [c for c in self.chunks if "error" in c]
         assert errors == [], errors
         assert self.events.count("[DONE]") == 1 and self.events[-1] == "[DONE]"
-        assert len(self.token_ids) == STREAM_TOKENS
+        assert len(self.token_ids) == self.max_tokens
         assert len({c["id"] for c in self.chunks}) == 1
         finishes = [ch["finish_reason"] for c in self.chunks for ch in c["choices"]]
         assert [f for f in finishes if f] == ["length"] and finishes[-1] == "length"
         usage = [c["usage"] for c in self.chunks if c.get("usage")]
-        assert len(usage) == 1 and usage[0]["completion_tokens"] == STREAM_TOKENS
+        assert len(usage) == 1 and usage[0]["completion_tokens"] == self.max_tokens
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         detokenized = {"model": MODEL_NAME, "tokens": self.token_ids}
         reply = httpx.post(f"{worker_url}/detokenize", json=detokenized, headers=headers,

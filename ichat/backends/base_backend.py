@@ -107,6 +107,8 @@ class BaseBackend(abc.ABC):
         self._stop_requested = False
         self._stop_requested_at: float | None = None  # the drain starts here (monotonic)
         self._drain_deadline: asyncio.TimerHandle | None = None
+        # at the drain deadline: what the engine aborts goes on on another worker
+        self.handing_off = False
         self._aborting: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self._ran = False
@@ -190,19 +192,34 @@ class BaseBackend(abc.ABC):
     def _abort_at_the_drain_deadline(self) -> None:
         """Once ``--drain-timeout`` has passed, abort the requests still in flight in the
         engine: each stream then ends well-formed (its final chunk, ``finish_reason``
-        "abort", and ``[DONE]``) instead of being cut when the server closes."""
+        "abort", and ``[DONE]``) instead of being cut when the server closes -- or, when
+        another worker can take them (``can_hand_off``), goes on there."""
         if self.state is not BackendState.READY:
             return
         loop = asyncio.get_running_loop()
 
         def abort() -> None:
-            logger.warning(
-                "drain timeout (%g s) reached: aborting the requests still in flight",
-                self.framework_args.drain_timeout,
-            )
-            self._aborting = loop.create_task(self.abort_requests())
+            self._aborting = loop.create_task(self._at_the_drain_deadline())
 
         self._drain_deadline = loop.call_later(self.framework_args.drain_timeout, abort)
+
+    async def _at_the_drain_deadline(self) -> None:
+        config = self.framework_args
+        self.handing_off = await self.can_hand_off()
+        if self.handing_off:
+            logger.warning(
+                "drain timeout (%g s) reached: aborting the requests still in flight, "
+                "which go on on another worker through the gateway (relayed for at most "
+                "%g s more, --handoff-timeout)",
+                config.drain_timeout,
+                config.handoff_timeout,
+            )
+        else:
+            logger.warning(
+                "drain timeout (%g s) reached: aborting the requests still in flight",
+                config.drain_timeout,
+            )
+        await self.abort_requests()
 
     def cleanup(self) -> None:
         """Release everything; idempotent and safe after a half-finished start."""
@@ -363,6 +380,11 @@ class BaseBackend(abc.ABC):
         """Abort every request in flight in the engine (at the drain deadline), so that
         each ends with the engine's own "abort" finish (default: nothing)."""
         return None
+
+    async def can_hand_off(self) -> bool:
+        """At the drain deadline: whether what the engine aborts can go on on another
+        worker (through the gateway) instead of ending with "abort" (default: no)."""
+        return False
 
     async def fail_over(self) -> dict[str, float] | None:
         """The active engine died: serve a ready standby in its place on the same HTTP
@@ -569,7 +591,7 @@ class BaseBackend(abc.ABC):
             self._server.should_exit = True
             # the server has been draining since the stop was requested, if it was
             t0 = self._stop_requested_at or time.monotonic()
-            drain = config.drain_timeout + deadlines.drain_grace
+            drain = _server_drain(config)
             left = t0 + drain - time.monotonic()
             done, _ = await asyncio.wait({self._server_task}, timeout=max(left, 0.0))
             if not done:
@@ -609,8 +631,11 @@ class BaseBackend(abc.ABC):
 
 def _server_drain(config: WorkerConfig) -> float:
     """How long uvicorn lets a graceful shutdown run: past our drain deadline, when the
-    engine has aborted what was still in flight and those streams have ended."""
-    return config.drain_timeout + config.deadlines.drain_grace
+    engine has aborted what was still in flight and those streams have ended; with a
+    gateway, the answers of what was handed off to another worker are relayed for
+    ``handoff_timeout`` more."""
+    handoff = config.handoff_timeout if config.gateway_url else 0.0
+    return config.drain_timeout + config.deadlines.drain_grace + handoff
 
 
 def collect_frozen_garbage() -> None:

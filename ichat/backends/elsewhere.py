@@ -99,6 +99,29 @@ class ThroughTheGateway:
     def request(self) -> GatewayRequest:
         return GatewayRequest(self)
 
+    async def another_worker_serves(self, model: str, own_url: str) -> bool:
+        """Whether the gateway lists a healthy, ready worker of ``model`` other than
+        ``own_url`` (False when the gateway does not answer within a few seconds)."""
+        try:
+            async with httpx.AsyncClient(
+                timeout=CONNECT_TIMEOUT, transport=self.transport
+            ) as client:
+                response = await client.get(
+                    self.url + "/workers", headers=bearer_headers(self.api_key)
+                )
+            listed = response.json().get("workers", []) if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            logger.warning("the gateway %s did not list its workers: %s", self.url, exc)
+            return False
+        for worker in listed:
+            if not isinstance(worker, dict) or worker.get("url") == own_url:
+                continue
+            models = {m.get("id") for m in worker.get("models") or [] if isinstance(m, dict)}
+            ready = worker.get("is_healthy") and worker.get("status", "ready") == "ready"
+            if ready and (not models or model in models):
+                return True
+        return False
+
 
 class GatewayRequest:
     """An ASGI app for one request: the gateway's answer, as ASGI messages. A

@@ -19,6 +19,12 @@ client gets a complete answer, drawn anew (the same one with a ``seed``).
 Where no engine of this worker takes over at once (no standby ready) and a gateway is
 known (``elsewhere``), both go to another worker through the gateway instead
 (:mod:`ichat.backends.elsewhere`): the request again, or the stream's continuation.
+
+The drain deadline hands requests off the same way (``handing_off``): a worker that
+stops aborts what its engine still runs at ``--drain-timeout``; while it hands off,
+the engine's "abort" finish counts as a cut, so a stream under way is continued on
+another worker through the gateway and a request with no byte sent yet runs there
+again, instead of ending with ``finish_reason: "abort"``.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class ReplayOnEngineDeath:
         on_continuation: Callable[[Continued], None] | None = None,
         gateway: elsewhere.ThroughTheGateway | None = None,
         takes_over_here: Callable[[], bool] = lambda: True,
+        handing_off: Callable[[], bool] = lambda: False,
         paths: frozenset[str] = GENERATING_PATHS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -88,6 +95,7 @@ class ReplayOnEngineDeath:
         self.on_continuation = on_continuation
         self.gateway = gateway
         self.takes_over_here = takes_over_here  # an engine of this worker serves next, soon
+        self.handing_off = handing_off  # the worker stops: what is aborted goes elsewhere
         self.paths = paths
         self._clock = clock
         self.replayed = 0  # requests run again after an engine death (for tests, logs)
@@ -110,12 +118,12 @@ class ReplayOnEngineDeath:
         engine = self.watch.current()
         for attempt in range(self.max_replays + 1):
             died = functools.partial(self.watch.died, engine)
-            gate = _FirstMessageGate(send, died)
+            gate = _FirstMessageGate(send, died, self.handing_off)
             if request is None:
                 await self.app(scope, _replaying(body, receive), gate.send)
             else:
                 stream = TrackedStream.of(scope["path"], request)
-                reader = _EngineStream(stream, gate.send, died)
+                reader = _EngineStream(stream, gate.send, died, self.handing_off)
                 await self.app(scope, _replaying(stream.engine_body(), receive), reader.send)
                 if reader.cut and gate.decided:  # the client has part of the answer
                     await self._continue(scope, receive, send, stream, engine)
@@ -131,9 +139,9 @@ class ReplayOnEngineDeath:
                 break
             if target.engine is None:  # another worker answers the client, as it answers
                 self.replayed += 1
-                logger.warning("%s failed as the engine died, before any byte reached the "
-                               "client: sent to another worker through the gateway",
-                               scope["path"])  # fmt: skip
+                logger.warning("%s %s, before any byte reached the client: sent to another "
+                               "worker through the gateway", scope["path"],
+                               self._ended_by())  # fmt: skip
                 await target.app(scope, _replaying(body, receive), send)
                 return
             engine = target.engine
@@ -183,13 +191,15 @@ class ReplayOnEngineDeath:
                 self._report(Continued("closed", 0, self._clock() - t0))
                 return
             stream.begin_continuation()
-            tail = _ContinuationStream(stream, send, target.died, self.decode, self._clock)
+            tail = _ContinuationStream(
+                stream, send, target.died, self.decode, self._clock, self.handing_off
+            )
             self.continued += 1
             logger.warning(
-                "%s %s cut by the engine's death after %d tokens: continued on %s "
+                "%s %s %s after %d tokens: continued on %s "
                 "(%d prompt tokens re-prefilled, %.3f s after the cut)",
-                scope["path"], stream.id, len(stream.generated), target.what,
-                len(body["prompt"]), self._clock() - t0,
+                scope["path"], stream.id, self._ended_by(), len(stream.generated),
+                target.what, len(body["prompt"]), self._clock() - t0,
             )  # fmt: skip
             headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-length"]
             tail_scope = {**scope, "path": continuation.COMPLETIONS, "headers": headers,
@@ -206,15 +216,22 @@ class ReplayOnEngineDeath:
         await send(_body(error_event("the engine died; the stream could not be continued")
                          + DONE, more=False))  # fmt: skip
 
+    def _ended_by(self) -> str:
+        if self.handing_off():
+            return "aborted at the drain deadline"
+        return "cut by the engine's death"
+
     async def _next_target(
         self, scope: Scope, dead: Any, keepalive: Send | None = None
     ) -> _Target | None:
         """Where a request of the dead engine runs next: another worker through the
-        gateway when no engine of this worker takes over at once, else the engine that
-        serves next; None when none does within ``wait_for_next_engine``, and at once for
-        a request another worker forwarded here (its 503 makes the gateway try another)."""
-        if self.gateway is not None and not self.takes_over_here():
-            if not elsewhere.forwarded(scope):
+        gateway when no engine of this worker takes over at once (or the worker hands its
+        requests off as it stops), else the engine that serves next; None when none does
+        within ``wait_for_next_engine``, and at once for a request another worker
+        forwarded here as its engine died (its 503 makes the gateway try another)."""
+        handing_off = self.handing_off()
+        if self.gateway is not None and (handing_off or not self.takes_over_here()):
+            if handing_off or not elsewhere.forwarded(scope):
                 self.forwarded += 1
                 request = self.gateway.request()
                 return _Target(request, lambda: request.broken, None, "another worker")
@@ -260,12 +277,15 @@ def _body(data: bytes, *, more: bool = True) -> Message:
 
 class _UntilTheEngineDies:
     """Forwards a stream's events, each as ``_event`` makes it, to the client; stops at
-    an error event of the dead engine (``cut``) and keeps everything after it from the
-    client."""
+    an error event of the dead engine, or at an "abort" finish while the worker hands
+    its requests off (``cut``), and keeps everything after it from the client."""
 
-    def __init__(self, send: Send, engine_died: Callable[[], bool]) -> None:
+    def __init__(
+        self, send: Send, engine_died: Callable[[], bool], handing_off: Callable[[], bool]
+    ) -> None:
         self._send = send
         self._engine_died = engine_died
+        self._handing_off = handing_off
         self._events = EventReader()
         self.cut = False
 
@@ -279,6 +299,9 @@ class _UntilTheEngineDies:
     async def _forward(self, message: Message) -> None:
         out = []
         for raw in self._events.feed(message.get("body", b"")):
+            if _ABORTED in raw and self._handing_off() and _aborted(continuation.parse(raw)):
+                self.cut = True
+                break
             fast = self._fast(raw)
             if fast is not None:
                 out.append(fast + b"\n\n")
@@ -299,8 +322,14 @@ class _EngineStream(_UntilTheEngineDies):
     """A continuable stream's events from the engine on their way to the client: notes
     its token ids (removing those the client did not ask for)."""
 
-    def __init__(self, stream: TrackedStream, send: Send, engine_died: Callable[[], bool]):
-        super().__init__(send, engine_died)
+    def __init__(
+        self,
+        stream: TrackedStream,
+        send: Send,
+        engine_died: Callable[[], bool],
+        handing_off: Callable[[], bool],
+    ):
+        super().__init__(send, engine_died, handing_off)
         self._stream = stream
         self._passthrough = False  # not a stream (an error status): untouched
 
@@ -334,8 +363,9 @@ class _ContinuationStream(_UntilTheEngineDies):
         engine_died: Callable[[], bool],
         decode: continuation.Decode | None,
         clock: Callable[[], float],
+        handing_off: Callable[[], bool],
     ):
-        super().__init__(send, engine_died)
+        super().__init__(send, engine_died, handing_off)
         self._stream = stream
         self._decode = decode
         self._clock = clock
@@ -375,11 +405,15 @@ class _ContinuationStream(_UntilTheEngineDies):
 
 class _FirstMessageGate:
     """Holds the response's start until its first body message; drops the response
-    when that message is a failure and the request's engine is dead."""
+    when that message is a failure and the request's engine is dead, or an "abort"
+    finish while the worker hands its requests off."""
 
-    def __init__(self, send: Send, engine_died: Callable[[], bool]) -> None:
+    def __init__(
+        self, send: Send, engine_died: Callable[[], bool], handing_off: Callable[[], bool]
+    ) -> None:
         self._send = send
         self._engine_died = engine_died
+        self._handing_off = handing_off
         self._start: Message | None = None
         self.decided = False
         self.dropped = False
@@ -398,8 +432,11 @@ class _FirstMessageGate:
             return
         self.decided = True
         status = self._start["status"] if self._start is not None else 200
-        failed = status >= 500 or _is_error_event(message.get("body", b""))
-        if failed and self._engine_died():
+        body = message.get("body", b"")
+        failed = status >= 500 or _is_error_event(body)
+        if (failed and self._engine_died()) or (
+            status == 200 and _ABORTED in body and self._handing_off() and _aborted_body(body)
+        ):
             self.dropped = True
             return
         if self._start is not None:
@@ -411,6 +448,30 @@ class _FirstMessageGate:
         if not self.decided and self._start is not None:
             self.decided = True
             await self._send(self._start)
+
+
+_ABORTED = b'"abort"'  # in what the engine answers a request it aborted
+
+
+def _aborted(event: dict[str, Any] | str | None) -> bool:
+    """An event (or a whole answer) whose choice ended with the engine's "abort"."""
+    if not isinstance(event, dict):
+        return False
+    choices = event.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and c.get("finish_reason") == "abort" for c in choices
+    )
+
+
+def _aborted_body(body: bytes) -> bool:
+    """A non-streamed answer, or a stream's first chunk, that the engine aborted."""
+    text = body.lstrip()
+    if text.startswith(b"data:"):
+        return any(_aborted(continuation.parse(raw)) for raw in EventReader().feed(body))
+    try:
+        return _aborted(json.loads(body))
+    except ValueError:
+        return False
 
 
 def _is_error_event(body: bytes) -> bool:

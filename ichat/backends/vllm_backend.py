@@ -435,6 +435,7 @@ class VLLMBackend(BaseBackend):
                 on_continuation=self._report_continuation,
                 gateway=gateway,
                 takes_over_here=self._takes_over_here,
+                handing_off=lambda: self.handing_off,
             )
         return InstalledApp(asgi, app), tasks
 
@@ -736,6 +737,16 @@ class VLLMBackend(BaseBackend):
     async def abort_requests(self) -> None:
         if self._engine_client is not None:
             await vllm_compat.abort_all_requests(self._engine_client)
+
+    async def can_hand_off(self) -> bool:
+        """With a gateway that lists another ready worker of this model (this one has
+        left it at the stop)."""
+        config = self.framework_args
+        if not config.gateway_url:
+            return False
+        gateway = ThroughTheGateway(config.gateway_url, config.gateway_api_key)
+        own = config.advertise_url or config.base_url
+        return await gateway.another_worker_serves(self.served_model_name(), own)
 
     async def check_engine_alive(self) -> None:
         client = self._engine_client

@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         "finish; a second signal forces (default: %(default)s)",
     )
     parser.add_argument(
+        "--handoff-timeout",
+        type=float,
+        default=defaults.handoff_timeout,
+        metavar="SECONDS",
+        help="with --gateway-url: requests still running at the drain timeout go on on "
+        "another worker through the gateway (streams continued token-exactly with "
+        "--continuation-limit, requests with no byte sent yet run again), and this worker "
+        "relays their answers for at most this long more (default: %(default)s)",
+    )
+    parser.add_argument(
         "--no-warmup", action="store_true", help="skip the warmup request before declaring ready"
     )
     policy = defaults.restart_policy
@@ -187,6 +197,7 @@ def parse_args(argv: Sequence[str]) -> tuple[WorkerConfig, list[str], str | None
         ready_timeout=ns.ready_timeout,
         health_interval=ns.health_interval,
         drain_timeout=ns.drain_timeout,
+        handoff_timeout=ns.handoff_timeout,
         warmup=not ns.no_warmup,
         restart=not ns.no_restart,
         standby=ns.standby,

@@ -31,17 +31,10 @@ from tests.support import (
     our_processes,
     prometheus_binary,
     reap_zombies,
+    two_free_ports,
 )
 
 pytest.importorskip("smg", reason="`ichat up` needs smg (ichat[gateway])")
-
-
-def two_free_ports() -> int:
-    """A free port whose next one is free too (two workers listen on P and P + 1)."""
-    while True:
-        port = free_port()
-        if port_is_free("127.0.0.1", port + 1):
-            return port
 
 
 def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(

@@ -283,10 +283,12 @@ def test_probes_hit_the_status_servers_real_routes(worker: Obj) -> None:
 
 
 @workers
-def test_grace_period_outlasts_prestop_leave_drain_and_cleanup(worker: Obj) -> None:
+def test_grace_period_outlasts_prestop_leave_drain_handoff_and_cleanup(worker: Obj) -> None:
     config, _ = worker_config(worker)
+    # with a gateway: leave it, and relay what was handed off at the drain deadline
     leave = config.deadlines.gateway_leave if config.gateway_url else 0.0
-    needed = prestop_seconds(container(worker)) + leave + config.drain_timeout
+    handoff = config.handoff_timeout if config.gateway_url else 0.0
+    needed = prestop_seconds(container(worker)) + leave + config.drain_timeout + handoff
     grace = pod_spec(worker)["terminationGracePeriodSeconds"]
     assert grace >= needed + CLEANUP_MARGIN_S
 

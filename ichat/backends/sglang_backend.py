@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -36,10 +37,11 @@ import psutil
 from ichat.auth import bearer_headers
 from ichat.backends import sglang_compat, zmq_context
 from ichat.backends.argmap import flag_value
-from ichat.backends.base_backend import BaseBackend
+from ichat.backends.base_backend import BackendState, BaseBackend
 from ichat.backends.model_path import check_model_path
+from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.config import WorkerConfig
-from ichat.errors import ConfigError, EngineDiedError, StartupError
+from ichat.errors import ConfigError, EngineDiedError, ReloadError, StartupError
 from ichat.process.processes import is_python_helper, not_running
 
 if TYPE_CHECKING:
@@ -76,6 +78,7 @@ class SGLangBackend(BaseBackend):
         self._failure_report = FailureReport()
         self._watched: list[psutil.Process] | None = None
         self._is_generation = True
+        self._reloading = False
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ arguments
@@ -284,6 +287,50 @@ class SGLangBackend(BaseBackend):
     async def abort_requests(self) -> None:
         if self._launched is not None:
             sglang_compat.abort_all_requests(self._launched)
+
+    async def reload(self, argv: list[str], method: ReloadMethod = ReloadMethod.AUTO) -> Reloaded:
+        """The same flags: the engine reads its weights again in place (SGLang's own
+        ``update_weights_from_disk``: requests in flight finish first, within
+        ``--drain-timeout``, then are aborted; new ones wait meanwhile; a load that fails
+        leaves the old weights serving, as SGLang restores them). New flags would need a
+        second engine, which SGLang's app cannot serve beside the first (its state is
+        module-level): refused, 501."""
+        if self._reloading or self._launched is None or self.state is not BackendState.READY:
+            raise ReloadError(f"the engine is not serving or reloading (backend "
+                              f"{self.state.value})", 409)  # fmt: skip
+        if method is ReloadMethod.SWAP or argv != self.backend_argv:
+            raise ReloadError(
+                "SGLang reloads only in place (the same flags: its weights read again); "
+                "new flags need a second engine, which SGLang's app cannot serve beside "
+                "the first (its state is module-level): restart the worker with them",
+                501,
+            )
+        update = sglang_compat.weight_reloader(self._launched)
+        if update is None:
+            raise ReloadError("this SGLang cannot reload its weights in place", 501)
+        self._reloading = True
+        try:
+            return await self._reload_weights(update)
+        finally:
+            self._reloading = False
+
+    async def _reload_weights(self, update: Any) -> Reloaded:
+        t0 = time.monotonic()
+        loading = asyncio.ensure_future(update(self._backend_args.model_path))
+        done, _ = await asyncio.wait({loading}, timeout=self.framework_args.drain_timeout)
+        if not done:  # SGLang waits for the requests in flight before it loads
+            logger.warning("reload: requests still running after the drain timeout; aborting them")
+            await self.abort_requests()
+        result = await loading
+        success, message = bool(result[0]), str(result[1])
+        seconds = time.monotonic() - t0
+        if not success:
+            raise ReloadError(f"SGLang did not load the weights: {message}; the old weights "
+                              "serve on", 500)  # fmt: skip
+        logger.info("reload: weights loaded again in place in %.2f s (%s)", seconds, message)
+        phases = {"reload_weights": seconds, "reload": seconds}
+        self.phase_seconds.update(phases)
+        return Reloaded(ReloadMethod.IN_PLACE, phases)
 
     async def check_engine_alive(self) -> None:
         self.check_engine_processes()

@@ -235,6 +235,22 @@ def abort_all_requests(launched: Launched) -> None:
         abort(abort_all=True)
 
 
+def weight_reloader(launched: Launched) -> Callable[[str], Any] | None:
+    """SGLang's own in-place weight reload (its ``/update_weights_from_disk``): the
+    tokenizer manager's ``update_weights_from_disk`` with the request object it takes;
+    a coroutine function of the model path whose result starts with (success,
+    message). None when this SGLang has no such function."""
+    update = getattr(launched.tokenizer_manager, "update_weights_from_disk", None)
+    request_cls = find("UpdateWeightFromDiskReqInput", ("sglang.srt.managers.io_struct",))
+    if update is None or request_cls is None:
+        return None
+
+    def reload(model_path: str) -> Any:
+        return update(request_cls(model_path=model_path), None)
+
+    return reload
+
+
 def cancel_tokenizer_manager_tasks(launched: Launched) -> None:
     for task in list(getattr(launched.tokenizer_manager, "asyncio_tasks", ())):
         task.cancel()

@@ -307,7 +307,8 @@ class Supervisor:
                 new_argv = [*backend.backend_argv, *(argv or [])] if merge else list(argv or [])
                 reloaded = await backend.reload(new_argv, method)
         except ReloadError as exc:
-            outcome = "refused" if exc.status < 500 else "failed"
+            # 501: this engine cannot reload so (nothing was tried)
+            outcome = "refused" if exc.status < 500 or exc.status == 501 else "failed"
             self._note_reload(outcome, started, error=str(exc))
             raise
         if settings:

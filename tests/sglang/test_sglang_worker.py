@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,9 +45,17 @@ class SGLangWorker(Worker):
 
 
 @pytest.fixture(scope="module")
-def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SGLangWorker]:
+def own_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the test model: the reload test changes its weights on disk."""
+    copy = tmp_path_factory.mktemp("sglang-model") / "model"
+    shutil.copytree(model_dir, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def worker(own_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SGLangWorker]:
     status_port = free_port()
-    args = ("--status-port", str(status_port), "--model-path", str(model_dir),
+    args = ("--status-port", str(status_port), "--model-path", str(own_model),
             "--served-model-name", MODEL_NAME, "--api-key", API_KEY, *CPU_FLAGS)  # fmt: skip
     t0 = time.monotonic()
     with start_worker(tmp_path_factory.mktemp("sglang"), *args, backend="sglang") as w:
@@ -122,6 +131,69 @@ def test_the_status_endpoints_report_ready(worker: SGLangWorker) -> None:
     assert worker.status("/livez").status_code == 200
     assert worker.status("/status").json()["state"] == "ready"
     assert "ichat_worker_restarts_total 0.0" in worker.status("/metrics").text
+
+
+def greedy(worker: SGLangWorker) -> list[int]:
+    body = {"text": "once upon a time", "sampling_params": {"max_new_tokens": 12,
+            "temperature": 0, "ignore_eos": True}}  # fmt: skip
+    r = httpx.post(f"{worker.url}/generate", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    ids: list[int] = r.json()["output_ids"]
+    return ids
+
+
+def ichat_reload(worker: SGLangWorker, *args: str) -> subprocess.CompletedProcess[str]:
+    url = f"http://127.0.0.1:{worker.status_port}"
+    cmd = ichat_cmd("reload", url, "--api-key", API_KEY, *args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_reload_reads_new_weights_in_place_under_load_and_refuses_new_flags(
+    worker: SGLangWorker, own_model: Path
+) -> None:
+    """`ichat reload --merge` (the same flags): SGLang reads the weights at the model
+    path again (its update_weights_from_disk) while streams run: they all complete,
+    and greedy output follows the weights on disk (changed, then restored). New flags
+    are refused (501) and the engine serves on."""
+    from safetensors.torch import load_file, save_file
+
+    weights = own_model / "model.safetensors"
+    original, before = weights.read_bytes(), greedy(worker)
+    flipped = ("lm_head.", "model.embed_tokens.")  # new weights: another greedy output
+    changed = {k: -v if k.startswith(flipped) else v for k, v in load_file(weights).items()}
+    save_file(changed, weights, metadata={"format": "pt"})
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(stream_chat, worker.url, 64) for _ in range(4)]
+        time.sleep(0.5)
+        done = ichat_reload(worker, "--merge")
+        finishes = [s.result(timeout=120) for s in streams]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["method"] == "in_place"
+    assert finishes == ["length"] * 4
+    after = greedy(worker)
+    assert after != before  # the weights on disk now serve
+    weights.write_bytes(original)
+    assert ichat_reload(worker, "--merge", "--in-place").returncode == 0
+    assert greedy(worker) == before
+    refused = ichat_reload(worker, "--merge", "--", "--max-running-requests", "32")
+    assert refused.returncode != 0 and "HTTP 501" in refused.stderr, refused.stderr[-2000:]
+    assert "SGLang reloads only in place" in refused.stderr
+    status = worker.status("/status").json()
+    assert status["reloads"] == {"ok": 2, "refused": 1} and status["state"] == "ready"
+    assert greedy(worker) == before
+
+
+def stream_chat(url: str, max_tokens: int) -> str:
+    """One streamed chat with ``ignore_eos``; its last finish reason."""
+    stream = client(url).chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens,
+        stream=True, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    finish = ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+    return finish
 
 
 def test_every_sglang_workaround_resolves_in_the_installed_release(

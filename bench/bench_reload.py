@@ -47,8 +47,11 @@ ADMIN_KEY = "bench-admin"
 class StreamingLoad:
     """``concurrency`` threads streaming chats back to back; times relative to ``t0``."""
 
-    def __init__(self, url: str, concurrency: int, max_tokens: int, t0: float) -> None:
+    def __init__(
+        self, url: str, concurrency: int, max_tokens: int, t0: float, key: str | None = None
+    ) -> None:
         self.url, self.max_tokens, self.t0 = url, max_tokens, t0
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.results: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -59,7 +62,7 @@ class StreamingLoad:
             thread.start()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=600) as client:
+        with httpx.Client(timeout=600, headers=self.headers) as client:
             while not self._stop.is_set():
                 result = self._one(client)
                 with self._lock:

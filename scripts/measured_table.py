@@ -73,6 +73,7 @@ AB_H100_IDS = "h100/ab-h100-token-ids-2026-12-07.json"
 AB_CPU = "ab-cpu-2core-2026-12-06.json"
 GATEWAY_KILL_CPU = "gateway-kill-cpu-2core-2026-12-07.json"
 RELOAD_CPU_IN_PLACE = "reload-cpu-2core-in-place-2026-12-06.json"
+ROLL_CPU = "roll-cpu-2core-2026-12-07.json"
 
 
 class Row(NamedTuple):
@@ -353,9 +354,23 @@ def gateway_kill_cpu() -> str:
     )
 
 
+def roll_cpu() -> str:
+    name = ROLL_CPU
+    rolls = [number(name, f"rolls/{i}/end_s") - number(name, f"rolls/{i}/start_s")
+             for i in range(len(value(name, "rolls")))]  # fmt: skip
+    return (
+        f"{len(rolls)} rolls of new flags (`ichat reload A B --merge -- FLAGS`): "
+        f"{listed(rolls, 0)} s each; **{number(name, 'all/failed'):.0f} of "
+        f"{number(name, 'all/requests'):.0f} streamed requests failed**; fewest healthy "
+        f"workers in SMG during a roll: {number(name, 'fewest_healthy_during_rolls'):.0f} "
+        f"of 2 ({backticked(name)})"
+    )
+
+
 def gateway_sigterm_cpu() -> str:
     return (
-        "left before draining, no request failed "
+        "left before draining, no request failed; streams still running at its drain "
+        "deadline handed off to the other worker, complete and token-exact "
         "(`tests/integration/test_gateway.py`; no stored figures)"
     )
 
@@ -518,6 +533,7 @@ ROWS = (
         reload_h100,
         reload_cpu,
     ),
+    Row("`ichat up --workers 2` rolled under a streaming load", none, roll_cpu),
     Row(
         "throughput / native vLLM, servers resident side by side, paired blocks, mean "
         "[bootstrap 95 % CI]; continuation: `--continuation-limit` (off by default)",

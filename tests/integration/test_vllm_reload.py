@@ -247,3 +247,30 @@ def test_a_restart_after_a_reload_keeps_the_new_configuration(setup: Setup) -> N
     assert setup.models(setup.worker.url)[RENAMED] == NEW_CONTEXT
     status = setup.status()
     assert status["restarts"] == 1 and status["settings"]["drain_timeout"] == 7.0
+
+
+def test_weights_that_fail_to_load_in_place_stop_that_engine_and_the_worker_restarts(
+    setup: Setup,
+) -> None:
+    """An in-place load that fails leaves the weights unknown: that engine is stopped
+    (the command says why, exit 8), and the worker restarts it as after a death, from
+    the weights on disk then (here: restored at once, as an operator would)."""
+    before, deaths = greedy(setup), setup.status()["engine_deaths"]
+    weights = setup.model_dir / "model.safetensors"
+    good = weights.with_suffix(".good")
+    shutil.copyfile(weights, good)
+    other = make_test_model(setup.model_dir.parent / "bigger", SHAPES["small"], seed=2)
+    staged = weights.with_suffix(".new")
+    shutil.copyfile(other / "model.safetensors", staged)
+    os.replace(staged, weights)  # tensors of another shape: the load must fail
+    try:
+        done = setup.reload("--merge", "--in-place")
+    finally:
+        os.replace(good, weights)
+    assert done.returncode == 8, done.stderr[-3000:]
+    assert "did not load in place" in done.stderr and "was stopped" in done.stderr
+    wait_for(lambda: setup.status()["engine_deaths"] == deaths + 1, 30, "the death seen")
+    wait_for(lambda: setup.status()["state"] == "ready", 300, "ready again")
+    status = setup.status()
+    assert status["last_reload"]["outcome"] == "failed" and status["reloads"]["failed"] >= 1
+    assert greedy(setup) == before  # the restarted engine serves the weights on disk

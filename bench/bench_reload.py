@@ -17,6 +17,7 @@ Writes JSON and PNG (``--out``). Numbers only: nothing here asserts a speed.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import threading
@@ -117,31 +118,51 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return stats
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4))
-    rows = report["requests"]
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The streaming load's flags (this benchmark's and bench_roll.py's)."""
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds of load between")
+
+
+def before_and_during(
+    rows: list[dict[str, Any]], windows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The requests sent before the first window, and those sent during one."""
+    before = [r for r in rows if r["sent_s"] < windows[0]["start_s"]]
+    during = [r for r in rows if any(w["start_s"] <= r["sent_s"] <= w["end_s"] for w in windows)]
+    return before, during
+
+
+def plot_ttft(
+    ax: Any, rows: list[dict[str, Any]], windows: list[dict[str, Any]], what: str
+) -> None:
+    """Each request's TTFT by when it was sent, the failed ones at 0, the windows shaded."""
     ok = [r for r in rows if r["outcome"] == "ok"]
     ax.plot([r["sent_s"] for r in ok], [r["ttft_s"] for r in ok], ".", ms=3, label="TTFT")
     bad = [r for r in rows if r["outcome"] != "ok"]
     if bad:
         ax.plot([r["sent_s"] for r in bad], [0] * len(bad), "rx", label="failed")
-    for i, window in enumerate(report["reloads"]):
+    for i, window in enumerate(windows):
         ax.axvspan(window["start_s"], window["end_s"], color="orange", alpha=0.25,
-                   label="reload" if i == 0 else None)  # fmt: skip
-    ax.set_xlabel("request sent (s)")
+                   label=what if i == 0 else None)  # fmt: skip
     ax.set_ylabel("time to first token (s)")
-    ax.set_title(f"ichat reload under load ({report['concurrency']} streams, {report['tag']})")
     ax.legend()
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    plot_ttft(ax, report["requests"], report["reloads"], "reload")
+    ax.set_xlabel("request sent (s)")
+    ax.set_title(f"ichat reload under load ({report['concurrency']} streams, {report['tag']})")
     save_figure(fig, path)
 
 
 def main() -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--reloads", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--settle", type=float, default=20.0, help="seconds of load between")
+    add_load_arguments(parser)
     parser.add_argument("--reload-flags", default="", help="flags each reload adds (--merge)")
     parser.add_argument("--method", default="swap", choices=("swap", "in_place", "auto"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -171,8 +192,7 @@ def main() -> int:
         final = httpx.get(f"{status_url}/status", timeout=10).json()
         worker_status = {k: final.get(k) for k in ("state", "reloads", "standby", "engines",
                          "served_model_names", "engine_args")}  # fmt: skip
-    before = [r for r in rows if r["sent_s"] < windows[0]["start_s"]]
-    during = [r for r in rows if any(w["start_s"] <= r["sent_s"] <= w["end_s"] for w in windows)]
+    before, during = before_and_during(rows, windows)
     report = {**run_facts(),
               "tag": args.tag, "method": args.method, "concurrency": args.concurrency,
               "max_tokens": args.max_tokens,

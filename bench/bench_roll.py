@@ -31,7 +31,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_reload import StreamingLoad, summary
+from bench_reload import (
+    StreamingLoad,
+    add_load_arguments,
+    before_and_during,
+    plot_ttft,
+    summary,
+)
 from common import bench_parser, pyplot, run_facts, save_figure, save_report
 
 from ichat.process.processes import free_port
@@ -98,20 +104,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, (ax, healthy) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1]})  # fmt: skip
-    rows = report["requests"]
-    ok = [r for r in rows if r["outcome"] == "ok"]
-    ax.plot([r["sent_s"] for r in ok], [r["ttft_s"] for r in ok], ".", ms=3, label="TTFT")
-    bad = [r for r in rows if r["outcome"] != "ok"]
-    if bad:
-        ax.plot([r["sent_s"] for r in bad], [0] * len(bad), "rx", label="failed")
-    for axis in (ax, healthy):
-        for i, window in enumerate(report["rolls"]):
-            axis.axvspan(window["start_s"], window["end_s"], color="orange", alpha=0.25,
-                         label="roll" if i == 0 and axis is ax else None)  # fmt: skip
-    ax.set_ylabel("time to first token (s)")
+    plot_ttft(ax, report["requests"], report["rolls"], "roll")
+    for window in report["rolls"]:
+        healthy.axvspan(window["start_s"], window["end_s"], color="orange", alpha=0.25)
     ax.set_title(f"ichat up --workers 2 rolled under load ({report['concurrency']} streams, "
                  f"{report['tag']})")  # fmt: skip
-    ax.legend()
     samples = report["healthy_workers"]
     healthy.step([t for t, _ in samples], [n for _, n in samples], where="post")
     healthy.set_ylim(-1.5, 2.5)
@@ -123,9 +120,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--rolls", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--settle", type=float, default=20.0, help="seconds of load between")
+    add_load_arguments(parser)
     parser.add_argument("--roll-flags", nargs="+",
                         default=["--max-num-seqs 64", "--max-num-seqs 128"],
                         help="the flags each roll adds (--merge), in turn")  # fmt: skip
@@ -165,8 +160,7 @@ def main() -> int:
         finally:
             up.send_signal(signal.SIGINT)
             code = up.wait(600)
-    before = [r for r in rows if r["sent_s"] < windows[0]["start_s"]]
-    during = [r for r in rows if any(w["start_s"] <= r["sent_s"] <= w["end_s"] for w in windows)]
+    before, during = before_and_during(rows, windows)
     in_rolls = [n for t, n in samples if any(w["start_s"] <= t <= w["end_s"] for w in windows)]
     report = {**run_facts(),
               "tag": args.tag, "concurrency": args.concurrency, "max_tokens": args.max_tokens,

@@ -25,12 +25,14 @@ be reached.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from ichat.auth import bearer_headers
+from ichat.commands.rolling import Roll, roll
 from ichat.worker.settings import LOG_LEVELS
 
 BAD_INPUT = 2
@@ -124,48 +126,29 @@ def main(argv: Sequence[str]) -> int:
     if "--" not in argv and not ns.merge and not settings:
         parser.error("give the engine's flags after `--` (or --merge to keep them)")
     flags = engine_argv if "--" in argv or ns.merge else None  # None: settings only
-    for done, url in enumerate(ns.urls):
-        code = reload_one(url, flags, settings, ns)
-        if code != 0:
-            if len(ns.urls) > 1:
-                print(
-                    f"ichat reload: the roll stopped at {url}; reloaded: {ns.urls[:done]}; "
-                    f"still on their old configuration: {ns.urls[done:]}",
-                    file=sys.stderr,
-                )
-            return code
-    return 0
-
-
-def reload_one(
-    url: str, engine_argv: list[str] | None, settings: dict[str, object], ns: argparse.Namespace
-) -> int:
-    """Reload the worker at status URL ``url``; the exit code it means."""
-    import httpx
-
-    url = url.rstrip("/") + "/reload"
-    body: dict[str, object] = {"merge": ns.merge, "method": ns.method, "settings": settings}
-    if engine_argv is not None:
-        body["engine_args"] = engine_argv
-    print(f"ichat reload: {url} {json.dumps(engine_argv)} {json.dumps(settings)}", file=sys.stderr)
-    try:
-        reply = httpx.post(url, json=body, headers=bearer_headers(ns.api_key), timeout=ns.timeout)
-    except httpx.HTTPError as exc:
-        print(f"ichat reload: error: {url} cannot be reached: {exc}", file=sys.stderr)
-        return UNREACHABLE
-    try:
-        answer = reply.json()
-    except ValueError:
-        answer = {"error": reply.text[:500]}
-    if reply.status_code == 200:
-        print(json.dumps(answer, indent=2))
-        phases = answer.get("phases") or {}
-        print(
-            f"ichat reload: reloaded ({answer.get('method')}) in "
-            f"{phases.get('reload', answer.get('seconds', 0)):.1f} s; "
-            f"serving {answer.get('served_model_names')}",
-            file=sys.stderr,
-        )
+    plan = Roll(ns.urls, flags, settings, ns.api_key, ns.timeout, merge=ns.merge, method=ns.method)
+    print(f"ichat reload: {' '.join(ns.urls)} {json.dumps(flags)} {json.dumps(settings)}",
+          file=sys.stderr)  # fmt: skip
+    done = asyncio.run(roll(plan, on_reloaded=_print_answer))
+    if done.ok:
         return 0
-    print(f"ichat reload: error: HTTP {reply.status_code}: {answer.get('error')}", file=sys.stderr)
-    return BAD_INPUT if reply.status_code in (400, 401, 403) else FAILED
+    print(f"ichat reload: error: {done.error}", file=sys.stderr)
+    if len(ns.urls) > 1:
+        left = ns.urls[len(done.reloaded) :]
+        print(f"ichat reload: the roll stopped at {left[0]}; reloaded: {done.reloaded}; "
+              f"still on their old configuration: {left}", file=sys.stderr)  # fmt: skip
+    if done.status is None:
+        return UNREACHABLE
+    return BAD_INPUT if done.status in (400, 401, 403) else FAILED
+
+
+def _print_answer(url: str, answer: dict[str, Any]) -> None:
+    """A worker's answer on stdout (JSON), a line of it on stderr."""
+    print(json.dumps(answer, indent=2), flush=True)
+    phases = answer.get("phases") or {}
+    print(
+        f"ichat reload: {url} reloaded ({answer.get('method')}) in "
+        f"{phases.get('reload', answer.get('seconds', 0)):.1f} s; "
+        f"serving {answer.get('served_model_names')}",
+        file=sys.stderr,
+    )

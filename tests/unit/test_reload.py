@@ -200,6 +200,19 @@ def test_the_command_says_when_the_worker_cannot_be_reached(
     assert "cannot be reached" in capsys.readouterr().err
 
 
+def test_a_roll_stops_at_the_first_worker_that_fails_and_says_which_ran_what(
+    status: tuple[StatusServer, list[Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, calls = status
+    ok, gone = f"http://127.0.0.1:{server.port}", f"http://127.0.0.1:{free_port()}"
+    args = [ok, gone, ok, "--api-key", "sekret", "--", "--model", "m"]
+    assert reload_command.main(args) == 1
+    assert calls == [(["--model", "m"], False, "auto")]  # the third never reached
+    out, err = capsys.readouterr()
+    assert '"outcome"' in out  # the first worker's answer
+    assert f"the roll stopped at {gone}; reloaded: ['{ok}']" in err
+
+
 def test_the_command_needs_the_engine_flags_after_a_double_dash() -> None:
     with pytest.raises(SystemExit) as exited:
         reload_command.main(["http://127.0.0.1:1", "--model", "m"])

@@ -106,5 +106,6 @@ def test_a_roll_reloads_one_worker_after_another_and_stops_at_the_first_failure(
     assert done.reloaded == ["http://w1:1"] and not done.ok
     assert done.error == "http://w2:1: HTTP 400: unrecognized arguments: --bad"
     assert [c[0] for c in calls] == ["http://w1:1/reload", "http://w2:1/reload"]  # w3 untouched
-    body = {"engine_args": ["--bad"], "merge": False, "settings": {"drain_timeout": 5.0}}
+    body = {"engine_args": ["--bad"], "merge": False, "method": "auto",
+            "settings": {"drain_timeout": 5.0}}  # fmt: skip
     assert all(c[1] == body and c[2] == "Bearer adm" for c in calls)

@@ -500,9 +500,10 @@ def test_a_restarted_gateway_gets_both_workers_back_within_5_s(
 def test_sigterm_of_one_worker_under_load_leaves_the_gateway_first_and_fails_nothing(
     cluster: Cluster,
 ) -> None:
-    """b leaves the gateway, then drains; streams that outlast its drain timeout are
-    handed off at the deadline: continued on a through the gateway, token-exactly, in
-    the same client stream, instead of ending with finish "abort"."""
+    """b leaves the gateway, then drains; requests that outlast its drain timeout are
+    handed off at the deadline instead of ending with finish "abort": streams continued
+    on a through the gateway, token-exactly, in the same client stream; non-streamed
+    requests (no byte sent yet) run on a again, whole."""
     a, b = cluster.workers
     status_b = f"http://127.0.0.1:{cluster.status_ports[1]}"
     reply = httpx.post(f"{status_b}/reload", json={"settings": {"drain_timeout": DRAIN_S}},
@@ -510,32 +511,50 @@ def test_sigterm_of_one_worker_under_load_leaves_the_gateway_first_and_fails_not
     assert reply.status_code == 200, reply.text
     paths = ["/v1/chat/completions", "/v1/completions"] * 4
     streams = [Stream(p, max_tokens=LONG_STREAM) for p in paths]
-    with Load(cluster) as load, concurrent.futures.ThreadPoolExecutor(len(streams)) as pool:
+    with Load(cluster) as load, concurrent.futures.ThreadPoolExecutor(len(streams) + 2) as pool:
         running = [pool.submit(s.run, b.url, WORKER_B_KEY) for s in streams]
+        whole = [pool.submit(long_completion, b.url, WORKER_B_KEY) for _ in range(2)]
         at_stop = wait_all_streaming(streams)
         code = b.stop()
         time.sleep(1.0)
         for f in running:
             f.result(timeout=180)
+        answers = [f.result(timeout=180) for f in whole]
     assert code == 0
     failed = [r for r in load.results if not r[1]]
     assert load.results and not failed, failed[:3]
     out = b.output()
     left, drained = out.find("deregistered"), out.find("HTTP server drained")
     assert 0 <= left < drained, "the worker must leave the gateway before it drains"
-    handed_off = out.count("aborted at the drain deadline")
-    assert handed_off >= 1 and "another worker through" in out, out[-4000:]
+    handed_off = out.count("aborted at the drain deadline after")  # streams continued
+    run_again = out.count("aborted at the drain deadline, before any byte")  # whole
+    assert handed_off >= 1 and run_again >= 1, out[-4000:]
     for s in streams:  # complete, never "abort", and as if run on one worker
         s.check_complete(a.url, KEY)
     for path in set(paths):
         reference = Stream(path, max_tokens=LONG_STREAM)
         reference.run(a.url, KEY)
         assert all(s.token_ids == reference.token_ids for s in streams if s.path == path)
+        if path == "/v1/completions":
+            for answer in answers:  # whole, from a, equal to the stream of the same prompt
+                assert answer.status_code == 200, answer.text[:500]
+                [choice] = answer.json()["choices"]
+                assert choice["finish_reason"] == "length"
+                assert choice["token_ids"] == reference.token_ids
     with contextlib.suppress(KeyError):
         assert not cluster.routable(b)
     print(f"{len(load.results)} requests during the SIGTERM of one worker, none failed; "
           f"{handed_off} of {len(streams)} streams (at {at_stop} tokens at the SIGTERM) "
-          f"handed off to a at the {DRAIN_S}-s drain deadline, all complete")  # fmt: skip
+          f"continued on a at the {DRAIN_S}-s drain deadline, {run_again} of 2 non-streamed "
+          f"run again there; all complete")  # fmt: skip
+
+
+def long_completion(url: str, key: str) -> httpx.Response:
+    """A non-streamed greedy completion as long as the stream of the same prompt."""
+    body = {"model": MODEL_NAME, "prompt": "once upon a time", "max_tokens": LONG_STREAM,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=180,
+                      headers={"Authorization": f"Bearer {key}"})  # fmt: skip
 
 
 def test_a_worker_killed_whole_is_dropped_by_the_gateways_own_health_check(

@@ -14,7 +14,9 @@
     ├── WorkerExitedError           exit 2-5 (the worker's own) or 7: ``ichat up``'s worker
     │                                       exited on its own
     └── ReloadError                 exit 8  a reload was refused or its engine did not
-                                            start; the running engine keeps serving
+        │                                   start; the running engine keeps serving
+        └── RestartToReload                 the engine cannot start new flags beside the
+                                            running one: the worker restarts it with them
 
 Engine exceptions are translated into these at the backend boundary with
 ``raise X(...) from exc``; only the CLI turns them into exit codes.
@@ -134,3 +136,13 @@ class ReloadError(IChatError):
     def __init__(self, message: str, status: int = 500) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RestartToReload(ReloadError):
+    """The engine cannot run new flags beside the serving one (SGLang: one engine per
+    process), and they parsed: the supervisor reloads by a restart instead -- out of the
+    gateway, drain, stop, start with the new flags, back to the old ones if the new do
+    not start. Raised by a backend's ``reload``; never reaches a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 501)

@@ -3,6 +3,8 @@
 ``swap``: a second engine was started with the new flags beside the serving one, and
 the HTTP server switched to it (``AppSwitch``). ``in_place``: the flags were the same,
 and the serving engine loaded its weights again itself (paused, reloaded, resumed).
+``restart``: an engine that cannot run beside another (SGLang) was drained and stopped,
+out of the gateway, and one with the new flags started (the supervisor's).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ class ReloadMethod(str, enum.Enum):
     SWAP = "swap"
     IN_PLACE = "in_place"
     SETTINGS = "settings"  # framework settings only: no engine was touched
+    RESTART = "restart"  # the engine stopped (drained), one with the new flags started
 
 
 @dataclass(frozen=True)

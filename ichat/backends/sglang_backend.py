@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import socket
 import time
@@ -41,7 +42,13 @@ from ichat.backends.base_backend import BackendState, BaseBackend
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.config import WorkerConfig
-from ichat.errors import ConfigError, EngineDiedError, ReloadError, StartupError
+from ichat.errors import (
+    ConfigError,
+    EngineDiedError,
+    ReloadError,
+    RestartToReload,
+    StartupError,
+)
 from ichat.process.processes import is_python_helper, not_running
 
 if TYPE_CHECKING:
@@ -294,16 +301,25 @@ class SGLangBackend(BaseBackend):
         ``--drain-timeout``, then are aborted; new ones wait meanwhile; a load that fails
         leaves the old weights serving, as SGLang restores them). New flags would need a
         second engine, which SGLang's app cannot serve beside the first (its state is
-        module-level): refused, 501."""
+        module-level): once they parse, ``RestartToReload`` (the supervisor stops this
+        engine and starts one with them); ``--swap`` is refused (501)."""
         if self._reloading or self._launched is None or self.state is not BackendState.READY:
             raise ReloadError(f"the engine is not serving or reloading (backend "
                               f"{self.state.value})", 409)  # fmt: skip
-        if method is ReloadMethod.SWAP or argv != self.backend_argv:
+        if method is ReloadMethod.SWAP:
             raise ReloadError(
-                "SGLang reloads only in place (the same flags: its weights read again); "
-                "new flags need a second engine, which SGLang's app cannot serve beside "
-                "the first (its state is module-level): restart the worker with them",
+                "SGLang cannot swap engines (a second engine beside the first: its app's "
+                "state is module-level); without --swap, new flags restart the engine",
                 501,
+            )
+        if argv != self.backend_argv:
+            if method is ReloadMethod.IN_PLACE:
+                raise ReloadError("an in-place reload is not possible: the flags differ", 409)
+            self._parsed_for_reload(argv)
+            raise RestartToReload(
+                "SGLang cannot start an engine with new flags beside the serving one (its "
+                "app's state is module-level): draining and stopping it, then starting one "
+                "with them (the old flags again if they do not start)"
             )
         update = sglang_compat.weight_reloader(self._launched)
         if update is None:
@@ -313,6 +329,17 @@ class SGLangBackend(BaseBackend):
             return await self._reload_weights(update)
         finally:
             self._reloading = False
+
+    def _parsed_for_reload(self, argv: list[str]) -> None:
+        """``argv`` parsed as at start (nothing launched); a bad flag: 400 with SGLang's
+        own message."""
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                self.parse_args(self.framework_args, argv)
+        except ConfigError as exc:
+            said = [line for line in err.getvalue().splitlines() if line.strip()]
+            raise ReloadError(f"{exc}: {said[-1] if said else ''}".rstrip(": "), 400) from exc
 
     async def _reload_weights(self, update: Any) -> Reloaded:
         t0 = time.monotonic()

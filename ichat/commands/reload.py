@@ -9,7 +9,9 @@ one serves on and this command exits non-zero with the engine's error.
 
 With the same flags (``--merge`` and none), an engine that can loads its weights again
 in place instead (vLLM 0.32: new requests wait while it pauses, reloads and resumes; no
-second engine, no second share of memory); ``--swap`` or ``--in-place`` choose.
+second engine, no second share of memory); ``--swap`` or ``--in-place`` choose. An
+engine that cannot run beside a second one (SGLang) is restarted with new flags
+instead: out of the gateway, drained, stopped, started with them (``restart``).
 
 Several URLs (the workers of ``ichat up``, of a deployment) are rolled one at a time,
 each only once the one before serves its new engine; every worker stays in service

@@ -18,7 +18,10 @@ choosing a supervisor around ``server.run``).
 - ``reload(argv)`` asks the serving backend to replace its engine by one started with
   new flags while the old serves (``ichat reload``); the next backends (restarts) start
   with the flags the last successful reload gave; a new served model name is
-  registered with the gateway in place of the old.
+  registered with the gateway in place of the old; a backend that cannot run new flags
+  beside its engine (``RestartToReload``) is reloaded by a restart: out of the gateway,
+  drained and stopped, the next backend started with the new flags at once (no back-off,
+  no crash counted), and with the old ones if the new do not start.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
 from ichat.backends.continuation import Continued
 from ichat.backends.failover import Failover, StandbyReport
 from ichat.backends.reloaded import Reloaded, ReloadMethod
-from ichat.errors import CrashLoopError, EngineDiedError, ReloadError, StartupError
+from ichat.errors import (
+    CrashLoopError,
+    EngineDiedError,
+    ReloadError,
+    RestartToReload,
+    StartupError,
+)
 from ichat.restart_policy import CrashHistory, GiveUp, Restart, RestartPolicy
 from ichat.worker.secrets import masked_argv
 from ichat.worker.settings import apply_log_level, shown, updated
@@ -107,6 +116,17 @@ class _Life:
     uptime: float = 0.0  # from ready to the death (0: it never became ready)
 
 
+@dataclass
+class _ReloadByRestart:
+    """A reload by restart under way: the flags to go back to, and its outcome."""
+
+    old_argv: list[str]
+    outcome: asyncio.Future[dict[str, float]]
+    began: float
+    stopped: float | None = None  # the old backend ended (drained)
+    rolling_back: bool = False
+
+
 class Membership(Protocol):
     """Where the worker is announced (a gateway); every call returns at once."""
 
@@ -148,10 +168,15 @@ class Supervisor:
         self._history = CrashHistory(self.policy)
         self._serving_since: float | None = None  # the engine serving now (monotonic)
         self._gave_up: CrashLoopError | None = None  # a crash loop of failovers
+        self._reload: _ReloadByRestart | None = None
 
     def request_stop(self, *, force: bool = False) -> None:
         """Stop the running backend (drain, or ``force``) and restart no more."""
         self._stop.set()
+        if self._reload is not None and not self._reload.outcome.done():
+            self._reload.outcome.set_exception(
+                ReloadError("the worker stopped during the reload", 409)
+            )
         if self.membership is not None:
             self.membership.leave()
         if self.stats.state is not WorkerState.STOPPED:
@@ -164,8 +189,15 @@ class Supervisor:
         died_at: float | None = None  # the last death's detection: serving again counts from
         while not self._stop.is_set():
             life = await self._serve_one(died_at)
-            if life is None or self._stop.is_set():
+            if self._stop.is_set():
                 break  # nothing reclaimed: the process exits (faster with a frozen heap)
+            if life is None:  # stopped on request: a reload by restart, else the end
+                if self._reload is None:
+                    break
+                self._reload.stopped = self._reload.stopped or self._clock()
+                self._reclaim()
+                died_at = None
+                continue
             died_at = await self._prepare_restart(self._history, life, died_at)
         if self._gave_up is not None:
             raise self._gave_up
@@ -184,7 +216,11 @@ class Supervisor:
         try:
             await backend.run()
             return None
-        except StartupError:
+        except StartupError as exc:
+            if self._reload is not None and not self._reload.rolling_back:
+                self._roll_back(backend, exc)
+                return None
+            self._reload = None  # the old flags did not start again either: a boot failure
             if not self._ever_ready or not self.restart:
                 self.stats.state = WorkerState.FAILED
                 raise
@@ -243,6 +279,13 @@ class Supervisor:
         if died_at is not None:
             self.stats.last_restart_to_ready_s = now - died_at
             logger.info("serving again %.2f s after the engine death was detected", now - died_at)
+        if self._reload is not None:  # a reload by restart: its engine (or the old) serves
+            reload, self._reload = self._reload, None
+            if not reload.outcome.done():
+                stopped = reload.stopped or now
+                reload.outcome.set_result({"reload_drain": stopped - reload.began,
+                                           "reload_engine_start": now - stopped,
+                                           "reload": now - reload.began})  # fmt: skip
         if self.membership is not None and not self._stop.is_set():
             self.membership.join()
         await backend.engine_dead_event.wait()
@@ -252,6 +295,37 @@ class Supervisor:
         self._record_death(backend, life)
         if self.membership is not None:
             self.membership.leave()
+
+    async def _reload_by_restart(
+        self, backend: BaseBackend, argv: list[str], why: RestartToReload
+    ) -> Reloaded:
+        """Out of the gateway, drain and stop ``backend``, start the next with ``argv``;
+        its phases once it serves. ``ReloadError`` when it did not start: the worker
+        then starts again with the flags it had."""
+        logger.warning("reload by restart: %s", why)
+        loop = asyncio.get_running_loop()
+        reload = _ReloadByRestart(list(backend.backend_argv), loop.create_future(), self._clock())
+        self._reload = reload
+        if self.membership is not None:
+            self.membership.leave()
+        self.stats.state = WorkerState.STARTING  # a planned start, not an engine down
+        backend.backend_argv = list(argv)  # what the next backend starts with
+        backend.request_stop()
+        phases = await reload.outcome
+        return Reloaded(ReloadMethod.RESTART, phases)
+
+    def _roll_back(self, backend: BaseBackend, error: StartupError) -> None:
+        """The new flags did not start: the next backend starts with the old ones."""
+        reload = self._reload
+        assert reload is not None
+        reload.rolling_back = True
+        backend.backend_argv = list(reload.old_argv)
+        logger.error("reload by restart: the new flags did not start (%s); starting again "
+                     "with the old ones", error)  # fmt: skip
+        if not reload.outcome.done():
+            why = f"the new engine did not start ({error}); the worker starts again with "
+            why += "its old flags"
+            reload.outcome.set_exception(ReloadError(why, 500))
 
     def _on_failover(self, failover: Failover) -> None:
         """The backend serves its standby in place of its dead engine: a death, and
@@ -305,7 +379,11 @@ class Supervisor:
                 reloaded = Reloaded(ReloadMethod.SETTINGS)
             else:
                 new_argv = [*backend.backend_argv, *(argv or [])] if merge else list(argv or [])
-                reloaded = await backend.reload(new_argv, method)
+                try:
+                    reloaded = await backend.reload(new_argv, method)
+                except RestartToReload as why:
+                    reloaded = await self._reload_by_restart(backend, new_argv, why)
+                    backend = self.backend or backend  # the one with the new flags
         except ReloadError as exc:
             # 501: this engine cannot reload so (nothing was tried)
             outcome = "refused" if exc.status < 500 or exc.status == 501 else "failed"

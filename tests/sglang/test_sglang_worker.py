@@ -148,13 +148,15 @@ def ichat_reload(worker: SGLangWorker, *args: str) -> subprocess.CompletedProces
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def test_reload_reads_new_weights_in_place_under_load_and_refuses_new_flags(
+def test_reload_reads_new_weights_in_place_under_load_and_restarts_for_new_flags(
     worker: SGLangWorker, own_model: Path
 ) -> None:
     """`ichat reload --merge` (the same flags): SGLang reads the weights at the model
     path again (its update_weights_from_disk) while streams run: they all complete,
     and greedy output follows the weights on disk (changed, then restored). New flags
-    are refused (501) and the engine serves on."""
+    restart the engine with them (SGLang runs one engine per process), and flags that
+    parse but do not start give the old ones back; a flag SGLang refuses gets 400 and
+    `--swap` 501, the engine serving on."""
     from safetensors.torch import load_file, save_file
 
     weights = own_model / "model.safetensors"
@@ -175,12 +177,28 @@ def test_reload_reads_new_weights_in_place_under_load_and_refuses_new_flags(
     weights.write_bytes(original)
     assert ichat_reload(worker, "--merge", "--in-place").returncode == 0
     assert greedy(worker) == before
-    refused = ichat_reload(worker, "--merge", "--", "--max-running-requests", "32")
-    assert refused.returncode != 0 and "HTTP 501" in refused.stderr, refused.stderr[-2000:]
-    assert "SGLang reloads only in place" in refused.stderr
+    bad = ichat_reload(worker, "--merge", "--", "--no-such-sglang-flag")
+    assert bad.returncode == 2 and "HTTP 400" in bad.stderr, bad.stderr[-2000:]
+    swap = ichat_reload(worker, "--merge", "--swap", "--", "--max-running-requests", "32")
+    assert swap.returncode == 8 and "HTTP 501" in swap.stderr, swap.stderr[-2000:]
+    pids = {p.pid for p in sglang_processes(worker.proc.pid).values()}
+    restarted = ichat_reload(worker, "--merge", "--", "--max-running-requests", "32")
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    answer = json.loads(restarted.stdout)
+    assert answer["method"] == "restart" and answer["phases"]["reload_engine_start"] > 0
     status = worker.status("/status").json()
-    assert status["reloads"] == {"ok": 2, "refused": 1} and status["state"] == "ready"
+    assert status["reloads"] == {"ok": 3, "refused": 2} and status["state"] == "ready"
+    assert status["engine_args"][-2:] == ["--max-running-requests", "32"]
+    assert status["restarts"] == 0 and status["engine_deaths"] == 0  # a reload, not a crash
+    assert not pids & {p.pid for p in sglang_processes(worker.proc.pid).values()}
     assert greedy(worker) == before
+    # flags that parse but do not start: the worker starts again with those it had
+    failed = ichat_reload(worker, "--merge", "--", "--tokenizer-path", str(own_model / "none"))
+    assert failed.returncode == 8 and "did not start" in failed.stderr, failed.stderr[-2000:]
+    worker.wait_status_ready(timeout=300)
+    status = worker.status("/status").json()
+    assert status["engine_args"][-2:] == ["--max-running-requests", "32"]
+    assert status["reloads"]["failed"] == 1 and greedy(worker) == before
 
 
 def stream_chat(url: str, max_tokens: int) -> str:

@@ -11,7 +11,13 @@ from ichat.backends.compat import Workarounds
 from ichat.backends.failover import Failover, Standby, StandbyReport
 from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.config import WorkerConfig
-from ichat.errors import CrashLoopError, EngineDiedError, ReloadError, StartupError
+from ichat.errors import (
+    CrashLoopError,
+    EngineDiedError,
+    ReloadError,
+    RestartToReload,
+    StartupError,
+)
 from ichat.restart_policy import RestartPolicy
 from ichat.worker.supervisor import Supervisor, WorkerState
 from tests.unit.fakes import FakeClock
@@ -529,3 +535,76 @@ def test_settings_come_with_a_reload_and_a_bad_one_changes_nothing() -> None:
     sup, backend, _, raised = reload_while_serving(["--model", "m3"], settings={"color": 1})
     assert isinstance(raised, ReloadError) and raised.status == 400
     assert backend.reloads == [] and sup.stats.reloads == {"refused": 1}
+
+
+class RestartingBackend(ScriptedBackend):
+    """An engine that cannot run new flags beside itself (SGLang)."""
+
+    async def reload(self, argv: list[str], method: ReloadMethod = ReloadMethod.AUTO) -> Reloaded:
+        self.reloads.append(argv)
+        raise RestartToReload("one engine per process")
+
+
+def reload_by_restart(
+    next_scripts: list[str],
+) -> tuple[Supervisor, list[RestartingBackend], list[str], Any]:
+    """A supervisor serving a ``RestartingBackend`` (with a gateway) asked for new flags;
+    the backends after the first follow ``next_scripts``, each made with the flags of
+    the one before (as ``ichat serve``'s). The supervisor, the backends, what the gateway
+    was told, and the reload's report or ReloadError."""
+    clock = FakeClock()
+    log: list[str] = []
+    made: list[RestartingBackend] = []
+
+    def make() -> Any:
+        backend = RestartingBackend(next_scripts[len(made) - 1] if made else "serve", clock)
+        if made:
+            backend.backend_argv = list(made[-1].backend_argv)
+        backend.log.append(" ".join(backend.backend_argv))  # the flags it started with
+        made.append(backend)
+        return backend
+
+    sup = Supervisor(make, sleep=clock.sleep, clock=clock, wall_clock=clock,
+                     membership=Membership(log))  # fmt: skip
+    result: list[Any] = []
+
+    async def ready() -> None:
+        while sup.stats.state is not WorkerState.READY:
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        task = asyncio.create_task(sup.run())
+        await ready()
+        try:
+            result.append(await sup.reload(["--model", "m2"]))
+        except ReloadError as exc:
+            result.append(exc)
+        await ready()
+        sup.request_stop()
+        await task
+
+    asyncio.run(main())
+    return sup, made, log, result[0]
+
+
+def test_new_flags_an_engine_cannot_run_beside_itself_restart_it_with_them() -> None:
+    sup, made, log, report = reload_by_restart(["serve"])
+    old, new = made
+    assert old.reloads == [["--model", "m2"]] and old.stop_calls == [False]  # drained
+    assert new.backend_argv == ["--model", "m2"] and report["method"] == "restart"
+    assert set(report["phases"]) == {"reload_drain", "reload_engine_start", "reload"}
+    assert log[:3] == ["join", "leave", "join"]  # out of the gateway while it restarts
+    assert "serve_model m2" in log
+    assert sup.stats.engine_args == ["--model", "m2"] and sup.stats.reloads == {"ok": 1}
+    assert (sup.stats.restarts, sup.stats.engine_deaths) == (0, 0)  # not a crash
+
+
+def test_new_flags_that_do_not_start_give_the_old_ones_back() -> None:
+    sup, made, log, raised = reload_by_restart(["boot-fail", "serve"])
+    assert isinstance(raised, ReloadError) and raised.status == 500
+    assert "did not start (model cannot load)" in str(raised) and "old flags" in str(raised)
+    assert [b.log[0] for b in made] == ["--model scripted", "--model m2", "--model scripted"]
+    assert made[2].backend_ready_event.is_set()  # the old flags serve again
+    assert sup.stats.engine_args == ["--model", "scripted"]
+    assert sup.stats.reloads == {"failed": 1} and sup.stats.restarts == 0
+    assert log.count("join") == 2  # back in the gateway with the old flags

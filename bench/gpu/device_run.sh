@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|continuation|reload|startphases|leak OUT_DIR
+#   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|continuation|reload|roll|startphases|leak OUT_DIR
 # faults: kill -9 of EngineCore (KILLS times) and SIGTERM drains (INFLIGHT streams).
 # startphases: vLLM's engine started PLANS times in one process, with and without its
 #   startup plan (bench/probe_engine_start.py).
@@ -12,6 +12,9 @@
 #   keeps vLLM's own timing lines in the worker logs copied to OUT).
 # reload: RELOADS reloads (ichat reload --merge, same flags: weights read again) of one
 #   worker under CONC streams of TOKENS tokens (bench/bench_reload.py).
+# roll: `ichat up --workers 2` on the one GPU rolled ROLLS times under CONC streams of TOKENS
+#   tokens through the gateway (bench/bench_roll.py), UTIL of the GPU per engine (a swap
+#   starts a third engine beside the two).
 # continuation: STREAMS greedy streams cut by kill -9 of the active engine (KILLS times)
 #   under --standby, continued on the standby (bench/bench_continuation.py).
 # ab: native vLLM, ichat serve and ichat serve with streams tracked (--gateway-url) resident
@@ -98,6 +101,11 @@ case $MODE in
            -- --max-model-len 2048 \
            --gpu-memory-utilization ${UTIL:-0.4} ${EXTRA:-} 2>&1 \
            | tee $OUT/bench-reload.log | grep "^reload\|^before\|^during\|^failed\|^worker\|wrote" ;;
+  roll)  python3 bench/bench_roll.py --model-path $ICHAT_GPU_MODEL \
+           --rolls ${ROLLS:-2} --concurrency ${CONC:-32} --max-tokens ${TOKENS:-256} \
+           --settle ${SETTLE:-10} --out $OUT --tag ${TAG:-h100} \
+           -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.25} ${EXTRA:-} 2>&1 \
+           | tee $OUT/bench-roll.log | grep "^roll\|^before\|^during\|^failed\|^worker\|wrote" ;;
   ab)    python3 bench/bench_ab.py --model-path $ICHAT_GPU_MODEL --blocks ${BLOCKS:-8} \
            --starts ${STARTS:-1} --configs ${CONFIGS:-native ichat ichat+replay ichat+tracked} \
            --concurrency ${CONC:-256} --requests ${REQUESTS:-1024} --max-tokens ${TOKENS:-128} \

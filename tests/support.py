@@ -435,7 +435,8 @@ class Stream:
         detokenized = {"model": MODEL_NAME, "tokens": self.token_ids}
         reply = httpx.post(f"{worker_url}/detokenize", json=detokenized, headers=headers,
                            timeout=30)  # fmt: skip
-        whole = reply.json()["prompt"]
+        answer = reply.json()
+        whole = answer["prompt"] if "prompt" in answer else answer["text"]  # vLLM's, SGLang's
         assert whole == self.text, f"detokenized {whole!r} != streamed {self.text!r}"
 
 

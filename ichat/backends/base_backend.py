@@ -30,6 +30,7 @@ import psutil
 from ichat.aio import first_completed
 from ichat.backends.compat import Workaround, Workarounds
 from ichat.backends.continuation import Continued
+from ichat.backends.elsewhere import ThroughTheGateway
 from ichat.backends.failover import Failover, StandbyReport
 from ichat.backends.monitor import HealthMonitor
 from ichat.backends.reloaded import Reloaded, ReloadMethod
@@ -383,8 +384,18 @@ class BaseBackend(abc.ABC):
 
     async def can_hand_off(self) -> bool:
         """At the drain deadline: whether what the engine aborts can go on on another
-        worker (through the gateway) instead of ending with "abort" (default: no)."""
-        return False
+        worker (through the gateway) instead of ending with "abort": with a gateway that
+        lists another ready worker of this model (this one has left it at the stop)."""
+        config = self.framework_args
+        if not config.gateway_url:
+            return False
+        gateway = ThroughTheGateway(config.gateway_url, config.gateway_api_key)
+        own = config.advertise_url or config.base_url
+        return await gateway.another_worker_serves(self.served_model_name(), own)
+
+    def _report_continuation(self, continued: Continued) -> None:
+        if self.on_continuation is not None:
+            self.on_continuation(continued)
 
     async def fail_over(self) -> dict[str, float] | None:
         """The active engine died: serve a ready standby in its place on the same HTTP

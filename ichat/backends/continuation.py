@@ -44,6 +44,8 @@ CARRIED = (
     "allowed_token_ids", "bad_words", "skip_special_tokens",
     "spaces_between_special_tokens", "include_stop_str_in_output", "priority", "user",
     "cache_salt", "vllm_xargs",
+    # SGLang's
+    "stop_regex", "no_stop_trim", "lora_path", "custom_params", "extra_key",
 )  # fmt: skip
 # tokens decoded before the cut with the continuation's (more than a character's bytes)
 TEXT_WINDOW = 8
@@ -52,6 +54,7 @@ Decode = Callable[[list[int], bool], str]  # token ids, skip special tokens -> t
 STRUCTURED = (
     "structured_outputs", "guided_json", "guided_regex", "guided_choice",
     "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern",
+    "json_schema", "regex", "ebnf",  # SGLang's
 )  # fmt: skip
 
 
@@ -72,6 +75,8 @@ def not_continuable(path: str, body: dict[str, Any], *, reasoning: bool = False)
         return "response_format"
     if any(body.get(key) is not None for key in STRUCTURED):
         return "structured output"
+    if body.get("session_params") or body.get("return_hidden_states"):
+        return "an SGLang session or hidden states"
     if body.get("presence_penalty") or body.get("frequency_penalty"):
         return "presence or frequency penalty"
     options = body.get("stream_options") or {}
@@ -94,6 +99,9 @@ class TrackedStream:
     path: str
     body: dict[str, Any]  # the client's
     asked_ids: bool = False  # the client asked for token ids itself
+    # the engine omits the id fields a client did not ask for (SGLang), rather than
+    # sending them as null (vLLM): removed here too, then
+    unasked_absent: bool = False
     asked_usage: bool = False
     id: str | None = None
     created: int | None = None
@@ -111,14 +119,22 @@ class TrackedStream:
     known: str | None = None
 
     @classmethod
-    def of(cls, path: str, body: dict[str, Any]) -> TrackedStream:
+    def of(cls, path: str, body: dict[str, Any], unasked_absent: bool = False) -> TrackedStream:
         options = body.get("stream_options") or {}
         return cls(
             path,
             body,
             asked_ids=bool(body.get("return_token_ids")),
             asked_usage=bool(options.get("include_usage")),
+            unasked_absent=unasked_absent,
         )
+
+    def _unasked(self, holder: dict[str, Any], key: str) -> None:
+        """An id field the client did not ask for, as its engine sends one."""
+        if self.unasked_absent:
+            holder.pop(key, None)
+        else:
+            holder[key] = None
 
     def engine_body(self) -> bytes:
         """The client's body, asking the engine for token ids."""
@@ -161,12 +177,12 @@ class TrackedStream:
         if "prompt_token_ids" in event and event["prompt_token_ids"] is not None:
             self.prompt_ids = list(event["prompt_token_ids"])  # chat: top level
             if not self.asked_ids:
-                event["prompt_token_ids"] = None
+                self._unasked(event, "prompt_token_ids")
         for choice in event.get("choices") or ():
             if choice.get("prompt_token_ids") is not None:  # completions: in the choice
                 self.prompt_ids = list(choice["prompt_token_ids"])
                 if not self.asked_ids:
-                    choice["prompt_token_ids"] = None
+                    self._unasked(choice, "prompt_token_ids")
             self._note_choice(choice)
         if event.get("usage") is not None:
             self.usage_sent = True
@@ -191,7 +207,12 @@ class TrackedStream:
             return None
         if found[0]:
             self.generated += map(int, found[0].split(b","))
-        return raw if self.asked_ids else _TOKEN_IDS.sub(b'"token_ids":null', raw)
+        if self.asked_ids:
+            return raw
+        if self.unasked_absent:
+            without, removed = _TOKEN_IDS_FIELD.subn(b"", raw)
+            return without if removed == 1 else None
+        return _TOKEN_IDS.sub(b'"token_ids":null', raw)
 
     def begin_continuation(self) -> None:
         """The next events are a continuation's: their text is decoded here."""
@@ -260,8 +281,11 @@ class TrackedStream:
             if self.path == COMPLETIONS or choice.get("finish_reason") is not None:
                 out["stop_reason"] = choice.get("stop_reason")
             if self.path == COMPLETIONS:
-                out["prompt_token_ids"] = None
-            out["token_ids"] = ids if self.asked_ids else None
+                self._unasked(out, "prompt_token_ids")
+            if self.asked_ids:
+                out["token_ids"] = ids
+            else:
+                self._unasked(out, "token_ids")
             choices.append(out)
         return {**head, "choices": choices}
 
@@ -270,7 +294,7 @@ class TrackedStream:
         if ids:
             self.generated.extend(ids)
         if not self.asked_ids and "token_ids" in choice:
-            choice["token_ids"] = None
+            self._unasked(choice, "token_ids")
         if choice.get("finish_reason") is not None:
             self.finished = True
 
@@ -327,6 +351,7 @@ class Continued:
 
 
 _TOKEN_IDS = re.compile(rb'"token_ids":\[([0-9,]*)\]')
+_TOKEN_IDS_FIELD = re.compile(rb',"token_ids":\[[0-9,]*\]')  # the field, removed
 _TEXT_KEY = {CHAT: b'"content":"', COMPLETIONS: b'"text":"'}
 
 

@@ -20,6 +20,12 @@ Where no engine of this worker takes over at once (no standby ready) and a gatew
 known (``elsewhere``), both go to another worker through the gateway instead
 (:mod:`ichat.backends.elsewhere`): the request again, or the stream's continuation.
 
+An engine whose answers stall at its death instead of ending with an error (SGLang:
+its handlers wait for a scheduler that is gone) gives ``death_of``: the middleware
+races each answer against its engine's death and, once the death is known, stops the
+engine's handler and treats the answer as cut there (a stream that cannot be continued
+ends with an error event and ``[DONE]``).
+
 The drain deadline hands requests off the same way (``handing_off``): a worker that
 stops aborts what its engine still runs at ``--drain-timeout``; while it hands off,
 the engine's "abort" finish counts as a cut, so a stream under way is continued on
@@ -34,7 +40,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,7 +87,10 @@ class ReplayOnEngineDeath:
         gateway: elsewhere.ThroughTheGateway | None = None,
         takes_over_here: Callable[[], bool] = lambda: True,
         handing_off: Callable[[], bool] = lambda: False,
+        death_of: Callable[[Any], Awaitable[Any]] | None = None,
         paths: frozenset[str] = GENERATING_PATHS,
+        continuable_paths: frozenset[str] = GENERATING_PATHS,
+        ids_unasked_absent: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
@@ -96,7 +105,12 @@ class ReplayOnEngineDeath:
         self.gateway = gateway
         self.takes_over_here = takes_over_here  # an engine of this worker serves next, soon
         self.handing_off = handing_off  # the worker stops: what is aborted goes elsewhere
+        self.death_of = death_of  # awaits an engine's death (its answers stall then)
         self.paths = paths
+        self.continuable_paths = continuable_paths  # where the engine streams token ids
+        # the engine omits the token-id fields a client did not ask for (SGLang) rather
+        # than sending them as null (vLLM): the client gets them the same way
+        self.ids_unasked_absent = ids_unasked_absent
         self._clock = clock
         self.replayed = 0  # requests run again after an engine death (for tests, logs)
         self.continued = 0  # continuations of cut streams on the next engine
@@ -120,11 +134,19 @@ class ReplayOnEngineDeath:
             died = functools.partial(self.watch.died, engine)
             gate = _FirstMessageGate(send, died, self.handing_off)
             if request is None:
-                await self.app(scope, _replaying(body, receive), gate.send)
+                stalled = await self._serve(engine, scope, _replaying(body, receive), gate.send)
+                if stalled and gate.decided:  # a stream under way, not continuable
+                    gate.dropped = True
+                    await send(_body(error_event("the engine died") + DONE, more=False))
+                    return
+                gate.dropped = gate.dropped or stalled
             else:
-                stream = TrackedStream.of(scope["path"], request)
+                stream = TrackedStream.of(scope["path"], request, self.ids_unasked_absent)
                 reader = _EngineStream(stream, gate.send, died, self.handing_off)
-                await self.app(scope, _replaying(stream.engine_body(), receive), reader.send)
+                stalled = await self._serve(
+                    engine, scope, _replaying(stream.engine_body(), receive), reader.send
+                )
+                reader.cut = reader.cut or stalled
                 if reader.cut and gate.decided:  # the client has part of the answer
                     await self._continue(scope, receive, send, stream, engine)
                     return
@@ -155,9 +177,29 @@ class ReplayOnEngineDeath:
             send, 503, "ServiceUnavailable", "the engine died and no other engine took over"
         )
 
+    async def _serve(self, engine: Any, scope: Scope, receive: Receive, send: Send) -> bool:
+        """The engine's app answers; True when ``engine`` died first and its answer,
+        stalled, was stopped (only with ``death_of``)."""
+        if self.death_of is None:
+            await self.app(scope, receive, send)
+            return False
+        answer = asyncio.ensure_future(self.app(scope, receive, send))
+        death = asyncio.ensure_future(self.death_of(engine))
+        try:
+            await asyncio.wait({answer, death}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            death.cancel()
+            if not answer.done():  # stalled on the dead engine (or we are cancelled)
+                answer.cancel()
+                await asyncio.wait({answer})
+        if answer.cancelled():
+            return True
+        answer.result()  # the app's own failure propagates
+        return False
+
     def _continuable(self, path: str, body: bytes) -> dict[str, Any] | None:
         """The request's JSON when its stream could be continued; None otherwise."""
-        if not self.continuation_limit:
+        if not self.continuation_limit or path not in self.continuable_paths:
             return None
         try:
             request = json.loads(body)

@@ -39,8 +39,11 @@ from ichat.auth import bearer_headers
 from ichat.backends import sglang_compat, zmq_context
 from ichat.backends.argmap import flag_value
 from ichat.backends.base_backend import BackendState, BaseBackend
+from ichat.backends.continuation import COMPLETIONS
+from ichat.backends.elsewhere import ThroughTheGateway
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
+from ichat.backends.replay import ReplayOnEngineDeath
 from ichat.config import WorkerConfig
 from ichat.errors import (
     ConfigError,
@@ -220,7 +223,35 @@ class SGLangBackend(BaseBackend):
             app.state.ichat_auth_added = True
         if api.set_uvicorn_logging_configs is not None:
             api.set_uvicorn_logging_configs(args)
-        return app
+        if not self.framework_args.gateway_url:
+            return app
+        return self._continued_elsewhere(app, launched)
+
+    def _continued_elsewhere(self, app: Any, launched: sglang_compat.Launched) -> Any:
+        """SGLang's app, with what its dying engine (or the drain deadline) cuts going on
+        on another worker through the gateway (``ReplayOnEngineDeath``): a request with
+        no byte sent yet runs there again, a ``/v1/completions`` stream under way is
+        continued there token-exactly (``--continuation-limit``). SGLang's answers stall
+        at its death, so they are stopped as soon as the death is known. Its streamed
+        chat returns no token ids (SGLang refuses ``return_token_ids`` there), so a chat
+        stream under way ends with an error event."""
+        config = self.framework_args
+        dead = self.engine_dead_event
+        return ReplayOnEngineDeath(
+            app,
+            _OneEngine(dead),
+            wait_for_next_engine=0.0,  # no engine of this worker takes over (no standby)
+            continuation_limit=config.continuation_limit,
+            max_model_len=lambda: sglang_compat.context_len(launched),
+            decode=lambda ids, skip: sglang_compat.decode(launched, ids, skip),
+            on_continuation=self._report_continuation,
+            gateway=ThroughTheGateway(config.gateway_url or "", config.gateway_api_key),
+            takes_over_here=lambda: False,
+            handing_off=lambda: self.handing_off,
+            death_of=lambda engine: dead.wait(),
+            continuable_paths=frozenset({COMPLETIONS}),
+            ids_unasked_absent=True,
+        )
 
     def uvicorn_options(self) -> dict[str, Any]:
         args = self._backend_args
@@ -361,3 +392,17 @@ class SGLangBackend(BaseBackend):
 
     async def check_engine_alive(self) -> None:
         self.check_engine_processes()
+
+
+class _OneEngine:
+    """The one engine of an SGLang backend, for ``ReplayOnEngineDeath``: dead once the
+    backend found it dead (a restarted engine is another backend)."""
+
+    def __init__(self, dead: asyncio.Event) -> None:
+        self._dead = dead
+
+    def current(self) -> Any:
+        return self
+
+    def died(self, engine: Any) -> bool:
+        return self._dead.is_set()

@@ -192,6 +192,17 @@ def launch(api: SGLangServerAPI, server_args: Any) -> Launched:
     return Launched(tokenizer_manager, template_manager, scheduler_info, watchdog)
 
 
+def context_len(launched: Launched) -> int:
+    """The engine's context length (``--context-length`` or the model's)."""
+    return int(launched.tokenizer_manager.context_len)
+
+
+def decode(launched: Launched, ids: list[int], skip_special_tokens: bool) -> str:
+    """``ids`` as text, by the engine's own tokenizer."""
+    tokenizer = launched.tokenizer_manager.tokenizer
+    return str(tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
 def record_release_workarounds(api: SGLangServerAPI, workarounds: Workarounds) -> None:
     """The workarounds that the installed release's modules decide (at parse)."""
     for field in ("custom_sigquit_handler", "skip_server_warmup"):

@@ -24,7 +24,6 @@ from ichat.backends import vllm_compat
 from ichat.backends.app_switch import AppSwitch, InstalledApp
 from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BackendState, BaseBackend
-from ichat.backends.continuation import Continued
 from ichat.backends.elsewhere import ThroughTheGateway
 from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
@@ -657,10 +656,6 @@ class VLLMBackend(BaseBackend):
             await self._close_engine(old)
         await self._start_standby()
 
-    def _report_continuation(self, continued: Continued) -> None:
-        if self.on_continuation is not None:
-            self.on_continuation(continued)
-
     def uvicorn_options(self) -> dict[str, Any]:
         args = self._backend_args
         options: dict[str, Any] = {
@@ -737,16 +732,6 @@ class VLLMBackend(BaseBackend):
     async def abort_requests(self) -> None:
         if self._engine_client is not None:
             await vllm_compat.abort_all_requests(self._engine_client)
-
-    async def can_hand_off(self) -> bool:
-        """With a gateway that lists another ready worker of this model (this one has
-        left it at the stop)."""
-        config = self.framework_args
-        if not config.gateway_url:
-            return False
-        gateway = ThroughTheGateway(config.gateway_url, config.gateway_api_key)
-        own = config.advertise_url or config.base_url
-        return await gateway.another_worker_serves(self.served_model_name(), own)
 
     async def check_engine_alive(self) -> None:
         client = self._engine_client

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -75,8 +76,11 @@ def train_tokenizer(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped-
     return fast
 
 
-def make_test_model(out_dir: Path, shape: ModelShape, seed: int = 0) -> Path:
-    """Write tokenizer, config and random bf16 weights to ``out_dir``."""
+def make_test_model(
+    out_dir: Path, shape: ModelShape, seed: int = 0, *, wide_margins: bool = False
+) -> Path:
+    """Write tokenizer, config and random bf16 weights to ``out_dir``; with
+    ``wide_margins`` a model whose greedy choices are far from ties (``_widen_margins``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,12 +103,45 @@ def make_test_model(out_dir: Path, shape: ModelShape, seed: int = 0) -> Path:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
+    model = LlamaForCausalLM(config)
+    if wide_margins:
+        _widen_margins(model, seed)
+    model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "ichat-test-model.json").write_text(
-        json.dumps({"shape": asdict(shape), "seed": seed}, indent=2) + "\n"
-    )
+    facts = {"shape": asdict(shape), "seed": seed, "wide_margins": wide_margins}
+    (out_dir / "ichat-test-model.json").write_text(json.dumps(facts, indent=2) + "\n")
     return out_dir
+
+
+def _widen_margins(model: Any, seed: int) -> None:
+    """Greedy choices with wide margins, for tests that compare an interrupted run with an
+    uninterrupted one token by token. A random model's top two logits are often nearly
+    tied, and an engine's batch-dependent rounding flips them (seen: SGLang on CPU, the
+    same greedy request diverging after 108 tokens when other requests shared its
+    batch). Here the residual stream stays close to the current token's embedding
+    (attention and MLP outputs scaled down 100 times) and the output head maps each
+    token's embedding to one successor, along one cycle through the whole vocabulary:
+    the successor's logit is about sqrt(hidden_size) above the rest, far beyond rounding.
+    The attention still reads the context (its small share), so the model stays a
+    transformer the engines run as any other."""
+    import torch
+
+    embed = model.model.embed_tokens.weight
+    vocab, hidden = embed.shape
+    generator = torch.Generator().manual_seed(seed)
+    unit = torch.randn(vocab, hidden, generator=generator)
+    unit /= unit.norm(dim=1, keepdim=True)
+    order = torch.randperm(vocab, generator=generator)  # one cycle: order[i] -> order[i+1]
+    successor = torch.empty_like(order)
+    successor[order] = order.roll(-1)
+    head = torch.zeros(vocab, hidden)
+    head[successor] = unit  # the row of t's successor is t's direction
+    with torch.no_grad():
+        embed.copy_(unit * hidden**0.5)  # unit RMS, as the final norm leaves it
+        model.lm_head.weight.copy_(head)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.01)
+            layer.mlp.down_proj.weight.mul_(0.01)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -116,9 +153,17 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("out_dir", type=Path, help="folder to write the model to")
     parser.add_argument("--size", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--wide-margins",
+        action="store_true",
+        help="greedy choices far from ties: an interrupted run can be compared with an "
+        "uninterrupted one token by token",
+    )
     args = parser.parse_args(list(argv))
     try:
-        path = make_test_model(args.out_dir, SHAPES[args.size], args.seed)
+        path = make_test_model(
+            args.out_dir, SHAPES[args.size], args.seed, wide_margins=args.wide_margins
+        )
     except ImportError as exc:
         print(
             f"ichat make-test-model: error: {exc}; install with: pip install "

@@ -9,16 +9,23 @@ processes import it too. One engine start per module.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ichat.process.processes import free_port
+from tests.probe import OutputFollower
 from tests.support import become_subreaper, engine_env_set
 
 pytest.importorskip("sglang", reason="the SGLang suite needs sglang installed (.venv-sglang)")
 
+ROOT = Path(__file__).resolve().parents[2]
 KERNEL_STAND_IN = Path(__file__).resolve().parents[1] / "sglang_cpu_kernel"
 ENGINE_ENV = {
     "SGLANG_USE_CPU_ENGINE": "1",
@@ -42,3 +49,35 @@ def engine_env() -> Iterator[None]:
     become_subreaper()
     with engine_env_set(ENGINE_ENV):
         yield
+
+
+def gateway_python() -> str:
+    given = os.environ.get("ICHAT_GATEWAY_PYTHON")
+    if given:
+        return given
+    main_venv = ROOT / ".venv" / "bin" / "python"
+    if not main_venv.exists():
+        pytest.skip("no environment with smg for the gateway (.venv, or ICHAT_GATEWAY_PYTHON)")
+    return str(main_venv)
+
+
+@contextlib.contextmanager
+def running_gateway(key: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A real SMG (`ichat gateway`, one API key) with the main environment's Python
+    (SMG is installed there, not in SGLang's); the process and its URL."""
+    port, metrics_port = free_port(), free_port()
+    gateway = subprocess.Popen(
+        [gateway_python(), "-m", "ichat", "gateway", "--port", str(port),
+         "--prometheus-port", str(metrics_port), "--api-key", key],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    follower = OutputFollower(gateway, "gateway ready", sys.stderr)
+    try:
+        follower.wait(timeout=60)
+        yield gateway, f"http://127.0.0.1:{port}"
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(30)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,24 +23,12 @@ import psutil
 import pytest
 
 from ichat.process.processes import free_port, title
-from tests.probe import OutputFollower
 from tests.support import MODEL_NAME, Worker, start_worker
 
-from .conftest import CPU_FLAGS
+from .conftest import CPU_FLAGS, running_gateway
 
 KEY = "sk-ichat-sglang"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def gateway_python() -> str:
-    given = os.environ.get("ICHAT_GATEWAY_PYTHON")
-    if given:
-        return given
-    main_venv = ROOT / ".venv" / "bin" / "python"
-    if not main_venv.exists():
-        pytest.skip("no environment with smg for the gateway (.venv, or ICHAT_GATEWAY_PYTHON)")
-    return str(main_venv)
 
 
 @dataclass
@@ -75,19 +62,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
 
 @pytest.fixture(scope="module")
 def setup(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    port, metrics_port = free_port(), free_port()
-    gateway = subprocess.Popen(
-        [gateway_python(), "-m", "ichat", "gateway", "--port", str(port),
-         "--prometheus-port", str(metrics_port), "--api-key", KEY],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    follower = OutputFollower(gateway, "gateway ready", sys.stderr)
-    gateway_url = f"http://127.0.0.1:{port}"
-    try:
-        follower.wait(timeout=60)
+    with running_gateway(KEY) as (gateway, gateway_url):
         status_port = free_port()
         shm_before = set(os.listdir("/dev/shm"))
         args = ("--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
@@ -96,9 +71,6 @@ def setup(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         with start_worker(tmp_path_factory.mktemp("sglang-gw"), *args, backend="sglang") as w:
             w.wait_ready(timeout=400, url=f"http://127.0.0.1:{status_port}", path="/readyz")
             yield Setup(gateway, gateway_url, w, shm_before)
-    finally:
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(30)
 
 
 def chat(url: str, max_tokens: int = 4, **extra: object) -> httpx.Response:

@@ -125,8 +125,8 @@ class ReplayOnEngineDeath:
         if body is None:
             return  # the client left while sending it
         scope, body = elsewhere.inbound(scope, body)  # what another worker forwarded
-        if scope["path"] not in self.paths:
-            await self.app(scope, _replaying(body, receive), send)
+        if scope["path"] not in self.paths:  # the engine's native /generate: not replayed
+            await self._untracked(scope, _replaying(body, receive), send)
             return
         request = self._continuable(scope["path"], body)
         engine = self.watch.current()
@@ -196,6 +196,22 @@ class ReplayOnEngineDeath:
             return True
         answer.result()  # the app's own failure propagates
         return False
+
+    async def _untracked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The engine's answer as it is; one that stalls at the engine's death ends
+        then: a 503 before its start, an error event and ``[DONE]`` after it."""
+        started = False
+
+        async def noting(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        if await self._serve(self.watch.current(), scope, receive, noting):
+            if started:
+                await send(_body(error_event("the engine died") + DONE, more=False))
+            else:
+                await send_error(send, 503, "ServiceUnavailable", "the engine died")
 
     def _continuable(self, path: str, body: bytes) -> dict[str, Any] | None:
         """The request's JSON when its stream could be continued; None otherwise."""

@@ -223,20 +223,25 @@ class SGLangBackend(BaseBackend):
             app.state.ichat_auth_added = True
         if api.set_uvicorn_logging_configs is not None:
             api.set_uvicorn_logging_configs(args)
-        if not self.framework_args.gateway_url:
-            return app
-        return self._continued_elsewhere(app, launched)
+        return self._ended_at_the_death(app, launched)
 
-    def _continued_elsewhere(self, app: Any, launched: sglang_compat.Launched) -> Any:
-        """SGLang's app, with what its dying engine (or the drain deadline) cuts going on
-        on another worker through the gateway (``ReplayOnEngineDeath``): a request with
+    def _ended_at_the_death(self, app: Any, launched: sglang_compat.Launched) -> Any:
+        """SGLang's app, its answers ended as soon as the engine's death is known
+        (``ReplayOnEngineDeath``): SGLang's own stall at a scheduler's death, waiting for
+        a process that is gone, which held each client -- and the restart, which waits
+        for the HTTP server to drain -- until ``--drain-timeout``. With a gateway, what
+        the death (or the drain deadline) cuts goes on on another worker: a request with
         no byte sent yet runs there again, a ``/v1/completions`` stream under way is
-        continued there token-exactly (``--continuation-limit``). SGLang's answers stall
-        at its death, so they are stopped as soon as the death is known. Its streamed
-        chat returns no token ids (SGLang refuses ``return_token_ids`` there), so a chat
-        stream under way ends with an error event."""
+        continued there token-exactly (``--continuation-limit``). Without one (no
+        standby either: nothing of this worker takes over), a request with no byte sent
+        gets a 503 and a stream under way an error event and ``[DONE]``. SGLang's
+        streamed chat returns no token ids (it refuses ``return_token_ids`` there), so a
+        chat stream under way ends with an error event in either case."""
         config = self.framework_args
         dead = self.engine_dead_event
+        gateway = None
+        if config.gateway_url:
+            gateway = ThroughTheGateway(config.gateway_url, config.gateway_api_key)
         return ReplayOnEngineDeath(
             app,
             _OneEngine(dead),
@@ -245,7 +250,7 @@ class SGLangBackend(BaseBackend):
             max_model_len=lambda: sglang_compat.context_len(launched),
             decode=lambda ids, skip: sglang_compat.decode(launched, ids, skip),
             on_continuation=self._report_continuation,
-            gateway=ThroughTheGateway(config.gateway_url or "", config.gateway_api_key),
+            gateway=gateway,
             takes_over_here=lambda: False,
             handing_off=lambda: self.handing_off,
             death_of=lambda engine: dead.wait(),

@@ -174,3 +174,45 @@ def test_an_answer_that_ends_before_the_death_is_untouched() -> None:
     events = call(sglang_like(engine, gateway), COMPLETIONS, BODY)
     assert not gateway.requests and not engine.stopped
     assert events[0]["choices"][0]["text"] == "<[10]>" and events[-1] == "[DONE]"
+
+
+def test_without_a_gateway_a_stalled_stream_ends_with_an_error_event_and_done() -> None:
+    """Nothing of the worker takes over (no standby, no gateway): the client is not held
+    until the drain timeout, its stream ends at the death."""
+    engine = StallingEngine([sglang_chunk([10], prompt=True)])
+    app = ReplayOnEngineDeath(
+        engine, engine, wait_for_next_engine=0.0, continuation_limit=2,
+        max_model_len=lambda: 100, takes_over_here=lambda: False,
+        death_of=lambda e: e.dead.wait(), continuable_paths=frozenset({COMPLETIONS_PATH}),
+        ids_unasked_absent=True,
+    )  # fmt: skip
+    events = call(app, COMPLETIONS, BODY)
+    assert engine.stopped
+    assert events[0]["choices"][0]["text"] == "<[10]>"
+    assert "error" in events[-2] and events[-1] == "[DONE]"
+
+
+def native_generate(app: ReplayOnEngineDeath) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b'{"text": "hi"}', "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": "POST", "path": "/generate", "headers": []},
+                    receive, send))  # fmt: skip
+    return sent
+
+
+def test_the_engines_native_generate_ends_at_the_death_too() -> None:
+    stream = StallingEngine([b'data: {"text": "a", "output_ids": [10]}\n\n'])
+    sent = native_generate(sglang_like(stream, Gateway()))
+    assert stream.stopped and sent[0]["status"] == 200
+    tail = sent[-1]
+    assert b'"error"' in tail["body"] and b"[DONE]" in tail["body"] and not tail["more_body"]
+
+    silent = StallingEngine([], start=False)  # nothing sent before the death: a 503
+    sent = native_generate(sglang_like(silent, Gateway()))
+    assert silent.stopped and sent[0]["status"] == 503

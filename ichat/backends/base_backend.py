@@ -19,10 +19,11 @@ import contextlib
 import enum
 import errno
 import gc
+import io
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
@@ -36,6 +37,7 @@ from ichat.backends.monitor import HealthMonitor
 from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.config import WorkerConfig
 from ichat.errors import (
+    ConfigError,
     EngineDiedError,
     IChatError,
     PortInUseError,
@@ -318,6 +320,33 @@ class BaseBackend(abc.ABC):
             "restart the worker with the new flags instead",
             501,
         )
+
+    def parse_reload_args(self, argv: list[str]) -> Any:
+        """A reload's ``argv`` parsed as at start (nothing launched); ``ConfigError`` for
+        a bad flag (default: ``parse_args``)."""
+        return self.parse_args(self.framework_args, argv)
+
+    def _parsed_for_reload(self, argv: list[str]) -> Any:
+        """``parse_reload_args``, with a bad flag refused (``ReloadError`` 400) by the
+        parser's own message, which argparse prints to stderr."""
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                return self.parse_reload_args(argv)
+        except ConfigError as exc:
+            said = [line for line in err.getvalue().splitlines() if line.strip()]
+            reason = said[-1] if said else str(exc)
+            raise ReloadError(f"invalid {self.engine_name} arguments: {reason}", 400) from exc
+
+    async def _within_the_drain_timeout(self, step: Awaitable[Any]) -> Any:
+        """What ``step`` returns, a step of a reload that waits for the requests in
+        flight to finish: those still running after ``--drain-timeout`` are aborted."""
+        running = asyncio.ensure_future(step)
+        done, _ = await asyncio.wait({running}, timeout=self.framework_args.drain_timeout)
+        if not done:
+            logger.warning("reload: requests still running after the drain timeout; aborting them")
+            await self.abort_requests()
+        return await running
 
     def bind_socket(self) -> socket.socket:
         """Create and bind the listening socket before the engine starts."""

@@ -28,6 +28,7 @@ import logging
 
 import httpx
 
+from ichat import smg_workers
 from ichat.auth import bearer_headers
 from ichat.backends.asgi import Receive, Scope, Send, send_error, whole_body
 from ichat.backends.continuation import COMPLETIONS, DONE, error_event
@@ -109,16 +110,15 @@ class ThroughTheGateway:
                 response = await client.get(
                     self.url + "/workers", headers=bearer_headers(self.api_key)
                 )
-            listed = response.json().get("workers", []) if response.status_code == 200 else []
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            listed = smg_workers.entries(response.json()) if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError) as exc:
             logger.warning("the gateway %s did not list its workers: %s", self.url, exc)
             return False
         for worker in listed:
-            if not isinstance(worker, dict) or worker.get("url") == own_url:
+            if worker.get("url") == own_url:
                 continue
-            models = {m.get("id") for m in worker.get("models") or [] if isinstance(m, dict)}
             ready = worker.get("is_healthy") and worker.get("status", "ready") == "ready"
-            if ready and (not models or model in models):
+            if ready and smg_workers.serves(worker, model):
                 return True
         return False
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import socket
 import time
@@ -366,25 +365,10 @@ class SGLangBackend(BaseBackend):
         finally:
             self._reloading = False
 
-    def _parsed_for_reload(self, argv: list[str]) -> None:
-        """``argv`` parsed as at start (nothing launched); a bad flag: 400 with SGLang's
-        own message."""
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                self.parse_args(self.framework_args, argv)
-        except ConfigError as exc:
-            said = [line for line in err.getvalue().splitlines() if line.strip()]
-            raise ReloadError(f"{exc}: {said[-1] if said else ''}".rstrip(": "), 400) from exc
-
     async def _reload_weights(self, update: Any) -> Reloaded:
         t0 = time.monotonic()
-        loading = asyncio.ensure_future(update(self._backend_args.model_path))
-        done, _ = await asyncio.wait({loading}, timeout=self.framework_args.drain_timeout)
-        if not done:  # SGLang waits for the requests in flight before it loads
-            logger.warning("reload: requests still running after the drain timeout; aborting them")
-            await self.abort_requests()
-        result = await loading
+        # SGLang waits for the requests in flight before it loads
+        result = await self._within_the_drain_timeout(update(self._backend_args.model_path))
         success, message = bool(result[0]), str(result[1])
         seconds = time.monotonic() - t0
         if not success:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -521,12 +520,7 @@ class VLLMBackend(BaseBackend):
         assert engine is not None
         phases: dict[str, float] = {}
         t0 = time.monotonic()
-        pausing = asyncio.ensure_future(vllm_compat.pause_letting_requests_finish(client))
-        done, _ = await asyncio.wait({pausing}, timeout=self.framework_args.drain_timeout)
-        if not done:
-            logger.warning("reload: requests still running after the drain timeout; aborting them")
-            await vllm_compat.abort_all_requests(client)
-        await pausing
+        await self._within_the_drain_timeout(vllm_compat.pause_letting_requests_finish(client))
         phases["reload_pause"] = time.monotonic() - t0
         t1 = time.monotonic()
         try:
@@ -546,16 +540,8 @@ class VLLMBackend(BaseBackend):
             await self._renew_standby_in_the_background()
         return phases
 
-    def _parsed_for_reload(self, argv: list[str]) -> Any:
-        """``argv`` parsed as at start; a bad flag is refused with argparse's message."""
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                return self._parsed(self._api, self.framework_args, argv)
-        except ConfigError as exc:
-            said = [line for line in err.getvalue().splitlines() if line.strip()]
-            reason = said[-1] if said else str(exc)
-            raise ReloadError(f"invalid vLLM arguments: {reason}", 400) from exc
+    def parse_reload_args(self, argv: list[str]) -> Any:
+        return self._parsed(self._api, self.framework_args, argv)
 
     async def _engine_and_app(
         self, args: Any

@@ -44,11 +44,11 @@ class Roll:
 
 @dataclass
 class Rolled:
-    """How far a roll got: the workers reloaded with their answers, and the error that
-    stopped it with the refusing worker's HTTP status (None: it could not be reached)."""
+    """How far a roll got: the workers reloaded (each answer goes to ``on_reloaded``),
+    and the error that stopped it with the refusing worker's HTTP status (None: it could
+    not be reached)."""
 
     reloaded: list[str] = field(default_factory=list)
-    answers: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     status: int | None = None
 
@@ -91,7 +91,6 @@ async def roll(
                 float(answer.get("seconds") or 0.0),
             )
             done.reloaded.append(url)
-            done.answers.append(answer)
             if on_reloaded is not None:
                 on_reloaded(url, answer)
     return done

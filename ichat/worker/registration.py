@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from ichat import smg_workers
 from ichat.aio import first_completed
 from ichat.auth import bearer_headers
 from ichat.errors import GatewayRefused
@@ -184,14 +185,15 @@ class GatewayRegistration:
         response = await client.get("/workers")
         if response.status_code != 200:
             raise GatewayRefused("GET /workers", response.status_code, response.text)
-        for worker in response.json().get("workers", []):
+        for worker in smg_workers.entries(response.json()):
             if worker.get("url") != settings.worker_url:
                 continue
-            models = {m.get("id") for m in worker.get("models") or [] if isinstance(m, dict)}
-            if models and settings.model not in models:
+            if not smg_workers.serves(worker, settings.model):
                 await client.delete(f"/workers/{worker['id']}")
                 raise GatewayRefused(
-                    "POST /workers", 409, f"removed a stale entry for {sorted(map(str, models))}"
+                    "POST /workers",
+                    409,
+                    f"removed a stale entry for {sorted(smg_workers.model_ids(worker))}",
                 )
             self.worker_id = str(worker["id"])
             self.joins += 1

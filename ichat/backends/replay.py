@@ -178,12 +178,23 @@ class ReplayOnEngineDeath:
         )
 
     async def _serve(self, engine: Any, scope: Scope, receive: Receive, send: Send) -> bool:
-        """The engine's app answers; True when ``engine`` died first and its answer,
-        stalled, was stopped (only with ``death_of``)."""
+        """The engine's app answers; True when ``engine`` died before the answer's last
+        message and the answer, stalled, was stopped (only with ``death_of``). A handler
+        still running after its answer's end (its tail) is stopped too, but its answer
+        stands: another message would break the connection, which the next request on
+        it (a gateway's kept-alive connection) may be using already."""
         if self.death_of is None:
             await self.app(scope, receive, send)
             return False
-        answer = asyncio.ensure_future(self.app(scope, receive, send))
+        ended = False
+
+        async def noting(message: Message) -> None:
+            nonlocal ended
+            await send(message)
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            ended = ended or last
+
+        answer = asyncio.ensure_future(self.app(scope, receive, noting))
         death = asyncio.ensure_future(self.death_of(engine))
         try:
             await asyncio.wait({answer, death}, return_when=asyncio.FIRST_COMPLETED)
@@ -193,7 +204,7 @@ class ReplayOnEngineDeath:
                 answer.cancel()
                 await asyncio.wait({answer})
         if answer.cancelled():
-            return True
+            return not ended
         answer.result()  # the app's own failure propagates
         return False
 

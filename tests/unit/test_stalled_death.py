@@ -216,3 +216,28 @@ def test_the_engines_native_generate_ends_at_the_death_too() -> None:
     silent = StallingEngine([], start=False)  # nothing sent before the death: a 503
     sent = native_generate(sglang_like(silent, Gateway()))
     assert silent.stopped and sent[0]["status"] == 503
+
+
+def test_a_handler_still_running_after_its_answer_ended_adds_nothing_to_it() -> None:
+    """Its answer is whole: no error event after it (uvicorn would close the connection,
+    which the next request on it may be using already)."""
+
+    class Lingering(StallingEngine):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            done = sse(chat_chunk([10], "length")) + b"data: [DONE]\n\n"
+            await send({"type": "http.response.body", "body": done, "more_body": False})
+            asyncio.get_running_loop().call_later(0.05, self.dead.set)
+            try:
+                await asyncio.sleep(3600)  # the handler's tail, after the answer
+            except asyncio.CancelledError:
+                self.stopped = True
+                raise
+
+    engine = Lingering([])
+    gateway = Gateway()
+    body = {"model": "m", "messages": [], "stream": True, "max_tokens": 1}
+    events = call(sglang_like(engine, gateway), CHAT, body)  # one end of the body, last
+    assert engine.stopped and not gateway.requests
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events if isinstance(e, dict))

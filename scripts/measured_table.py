@@ -72,6 +72,8 @@ AB_H100 = "h100/ab-h100-fast-path-2026-12-07.json"
 AB_H100_IDS = "h100/ab-h100-token-ids-2026-12-07.json"
 AB_CPU = "ab-cpu-2core-2026-12-06.json"
 GATEWAY_KILL_CPU = "gateway-kill-cpu-2core-2026-12-07.json"
+GATEWAY_KILL_SGLANG_CPU = "gateway-kill-cpu-2core-sglang-2026-12-07.json"
+AB_SGLANG_CPU = "ab-cpu-2core-sglang-2026-12-07.json"
 RELOAD_CPU_IN_PLACE = "reload-cpu-2core-in-place-2026-12-06.json"
 ROLL_CPU = "roll-cpu-2core-2026-12-07.json"
 
@@ -350,7 +352,20 @@ def gateway_kill_cpu() -> str:
         f"{listed(numbers(name, 'kills/*/back_in_gateway_s'), 0)} s after the kill; 200-token "
         f"streams in flight (half sent to the dying engine, continued on the other worker) "
         f"complete and token-exact: {listed(streams, 0)} of {each} "
-        f"({backticked(name)}; also `tests/integration/test_gateway.py`)"
+        f"({backticked(name)}; also `tests/integration/test_gateway.py`). "
+        f"{gateway_kill_sglang_cpu()}"
+    )
+
+
+def gateway_kill_sglang_cpu() -> str:
+    name = GATEWAY_KILL_SGLANG_CPU
+    streams = numbers(name, "kills/*/streams_exact")
+    each = len(value(name, "kills/0/streams"))
+    return (
+        f"SGLang, kill -9 of a scheduler, the same design with completion streams: "
+        f"**{number(name, 'probes_failed'):.0f} of {number(name, 'probes_total'):.0f} "
+        f"probes failed**, {listed(streams, 0)} of {each} streams token-exact, out of the "
+        f"gateway {span(numbers(name, 'kills/*/out_of_gateway_s'), 2)} s ({backticked(name)})"
     )
 
 
@@ -429,9 +444,20 @@ def sglang_h200() -> str:
 
 
 def sglang_cpu() -> str:
+    name = AB_SGLANG_CPU
+    blocks = number(name, "summary/ichat/throughput_ratio/blocks")
+    ttft = "summary/ichat/ttft_p50_ms_diff"
+    itl = "summary/ichat/itl_p99_ms_diff"
+    ttft_low, ttft_high = numbers(name, f"{ttft}/ci95")
+    itl_low, itl_high = numbers(name, f"{itl}/ci95")
     return (
-        "SGLang 0.5.23: kill -9 scheduler detected and serving again; SIGTERM → exit 0, "
-        "no child, port free (`tests/sglang/test_sglang_worker.py`; no stored figures)"
+        f"SGLang {value(name, 'sglang')}, resident side by side, {blocks:.0f} paired blocks: "
+        f"throughput **{ab_ratio(name, 'ichat')}**, TTFT p50 "
+        f"{signed(number(name, f'{ttft}/mean'), 1)} ms [{signed(ttft_low, 1)}, "
+        f"{signed(ttft_high, 1)}], ITL p99 {signed(number(name, f'{itl}/mean'), 2)} ms "
+        f"[{signed(itl_low, 2)}, {signed(itl_high, 2)}] ({backticked(name)}); kill -9 "
+        "scheduler detected and serving again; SIGTERM → exit 0, no child, port free "
+        "(`tests/sglang/test_sglang_worker.py`)"
     )
 
 

@@ -95,6 +95,9 @@ class BaseBackend(abc.ABC):
         self._stack: contextlib.AsyncExitStack | None = None
         self._server: NoSignalServer | None = None
         self._server_task: asyncio.Task[None] | None = None
+        # after a death: the server that still relays the requests its engine cut to
+        # the next engine (``relays_to_the_restart``), no longer this backend's to stop
+        self.detached_server: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self._startup_task: asyncio.Task[None] | None = None
         self._children_before: set[int] | None = None
@@ -306,7 +309,7 @@ class BaseBackend(abc.ABC):
         if self._server is not None:
             from ichat.backends.http_server import graceful_shutdown_seconds
 
-            bound = graceful_shutdown_seconds(_server_drain(config))
+            bound = graceful_shutdown_seconds(self._server_drain(config))
             self._server.config.timeout_graceful_shutdown = bound
 
     async def reload(self, argv: list[str], method: ReloadMethod = ReloadMethod.AUTO) -> Reloaded:
@@ -472,7 +475,7 @@ class BaseBackend(abc.ABC):
         options.setdefault("log_level", config.engine_log_level)
         # uvicorn cuts what is left at its own deadline: after ours, when the engine has
         # aborted the requests still in flight and their streams have ended
-        self._server = make_server(app, drain_timeout=_server_drain(config), **options)
+        self._server = make_server(app, drain_timeout=self._server_drain(config), **options)
         self.on_server_created(self._server)
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
 
@@ -627,11 +630,13 @@ class BaseBackend(abc.ABC):
                 self.monitor.stop()
             self._monitor_task.cancel()
             await _settle(self._monitor_task, deadlines.monitor_stop, "health monitor")
+        if isinstance(self.failure, EngineDiedError) and self.relays_to_the_restart():
+            await self._detach_the_server()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             # the server has been draining since the stop was requested, if it was
             t0 = self._stop_requested_at or time.monotonic()
-            drain = _server_drain(config)
+            drain = self._server_drain(config)
             left = t0 + drain - time.monotonic()
             done, _ = await asyncio.wait({self._server_task}, timeout=max(left, 0.0))
             if not done:
@@ -657,6 +662,48 @@ class BaseBackend(abc.ABC):
                 logger.warning("engine shutdown raised %r", closing.exception())
             self._log_phase("engine_shutdown", t0, "engine shut down")
 
+    async def _detach_the_server(self) -> None:
+        """The engine died and what it cut waits for the next engine on this port: the
+        HTTP server stops accepting (uvicorn closes the listening socket, so that the
+        next engine's server can bind the port) and keeps its connections, relaying,
+        while the worker restarts; it ends by itself once they have ended, within
+        its bound (``_server_drain``; ``detached_server``: whoever restarts the engine
+        keeps it)."""
+        server, task, sock = self._server, self._server_task, self._sock
+        if server is None or task is None or sock is None:
+            return
+        config = self.framework_args
+        server.should_exit = True  # its bound: _server_drain
+        t0 = time.monotonic()
+        while sock.fileno() != -1 and not task.done():
+            if time.monotonic() - t0 > config.deadlines.server_close:
+                logger.error("the HTTP server did not close its socket; stopping it")
+                return  # the ordinary shutdown follows, and cleanup() closes it
+            await asyncio.sleep(0.01)
+        self.detached_server, self._server_task = task, None
+        logger.info(
+            "the engine's HTTP server keeps the requests that wait for the next engine "
+            "(at most %.0f s) while it starts on the same port",
+            self._server_drain(config),
+        )
+
+    def _server_drain(self, config: WorkerConfig) -> float:
+        """How long uvicorn lets a graceful shutdown run: past our drain deadline, when
+        the engine has aborted what was still in flight and those streams have ended;
+        with a gateway, the answers of what was handed off to another worker are relayed
+        for ``handoff_timeout`` more; when what a dying engine cuts waits for the next
+        engine, for ``continuation_timeout`` and ``handoff_timeout`` more (vLLM's own
+        error handler may begin the shutdown at the death, before the worker does)."""
+        relays = config.handoff_timeout if config.gateway_url else 0.0
+        if self.relays_to_the_restart():
+            relays = config.continuation_timeout + config.handoff_timeout
+        return config.drain_timeout + config.deadlines.drain_grace + relays
+
+    def relays_to_the_restart(self) -> bool:
+        """Whether what a dying engine cuts waits for this worker's next engine on the
+        same port (default: no)."""
+        return False
+
     def _log_phase(self, phase: str, started: float, what: str) -> None:
         self.phase_seconds[phase] = time.monotonic() - started
         logger.info("%s in %.2f s", what, self.phase_seconds[phase])
@@ -667,15 +714,6 @@ class BaseBackend(abc.ABC):
         if before is None:
             return []
         return [p for p in processes.children() if p.pid not in before]
-
-
-def _server_drain(config: WorkerConfig) -> float:
-    """How long uvicorn lets a graceful shutdown run: past our drain deadline, when the
-    engine has aborted what was still in flight and those streams have ended; with a
-    gateway, the answers of what was handed off to another worker are relayed for
-    ``handoff_timeout`` more."""
-    handoff = config.handoff_timeout if config.gateway_url else 0.0
-    return config.drain_timeout + config.deadlines.drain_grace + handoff
 
 
 def collect_frozen_garbage() -> None:

@@ -23,6 +23,8 @@ worker, so a request never circles between dying workers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 
@@ -120,6 +122,37 @@ class ThroughTheGateway:
             ready = worker.get("is_healthy") and worker.get("status", "ready") == "ready"
             if ready and smg_workers.serves(worker, model):
                 return True
+        return False
+
+
+class ThisWorkerAgain(ThroughTheGateway):
+    """This worker's own URL, once its restarted engine serves: where what the dying
+    engine cut goes when neither a standby nor a gateway takes it (``--continuation-limit``
+    on). The dying engine's HTTP server keeps its clients' connections while the worker
+    starts the next engine on the same port (the listening socket closed at the death);
+    each request waits at most ``--continuation-timeout`` for it, then is forwarded to it
+    as to another worker (marked, so that it is never forwarded again)."""
+
+    async def serving(self, timeout: float, keepalive: Send | None = None) -> bool:
+        """Wait (at most ``timeout``) until the worker's port answers ``/health`` with
+        200; a stream waiting (``keepalive``) gets an SSE comment at once and every
+        second."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        next_comment = loop.time()
+        async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT, transport=self.transport) as client:
+            while loop.time() < deadline:
+                if keepalive is not None and loop.time() >= next_comment:
+                    comment = b": the engine died; continuing once it has restarted\n\n"
+                    await keepalive({"type": "http.response.body", "body": comment,
+                                     "more_body": True})  # fmt: skip
+                    next_comment = loop.time() + 1.0
+                with contextlib.suppress(httpx.HTTPError):
+                    reply = await client.get(self.url + "/health",
+                                             headers=bearer_headers(self.api_key))  # fmt: skip
+                    if reply.status_code == 200:
+                        return True
+                await asyncio.sleep(0.1)
         return False
 
 

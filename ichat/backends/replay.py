@@ -88,6 +88,7 @@ class ReplayOnEngineDeath:
         takes_over_here: Callable[[], bool] = lambda: True,
         handing_off: Callable[[], bool] = lambda: False,
         death_of: Callable[[Any], Awaitable[Any]] | None = None,
+        restarted: elsewhere.ThisWorkerAgain | None = None,
         paths: frozenset[str] = GENERATING_PATHS,
         continuable_paths: frozenset[str] = GENERATING_PATHS,
         ids_unasked_absent: bool = False,
@@ -106,6 +107,7 @@ class ReplayOnEngineDeath:
         self.takes_over_here = takes_over_here  # an engine of this worker serves next, soon
         self.handing_off = handing_off  # the worker stops: what is aborted goes elsewhere
         self.death_of = death_of  # awaits an engine's death (its answers stall then)
+        self.restarted = restarted  # this worker, once its restarted engine serves
         self.paths = paths
         self.continuable_paths = continuable_paths  # where the engine streams token ids
         # the engine omits the token-id fields a client did not ask for (SGLang) rather
@@ -161,9 +163,8 @@ class ReplayOnEngineDeath:
                 break
             if target.engine is None:  # another worker answers the client, as it answers
                 self.replayed += 1
-                logger.warning("%s %s, before any byte reached the client: sent to another "
-                               "worker through the gateway", scope["path"],
-                               self._ended_by())  # fmt: skip
+                logger.warning("%s %s, before any byte reached the client: sent to %s",
+                               scope["path"], self._ended_by(), target.what)  # fmt: skip
                 await target.app(scope, _replaying(body, receive), send)
                 return
             engine = target.engine
@@ -197,16 +198,18 @@ class ReplayOnEngineDeath:
         answer = asyncio.ensure_future(self.app(scope, receive, noting))
         death = asyncio.ensure_future(self.death_of(engine))
         try:
-            await asyncio.wait({answer, death}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({answer, death}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             death.cancel()
             if not answer.done():  # stalled on the dead engine (or we are cancelled)
                 answer.cancel()
                 await asyncio.wait({answer})
-        if answer.cancelled():
-            return not ended
-        answer.result()  # the app's own failure propagates
-        return False
+        if answer in done:
+            answer.result()  # the app's own failure propagates
+            return False
+        if not answer.cancelled() and answer.exception() is not None:
+            logger.debug("a handler stopped at the engine's death raised %r", answer.exception())
+        return not ended
 
     async def _untracked(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The engine's answer as it is; one that stalls at the engine's death ends
@@ -303,8 +306,17 @@ class ReplayOnEngineDeath:
             if handing_off or not elsewhere.forwarded(scope):
                 self.forwarded += 1
                 request = self.gateway.request()
-                return _Target(request, lambda: request.broken, None, "another worker")
+                return _Target(request, lambda: request.broken, None,
+                               "another worker through the gateway")  # fmt: skip
             return None
+        if self.restarted is not None and not self.takes_over_here():
+            if elsewhere.forwarded(scope):  # already sent here again once: no loop
+                return None
+            if not await self.restarted.serving(self.wait_for_next_engine, keepalive):
+                return None
+            self.forwarded += 1
+            request = self.restarted.request()
+            return _Target(request, lambda: request.broken, None, "the restarted engine")
         if not await self._next_engine(dead, keepalive):
             return None
         engine = self.watch.current()

@@ -23,7 +23,7 @@ from ichat.backends import vllm_compat
 from ichat.backends.app_switch import AppSwitch, InstalledApp
 from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BackendState, BaseBackend
-from ichat.backends.elsewhere import ThroughTheGateway
+from ichat.backends.elsewhere import ThisWorkerAgain, ThroughTheGateway
 from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
@@ -418,10 +418,14 @@ class VLLMBackend(BaseBackend):
         )
         asgi: Any = app
         config = self.framework_args
-        if config.standby or config.gateway_url:  # what the dying engine failed runs on
-            gateway = None
+        # what the dying engine failed runs on: a standby, another worker, or (with
+        # continuation on) this worker's next engine
+        if config.standby or config.gateway_url or config.continuation_limit:
+            gateway = restarted = None
             if config.gateway_url:  # no standby ready: another worker takes it on
                 gateway = ThroughTheGateway(config.gateway_url, config.gateway_api_key)
+            elif self.relays_to_the_restart():
+                restarted = ThisWorkerAgain(config.base_url, self.api_key())
             asgi = ReplayOnEngineDeath(
                 app,
                 _ServingEngine(app),
@@ -432,10 +436,17 @@ class VLLMBackend(BaseBackend):
                 reasoning_parser=bool(getattr(args, "reasoning_parser", None)),
                 on_continuation=self._report_continuation,
                 gateway=gateway,
+                restarted=restarted,
                 takes_over_here=self._takes_over_here,
                 handing_off=lambda: self.handing_off,
             )
         return InstalledApp(asgi, app), tasks
+
+    def relays_to_the_restart(self) -> bool:
+        """With continuation on and neither a standby nor a gateway, what the dying
+        engine cuts waits for the next engine of this worker (the restart)."""
+        config = self.framework_args
+        return bool(config.continuation_limit) and not config.standby and not config.gateway_url
 
     def _takes_over_here(self) -> bool:
         """Whether an engine of this worker serves at once in place of a dead one: a

@@ -105,7 +105,7 @@ def make_test_model(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if wide_margins:
-        _widen_margins(model, seed)
+        _widen_margins(model, seed, len(SPECIAL_TOKENS))
     model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out_dir, safe_serialization=True)
     facts = {"shape": asdict(shape), "seed": seed, "wide_margins": wide_margins}
@@ -113,17 +113,18 @@ def make_test_model(
     return out_dir
 
 
-def _widen_margins(model: Any, seed: int) -> None:
+def _widen_margins(model: Any, seed: int, specials: int) -> None:
     """Greedy choices with wide margins, for tests that compare an interrupted run with an
     uninterrupted one token by token. A random model's top two logits are often nearly
     tied, and an engine's batch-dependent rounding flips them (seen: SGLang on CPU, the
     same greedy request diverging after 108 tokens when other requests shared its
     batch). Here the residual stream stays close to the current token's embedding
     (attention and MLP outputs scaled down 100 times) and the output head maps each
-    token's embedding to one successor, along one cycle through the whole vocabulary:
-    the successor's logit is about sqrt(hidden_size) above the rest, far beyond rounding.
-    The attention still reads the context (its small share), so the model stays a
-    transformer the engines run as any other."""
+    token's embedding to one successor, along one cycle through every ordinary token
+    (the ``specials`` first ids, the special tokens, are never generated: each leads into
+    the cycle): the successor's logit is about sqrt(hidden_size) above the rest, far
+    beyond rounding. The attention still reads the context (its small share), so the
+    model stays a transformer the engines run as any other."""
     import torch
 
     embed = model.model.embed_tokens.weight
@@ -131,11 +132,11 @@ def _widen_margins(model: Any, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     unit = torch.randn(vocab, hidden, generator=generator)
     unit /= unit.norm(dim=1, keepdim=True)
-    order = torch.randperm(vocab, generator=generator)  # one cycle: order[i] -> order[i+1]
-    successor = torch.empty_like(order)
-    successor[order] = order.roll(-1)
-    head = torch.zeros(vocab, hidden)
-    head[successor] = unit  # the row of t's successor is t's direction
+    order = torch.randperm(vocab - specials, generator=generator) + specials
+    successor = torch.empty(vocab, dtype=torch.long)
+    successor[order] = order.roll(-1)  # one cycle: order[i] -> order[i + 1]
+    successor[:specials] = order[:specials]  # a special token leads into it
+    head = torch.zeros(vocab, hidden).index_add_(0, successor, unit)  # t's direction
     with torch.no_grad():
         embed.copy_(unit * hidden**0.5)  # unit RMS, as the final norm leaves it
         model.lm_head.weight.copy_(head)

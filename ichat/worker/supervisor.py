@@ -169,6 +169,8 @@ class Supervisor:
         self._serving_since: float | None = None  # the engine serving now (monotonic)
         self._gave_up: CrashLoopError | None = None  # a crash loop of failovers
         self._reload: _ReloadByRestart | None = None
+        # dead engines' HTTP servers still relaying what they cut to the next engine
+        self._detached: set[asyncio.Task[None]] = set()
 
     def request_stop(self, *, force: bool = False) -> None:
         """Stop the running backend (drain, or ``force``) and restart no more."""
@@ -183,6 +185,9 @@ class Supervisor:
             self.stats.state = WorkerState.STOPPING
         if self.backend is not None:
             self.backend.request_stop(force=force)
+        if force:
+            for task in self._detached:
+                task.cancel()
 
     async def run(self) -> None:
         """Serve until stopped; raise on boot failure or crash loop."""
@@ -199,9 +204,26 @@ class Supervisor:
                 died_at = None
                 continue
             died_at = await self._prepare_restart(self._history, life, died_at)
+        if self._detached:  # each ends within its own bound (uvicorn's graceful shutdown)
+            await asyncio.wait(set(self._detached))
         if self._gave_up is not None:
             raise self._gave_up
         self.stats.state = WorkerState.STOPPED
+
+    def _keep_detached(self, backend: BaseBackend) -> None:
+        """A dead engine's HTTP server that still relays what it cut to the next engine:
+        kept until it ends."""
+        task = backend.detached_server
+        if task is None:
+            return
+        self._detached.add(task)
+
+        def ended(done: asyncio.Task[None]) -> None:
+            self._detached.discard(done)
+            if not done.cancelled() and done.exception() is not None:
+                logger.warning("a dead engine's HTTP server ended with %r", done.exception())
+
+        task.add_done_callback(ended)
 
     async def _serve_one(self, died_at: float | None) -> _Life | None:
         """Run one backend to its end. None: it stopped on request. Its life: its engine
@@ -234,6 +256,7 @@ class Supervisor:
                 life.uptime = self._clock() - life.ready_at
         finally:
             watcher.cancel()
+            self._keep_detached(backend)
             if self.membership is not None:
                 self.membership.leave()
             self.stats.phase_seconds.update(backend.phase_seconds)

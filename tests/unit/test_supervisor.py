@@ -28,6 +28,9 @@ class ScriptedBackend:
     'failover' (its engine dies ``failovers`` times, a standby serving each time)."""
 
     failovers = 0
+    # "die-relaying": its dead engine's HTTP server still relays what it cut to the next
+    # engine (a real backend's ``relays_to_the_restart``): a task the supervisor keeps
+    detached_server: asyncio.Task[None] | None = None
 
     def __init__(
         self, script: str, clock: FakeClock, uptime: float = 1.0, cleanup_s: float = 0.0
@@ -61,6 +64,10 @@ class ScriptedBackend:
         self.backend_ready_event.set()
         await asyncio.sleep(0)  # let the supervisor see the ready event
         self.clock.now += self.uptime
+        if self.script == "die-relaying":
+            self.relay = asyncio.Event()
+            self.detached_server = asyncio.create_task(self.relay.wait())
+            self.script = "die"
         if self.script == "die":
             self.engine_dead_event.set()  # detected...
             await asyncio.sleep(0)
@@ -608,3 +615,55 @@ def test_new_flags_that_do_not_start_give_the_old_ones_back() -> None:
     assert sup.stats.engine_args == ["--model", "scripted"]
     assert sup.stats.reloads == {"failed": 1} and sup.stats.restarts == 0
     assert log.count("join") == 2  # back in the gateway with the old flags
+
+
+def test_a_dead_engines_server_still_relaying_is_kept_and_waited_for_at_the_stop() -> None:
+    """It relays what its engine cut to the next engine (same port) while that one
+    starts and serves; the worker's stop waits for it (it ends within its own bound)."""
+    clock = FakeClock()
+    made: list[ScriptedBackend] = []
+
+    def make() -> Any:
+        made.append(ScriptedBackend(["die-relaying", "serve"][len(made)], clock))
+        return made[-1]
+
+    supervisor = Supervisor(make, RestartPolicy(jitter=0.1), sleep=clock.sleep, clock=clock,
+                            wall_clock=clock, rand=lambda: 0.5, reclaim=lambda: None)  # fmt: skip
+
+    async def main() -> None:
+        task = asyncio.create_task(supervisor.run())
+        while len(made) < 2 or not made[1].backend_ready_event.is_set():
+            await asyncio.sleep(0)
+        relaying = made[0].detached_server
+        assert relaying is not None and not relaying.done()  # the next engine serves
+        supervisor.request_stop()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not task.done(), "the stop waits for the relays"
+        made[0].relay.set()  # its last relayed answer ended
+        await asyncio.wait_for(task, 5)
+        assert relaying.done() and not relaying.cancelled()
+
+    asyncio.run(main())
+
+
+def test_a_forced_stop_cuts_a_dead_engines_server_that_still_relays() -> None:
+    clock = FakeClock()
+    made: list[ScriptedBackend] = []
+
+    def make() -> Any:
+        made.append(ScriptedBackend(["die-relaying", "serve"][len(made)], clock))
+        return made[-1]
+
+    supervisor = Supervisor(make, RestartPolicy(jitter=0.1), sleep=clock.sleep, clock=clock,
+                            wall_clock=clock, rand=lambda: 0.5, reclaim=lambda: None)  # fmt: skip
+
+    async def main() -> None:
+        task = asyncio.create_task(supervisor.run())
+        while len(made) < 2 or not made[1].backend_ready_event.is_set():
+            await asyncio.sleep(0)
+        supervisor.request_stop(force=True)
+        await asyncio.wait_for(task, 5)
+        assert made[0].detached_server is not None and made[0].detached_server.cancelled()
+
+    asyncio.run(main())

@@ -76,6 +76,7 @@ GATEWAY_KILL_SGLANG_CPU = "gateway-kill-cpu-2core-sglang-2026-12-07.json"
 AB_SGLANG_CPU = "ab-cpu-2core-sglang-2026-12-07.json"
 RELOAD_CPU_IN_PLACE = "reload-cpu-2core-in-place-2026-12-06.json"
 ROLL_CPU = "roll-cpu-2core-2026-12-07.json"
+ROLL_H100 = "h100/roll-h100-2026-12-07.json"
 
 
 class Row(NamedTuple):
@@ -369,17 +370,24 @@ def gateway_kill_sglang_cpu() -> str:
     )
 
 
-def roll_cpu() -> str:
-    name = ROLL_CPU
+def rolled(name: str) -> str:
     rolls = [number(name, f"rolls/{i}/end_s") - number(name, f"rolls/{i}/start_s")
              for i in range(len(value(name, "rolls")))]  # fmt: skip
     return (
-        f"{len(rolls)} rolls of new flags (`ichat reload A B --merge -- FLAGS`): "
-        f"{listed(rolls, 0)} s each; **{number(name, 'all/failed'):.0f} of "
-        f"{number(name, 'all/requests'):.0f} streamed requests failed**; fewest healthy "
-        f"workers in SMG during a roll: {number(name, 'fewest_healthy_during_rolls'):.0f} "
-        f"of 2 ({backticked(name)})"
+        f"{len(rolls)} roll{'s' if len(rolls) > 1 else ''} of new flags (`ichat reload A B "
+        f"--merge -- FLAGS`): {listed(rolls, 0)} s{' each' if len(rolls) > 1 else ''}; "
+        f"**{number(name, 'all/failed'):.0f} of {number(name, 'all/requests'):.0f} streamed "
+        f"requests failed**; fewest healthy workers in SMG during a roll: "
+        f"{number(name, 'fewest_healthy_during_rolls'):.0f} of 2 ({backticked(name)})"
     )
+
+
+def roll_cpu() -> str:
+    return rolled(ROLL_CPU)
+
+
+def roll_h100() -> str:
+    return f"H100 (one card, both workers): {rolled(ROLL_H100)}"
 
 
 def gateway_sigterm_cpu() -> str:
@@ -559,7 +567,7 @@ ROWS = (
         reload_h100,
         reload_cpu,
     ),
-    Row("`ichat up --workers 2` rolled under a streaming load", none, roll_cpu),
+    Row("`ichat up --workers 2` rolled under a streaming load", roll_h100, roll_cpu),
     Row(
         "throughput / native vLLM, servers resident side by side, paired blocks, mean "
         "[bootstrap 95 % CI]; continuation: `--continuation-limit` (off by default)",

@@ -39,7 +39,7 @@ from ichat.backends import sglang_compat, zmq_context
 from ichat.backends.argmap import flag_value
 from ichat.backends.base_backend import BackendState, BaseBackend
 from ichat.backends.continuation import COMPLETIONS
-from ichat.backends.elsewhere import ThroughTheGateway
+from ichat.backends.elsewhere import ThisWorkerAgain, ThroughTheGateway
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.backends.replay import ReplayOnEngineDeath
@@ -231,31 +231,44 @@ class SGLangBackend(BaseBackend):
         for the HTTP server to drain -- until ``--drain-timeout``. With a gateway, what
         the death (or the drain deadline) cuts goes on on another worker: a request with
         no byte sent yet runs there again, a ``/v1/completions`` stream under way is
-        continued there token-exactly (``--continuation-limit``). Without one (no
-        standby either: nothing of this worker takes over), a request with no byte sent
-        gets a 503 and a stream under way an error event and ``[DONE]``. SGLang's
+        continued there token-exactly (``--continuation-limit``). Without one, with
+        continuation on, the same on this worker's restarted engine, within
+        ``--continuation-timeout``; else (nothing takes over: SGLang keeps no standby) a
+        request with no byte sent gets a 503 and a stream under way an error event and
+        ``[DONE]``. SGLang's
         streamed chat returns no token ids (it refuses ``return_token_ids`` there), so a
         chat stream under way ends with an error event in either case."""
         config = self.framework_args
         dead = self.engine_dead_event
-        gateway = None
+        gateway = restarted = None
         if config.gateway_url:
             gateway = ThroughTheGateway(config.gateway_url, config.gateway_api_key)
+        elif self.relays_to_the_restart():
+            restarted = ThisWorkerAgain(config.base_url, self.api_key())
         return ReplayOnEngineDeath(
             app,
             _OneEngine(dead),
-            wait_for_next_engine=0.0,  # no engine of this worker takes over (no standby)
+            # no standby: only the restarted engine takes over, and only with
+            # continuation on (``relays_to_the_restart``)
+            wait_for_next_engine=config.continuation_timeout if restarted else 0.0,
             continuation_limit=config.continuation_limit,
             max_model_len=lambda: sglang_compat.context_len(launched),
             decode=lambda ids, skip: sglang_compat.decode(launched, ids, skip),
             on_continuation=self._report_continuation,
             gateway=gateway,
+            restarted=restarted,
             takes_over_here=lambda: False,
             handing_off=lambda: self.handing_off,
             death_of=lambda engine: dead.wait(),
             continuable_paths=frozenset({COMPLETIONS}),
             ids_unasked_absent=True,
         )
+
+    def relays_to_the_restart(self) -> bool:
+        """With continuation on and no gateway (SGLang keeps no standby), what the dying
+        engine cuts waits for the next engine of this worker (the restart)."""
+        config = self.framework_args
+        return bool(config.continuation_limit) and not config.gateway_url
 
     def uvicorn_options(self) -> dict[str, Any]:
         args = self._backend_args

@@ -161,16 +161,19 @@ class VLLMBackend(BaseBackend):
     @classmethod
     def engine_environment(cls, config: WorkerConfig) -> dict[str, str]:
         # read when vLLM is imported (0.26 has no --log-level) and by its processes.
-        # The startup plan: vLLM keeps the first start's memory-profiling result and a
-        # restart of the same configuration skips the profiling (it checks a fingerprint
-        # and the free memory, else profiles). Fork: the engine's process starts from
-        # this one, vLLM already imported, instead of importing it again (`vllm serve`
-        # sets spawn; vLLM itself falls back to spawn where fork is unsafe: CUDA
-        # initialised here, Ray, the CPU platform). H100, 1 B Llama: a restart's engine
-        # start 12.8-14.9 s forked vs 31.5-33.4 s spawned (docs/benchmarks.md).
+        # Fork: the engine's process starts from this one, vLLM already imported,
+        # instead of importing it again (`vllm serve` sets spawn; vLLM itself falls back
+        # to spawn where fork is unsafe: CUDA initialised here, Ray, the CPU platform).
+        # H100, 1 B Llama: a restart's engine start 12.8-14.9 s forked vs 31.5-33.4 s
+        # spawned (docs/benchmarks.md). vLLM's startup plan (VLLM_ENABLE_STARTUP_PLAN) is
+        # left to the user: it keeps a start's KV-cache size in bytes under
+        # VLLM_CACHE_ROOT for every later start of the machine whose fingerprint matches,
+        # which leaves out --gpu-memory-utilization, and a size profiled beside another
+        # engine starting on the same GPU is kept too: on an H100 a plan left by
+        # `ichat up --workers 2` gave a later single worker at 0.4 a KV cache of
+        # 0.07 GiB, and it did not start (docs/benchmarks.md).
         return {
             "VLLM_LOGGING_LEVEL": vllm_log_level(config),
-            "VLLM_ENABLE_STARTUP_PLAN": "1",
             "VLLM_WORKER_MULTIPROC_METHOD": "fork",
         }
 

@@ -133,17 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=WorkerConfig.continuation_limit,
         metavar="N",
         help="continue a stream that its dying engine cut from its last token (token "
-        "ids, same sampling) on the standby (--standby) or on another worker through the "
-        "gateway (--gateway-url), at most N times per request; costs the API process "
-        "CPU for every streamed token (docs/benchmarks.md); 0: off (default: %(default)s)",
+        "ids, same sampling) on the standby (--standby), on another worker through the "
+        "gateway (--gateway-url), or else on this worker's restarted engine (requests "
+        "with no byte sent run again there), at most N times per request; costs "
+        "the API process CPU for every streamed token (docs/benchmarks.md); 0: off "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--continuation-timeout",
         type=float,
         default=WorkerConfig.continuation_timeout,
         metavar="SECONDS",
-        help="with --standby: how long a request cut or failed by an engine death "
-        "waits for the next engine (default: %(default)s)",
+        help="how long a request cut or failed by an engine death waits for the next "
+        "engine: the standby, or with --continuation-limit and neither --standby nor "
+        "--gateway-url the restarted one (make it longer than an engine start) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--gateway-url",

@@ -341,14 +341,22 @@ def cycles_cpu() -> str:
     )
 
 
+def killed_behind_the_gateway(name: str) -> tuple[str, list[float], int]:
+    """The probes that failed of all sent, each kill's token-exact streams, and how
+    many streams each kill had."""
+    probes = (
+        f"**{number(name, 'probes_failed'):.0f} of {number(name, 'probes_total'):.0f} "
+        "probes failed**"
+    )
+    return probes, numbers(name, "kills/*/streams_exact"), len(value(name, "kills/0/streams"))
+
+
 def gateway_kill_cpu() -> str:
     name = GATEWAY_KILL_CPU
-    streams = numbers(name, "kills/*/streams_exact")
-    each = len(value(name, "kills/0/streams"))
+    probes, streams, each = killed_behind_the_gateway(name)
     return (
         f"{len(streams)} kills without a standby under a probe every 50 ms through SMG: "
-        f"**{number(name, 'probes_failed'):.0f} of {number(name, 'probes_total'):.0f} "
-        f"probes failed**; detected {listed(numbers(name, 'kills/*/detected_s'), 2)} s, out "
+        f"{probes}; detected {listed(numbers(name, 'kills/*/detected_s'), 2)} s, out "
         f"of the gateway {listed(numbers(name, 'kills/*/out_of_gateway_s'), 2)} s, back "
         f"{listed(numbers(name, 'kills/*/back_in_gateway_s'), 0)} s after the kill; 200-token "
         f"streams in flight (half sent to the dying engine, continued on the other worker) "
@@ -360,12 +368,10 @@ def gateway_kill_cpu() -> str:
 
 def gateway_kill_sglang_cpu() -> str:
     name = GATEWAY_KILL_SGLANG_CPU
-    streams = numbers(name, "kills/*/streams_exact")
-    each = len(value(name, "kills/0/streams"))
+    probes, streams, each = killed_behind_the_gateway(name)
     return (
         f"SGLang, kill -9 of a scheduler, the same design with completion streams: "
-        f"**{number(name, 'probes_failed'):.0f} of {number(name, 'probes_total'):.0f} "
-        f"probes failed**, {listed(streams, 0)} of {each} streams token-exact, out of the "
+        f"{probes}, {listed(streams, 0)} of {each} streams token-exact, out of the "
         f"gateway {span(numbers(name, 'kills/*/out_of_gateway_s'), 2)} s ({backticked(name)})"
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -617,9 +618,11 @@ def test_new_flags_that_do_not_start_give_the_old_ones_back() -> None:
     assert log.count("join") == 2  # back in the gateway with the old flags
 
 
-def test_a_dead_engines_server_still_relaying_is_kept_and_waited_for_at_the_stop() -> None:
-    """It relays what its engine cut to the next engine (same port) while that one
-    starts and serves; the worker's stop waits for it (it ends within its own bound)."""
+async def relaying_then_serving(
+    stop: Callable[[Supervisor, ScriptedBackend], Awaitable[None]],
+) -> None:
+    """A backend whose engine dies while its HTTP server still relays what it cut to the
+    next engine (same port), then the next one serving; ``stop`` stops the worker."""
     clock = FakeClock()
     made: list[ScriptedBackend] = []
 
@@ -629,41 +632,32 @@ def test_a_dead_engines_server_still_relaying_is_kept_and_waited_for_at_the_stop
 
     supervisor = Supervisor(make, RestartPolicy(jitter=0.1), sleep=clock.sleep, clock=clock,
                             wall_clock=clock, rand=lambda: 0.5, reclaim=lambda: None)  # fmt: skip
+    task = asyncio.create_task(supervisor.run())
+    while len(made) < 2 or not made[1].backend_ready_event.is_set():
+        await asyncio.sleep(0)
+    relaying = made[0].detached_server
+    assert relaying is not None and not relaying.done()  # kept while the next one serves
+    await stop(supervisor, made[0])
+    await asyncio.wait_for(task, 5)
 
-    async def main() -> None:
-        task = asyncio.create_task(supervisor.run())
-        while len(made) < 2 or not made[1].backend_ready_event.is_set():
-            await asyncio.sleep(0)
-        relaying = made[0].detached_server
-        assert relaying is not None and not relaying.done()  # the next engine serves
+
+def test_a_dead_engines_server_still_relaying_is_kept_and_waited_for_at_the_stop() -> None:
+    """The worker's stop waits for it (it ends within its own bound)."""
+
+    async def stop(supervisor: Supervisor, dead: ScriptedBackend) -> None:
         supervisor.request_stop()
         for _ in range(20):
             await asyncio.sleep(0)
-        assert not task.done(), "the stop waits for the relays"
-        made[0].relay.set()  # its last relayed answer ended
-        await asyncio.wait_for(task, 5)
-        assert relaying.done() and not relaying.cancelled()
+        assert dead.detached_server is not None and not dead.detached_server.done()
+        dead.relay.set()  # its last relayed answer ended: the stop completes
 
-    asyncio.run(main())
+    asyncio.run(relaying_then_serving(stop))
 
 
 def test_a_forced_stop_cuts_a_dead_engines_server_that_still_relays() -> None:
-    clock = FakeClock()
-    made: list[ScriptedBackend] = []
-
-    def make() -> Any:
-        made.append(ScriptedBackend(["die-relaying", "serve"][len(made)], clock))
-        return made[-1]
-
-    supervisor = Supervisor(make, RestartPolicy(jitter=0.1), sleep=clock.sleep, clock=clock,
-                            wall_clock=clock, rand=lambda: 0.5, reclaim=lambda: None)  # fmt: skip
-
-    async def main() -> None:
-        task = asyncio.create_task(supervisor.run())
-        while len(made) < 2 or not made[1].backend_ready_event.is_set():
-            await asyncio.sleep(0)
+    async def stop(supervisor: Supervisor, dead: ScriptedBackend) -> None:
         supervisor.request_stop(force=True)
-        await asyncio.wait_for(task, 5)
-        assert made[0].detached_server is not None and made[0].detached_server.cancelled()
+        await asyncio.sleep(0)
+        assert dead.detached_server is not None and dead.detached_server.cancelled()
 
-    asyncio.run(main())
+    asyncio.run(relaying_then_serving(stop))

@@ -88,7 +88,7 @@ case $MODE in
            | tee $OUT/bench-faults.log | grep "^kill\|^drain" ;;
   failover) M=${MODES:-restart standby}
            python3 bench/bench_failover.py --model-path $ICHAT_GPU_MODEL --kills ${KILLS:-3} \
-           --modes $M --out $OUT --tag h200 \
+           --modes $M --out $OUT --tag ${TAG:-h200} \
            -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.4} ${EXTRA:-} 2>&1 \
            | tee $OUT/bench-failover-${M// /-}.log | grep "^\[" ;;
   continuation) python3 bench/bench_continuation.py --model-path $ICHAT_GPU_MODEL \

@@ -1,9 +1,12 @@
 """What iChat's ASGI middleware share: the ASGI types, a request's whole body, a JSON
-answer. (Plain ASGI, as uvicorn and Starlette define it; no framework.)"""
+answer, a wait that keeps a stream alive. (Plain ASGI, as uvicorn and Starlette define
+it; no framework.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -37,3 +40,27 @@ async def send_error(send: Send, status: int, kind: str, message: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+
+
+async def wait_keeping_alive(
+    ready: Callable[[], Awaitable[bool]],
+    timeout: float,
+    keepalive: Send | None,
+    comment: bytes,
+    *,
+    poll: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Poll ``ready`` every ``poll`` seconds until it holds (True) or ``timeout`` has
+    passed (False); a stream waiting (``keepalive``) gets the SSE ``comment`` at once
+    and every second, so that neither the client nor a proxy gives up on it."""
+    deadline = clock() + timeout
+    next_comment = clock()
+    while not await ready():
+        if clock() >= deadline:
+            return False
+        if keepalive is not None and clock() >= next_comment:
+            await keepalive({"type": "http.response.body", "body": comment, "more_body": True})
+            next_comment = clock() + 1.0
+        await asyncio.sleep(poll)
+    return True

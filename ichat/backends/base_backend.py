@@ -31,7 +31,7 @@ import psutil
 from ichat.aio import first_completed
 from ichat.backends.compat import Workaround, Workarounds
 from ichat.backends.continuation import Continued
-from ichat.backends.elsewhere import ThroughTheGateway
+from ichat.backends.elsewhere import ThisWorkerAgain, ThroughTheGateway
 from ichat.backends.failover import Failover, StandbyReport
 from ichat.backends.monitor import HealthMonitor
 from ichat.backends.reloaded import Reloaded, ReloadMethod
@@ -700,9 +700,21 @@ class BaseBackend(abc.ABC):
         return config.drain_timeout + config.deadlines.drain_grace + relays
 
     def relays_to_the_restart(self) -> bool:
-        """Whether what a dying engine cuts waits for this worker's next engine on the
-        same port (default: no)."""
-        return False
+        """With continuation on and neither a standby nor a gateway, what the dying
+        engine cuts waits for this worker's next engine (the restart) on the same port."""
+        config = self.framework_args
+        return bool(config.continuation_limit) and not config.standby and not config.gateway_url
+
+    def _where_cut_requests_go(self) -> tuple[ThroughTheGateway | None, ThisWorkerAgain | None]:
+        """Where what a dying engine cuts goes on when no engine of this worker takes
+        over at once: another worker through the gateway (``--gateway-url``), else this
+        worker's restarted engine (``relays_to_the_restart``), else nowhere."""
+        config = self.framework_args
+        if config.gateway_url:
+            return ThroughTheGateway(config.gateway_url, config.gateway_api_key), None
+        if self.relays_to_the_restart():
+            return None, ThisWorkerAgain(config.base_url, self.api_key())
+        return None, None
 
     def _log_phase(self, phase: str, started: float, what: str) -> None:
         self.phase_seconds[phase] = time.monotonic() - started

@@ -23,7 +23,6 @@ worker, so a request never circles between dying workers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -32,7 +31,7 @@ import httpx
 
 from ichat import smg_workers
 from ichat.auth import bearer_headers
-from ichat.backends.asgi import Receive, Scope, Send, send_error, whole_body
+from ichat.backends.asgi import Receive, Scope, Send, send_error, wait_keeping_alive, whole_body
 from ichat.backends.continuation import COMPLETIONS, DONE, error_event
 
 logger = logging.getLogger("ichat.elsewhere")
@@ -137,23 +136,17 @@ class ThisWorkerAgain(ThroughTheGateway):
         """Wait (at most ``timeout``) until the worker's port answers ``/health`` with
         200; a stream waiting (``keepalive``) gets an SSE comment at once and every
         second."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        next_comment = loop.time()
         async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT, transport=self.transport) as client:
-            while loop.time() < deadline:
-                if keepalive is not None and loop.time() >= next_comment:
-                    comment = b": the engine died; continuing once it has restarted\n\n"
-                    await keepalive({"type": "http.response.body", "body": comment,
-                                     "more_body": True})  # fmt: skip
-                    next_comment = loop.time() + 1.0
+
+            async def healthy() -> bool:
                 with contextlib.suppress(httpx.HTTPError):
                     reply = await client.get(self.url + "/health",
                                              headers=bearer_headers(self.api_key))  # fmt: skip
-                    if reply.status_code == 200:
-                        return True
-                await asyncio.sleep(0.1)
-        return False
+                    return reply.status_code == 200
+                return False
+
+            comment = b": the engine died; continuing once it has restarted\n\n"
+            return await wait_keeping_alive(healthy, timeout, keepalive, comment, poll=0.1)
 
 
 class GatewayRequest:

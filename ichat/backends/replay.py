@@ -45,7 +45,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ichat.backends import continuation, elsewhere
-from ichat.backends.asgi import ASGIApp, Message, Receive, Scope, Send, send_error, whole_body
+from ichat.backends.asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    send_error,
+    wait_keeping_alive,
+    whole_body,
+)
 from ichat.backends.continuation import (
     DONE,
     Continued,
@@ -330,16 +339,14 @@ class ReplayOnEngineDeath:
     async def _next_engine(self, dead: Any, keepalive: Send | None = None) -> bool:
         """Wait for an engine other than ``dead`` that is alive; a stream waiting
         (``keepalive``) gets an SSE comment at once and every second."""
-        deadline = self._clock() + self.wait_for_next_engine
-        next_comment = self._clock()
-        while self.watch.current() is dead or self.watch.died(self.watch.current()):
-            if self._clock() >= deadline:
-                return False
-            if keepalive is not None and self._clock() >= next_comment:
-                await keepalive(_body(b": the engine died; continuing on the next one\n\n"))
-                next_comment = self._clock() + 1.0
-            await asyncio.sleep(0.01)
-        return True
+
+        async def alive() -> bool:
+            engine = self.watch.current()
+            return engine is not dead and not self.watch.died(engine)
+
+        comment = b": the engine died; continuing on the next one\n\n"
+        return await wait_keeping_alive(alive, self.wait_for_next_engine, keepalive, comment,
+                                        poll=0.01, clock=self._clock)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,6 @@ from ichat.backends import sglang_compat, zmq_context
 from ichat.backends.argmap import flag_value
 from ichat.backends.base_backend import BackendState, BaseBackend
 from ichat.backends.continuation import COMPLETIONS
-from ichat.backends.elsewhere import ThisWorkerAgain, ThroughTheGateway
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.backends.replay import ReplayOnEngineDeath
@@ -240,11 +239,7 @@ class SGLangBackend(BaseBackend):
         chat stream under way ends with an error event in either case."""
         config = self.framework_args
         dead = self.engine_dead_event
-        gateway = restarted = None
-        if config.gateway_url:
-            gateway = ThroughTheGateway(config.gateway_url, config.gateway_api_key)
-        elif self.relays_to_the_restart():
-            restarted = ThisWorkerAgain(config.base_url, self.api_key())
+        gateway, restarted = self._where_cut_requests_go()
         return ReplayOnEngineDeath(
             app,
             _OneEngine(dead),
@@ -263,12 +258,6 @@ class SGLangBackend(BaseBackend):
             continuable_paths=frozenset({COMPLETIONS}),
             ids_unasked_absent=True,
         )
-
-    def relays_to_the_restart(self) -> bool:
-        """With continuation on and no gateway (SGLang keeps no standby), what the dying
-        engine cuts waits for the next engine of this worker (the restart)."""
-        config = self.framework_args
-        return bool(config.continuation_limit) and not config.gateway_url
 
     def uvicorn_options(self) -> dict[str, Any]:
         args = self._backend_args

@@ -23,7 +23,6 @@ from ichat.backends import vllm_compat
 from ichat.backends.app_switch import AppSwitch, InstalledApp
 from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BackendState, BaseBackend
-from ichat.backends.elsewhere import ThisWorkerAgain, ThroughTheGateway
 from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
@@ -424,11 +423,7 @@ class VLLMBackend(BaseBackend):
         # what the dying engine failed runs on: a standby, another worker, or (with
         # continuation on) this worker's next engine
         if config.standby or config.gateway_url or config.continuation_limit:
-            gateway = restarted = None
-            if config.gateway_url:  # no standby ready: another worker takes it on
-                gateway = ThroughTheGateway(config.gateway_url, config.gateway_api_key)
-            elif self.relays_to_the_restart():
-                restarted = ThisWorkerAgain(config.base_url, self.api_key())
+            gateway, restarted = self._where_cut_requests_go()  # no standby ready
             asgi = ReplayOnEngineDeath(
                 app,
                 _ServingEngine(app),
@@ -444,12 +439,6 @@ class VLLMBackend(BaseBackend):
                 handing_off=lambda: self.handing_off,
             )
         return InstalledApp(asgi, app), tasks
-
-    def relays_to_the_restart(self) -> bool:
-        """With continuation on and neither a standby nor a gateway, what the dying
-        engine cuts waits for the next engine of this worker (the restart)."""
-        config = self.framework_args
-        return bool(config.continuation_limit) and not config.standby and not config.gateway_url
 
     def _takes_over_here(self) -> bool:
         """Whether an engine of this worker serves at once in place of a dead one: a

@@ -23,6 +23,15 @@ from iChat's reading of the stream.
 
 ``--engine sglang`` (run with SGLang's environment): SGLang's own launcher against
 `ichat serve --backend sglang` (``native`` and ``ichat``; SGLang tracks no chat stream).
+
+``--window-seconds S``: steady-state windows instead (``windows.py``): client processes
+that live across windows (``--client-processes``), each stream closed-loop from a start
+of its own, and only the ``S`` seconds after ``--warmup-seconds`` counted; the GPU's SM
+clock, temperature and power are sampled in the middle of each window. With
+``--client-cpus N`` the clients run on the last N CPUs and the servers on the others.
+Configuration ``trivial`` (``trivial_server.py``, no engine) measures the load
+generator itself: ``--configs trivial`` alone gives the throughput the clients reach
+and the latency they add.
 """
 
 from __future__ import annotations
@@ -30,9 +39,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +59,7 @@ from common import (
     save_report,
     streams,
 )
+from windows import ClientPool, Window
 
 from ichat.process.processes import free_port, stop_gracefully
 from tests.probe import wait_healthy
@@ -57,6 +69,9 @@ METRICS = ("out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99
 
 def command(config: str, engine: str, model: str, port: int, engine_args: list[str]) -> list[str]:
     config = config.removesuffix("+ids")
+    if config == "trivial":  # no engine: the load generator's own limits
+        return [sys.executable, str(Path(__file__).with_name("trivial_server.py")),
+                "--port", str(port)]  # fmt: skip
     if config == "native":
         return native_cmd(engine, model, port, engine_args)
     extra = []
@@ -79,7 +94,8 @@ def servers(configs: list[str], args: Any, start: int) -> Any:
             with log.open("wb") as out:
                 procs.append(subprocess.Popen(command(config, args.engine, args.model_path,
                                                       port, args.engine_args),
-                                              stdout=out, stderr=subprocess.STDOUT))  # fmt: skip
+                                              stdout=out, stderr=subprocess.STDOUT,
+                                              preexec_fn=pin(server_cpus(args))))  # fmt: skip
             urls[config] = f"http://127.0.0.1:{port}"
             t0 = time.monotonic()
             wait_healthy(urls[config], timeout=args.start_timeout, proc=procs[-1])
@@ -88,6 +104,24 @@ def servers(configs: list[str], args: Any, start: int) -> Any:
     finally:
         for proc in procs:
             stop_gracefully(proc, 60)
+
+
+def client_cpus(args: Any) -> list[int] | None:
+    """The last ``--client-cpus`` CPUs of this process's, for the clients; None: unpinned."""
+    if not args.client_cpus:
+        return None
+    return sorted(os.sched_getaffinity(0))[-args.client_cpus :]
+
+
+def server_cpus(args: Any) -> list[int] | None:
+    """The CPUs the clients leave to the servers; None: unpinned."""
+    clients = client_cpus(args)
+    return None if clients is None else sorted(set(os.sched_getaffinity(0)) - set(clients))
+
+
+def pin(cpus: list[int] | None) -> Any:
+    """A ``preexec_fn`` that pins a server (and the processes it starts) to ``cpus``."""
+    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
 
 
 def bootstrap(values: list[float], resamples: int = 5000, seed: int = 0) -> tuple[float, float]:
@@ -160,9 +194,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     right.set_xticks(range(len(others)), [f"{c} / {configs[0]}" for c in others])
     right.set_ylabel("throughput ratio (95 % CI)")
     right.set_title("paired by block")
+    per_window = (f"{report['window_seconds']:g}-s windows" if report.get("window_seconds")
+                  else f"{report['load']['requests']} requests per window")  # fmt: skip
     fig.suptitle(f"{report['tag']}: C={report['load']['concurrency']}, "
-                 f"{report['load']['max_tokens']} tokens, {report['load']['requests']} "
-                 "requests per window")  # fmt: skip
+                 f"{report['load']['max_tokens']} tokens, {per_window}")  # fmt: skip
     save_figure(fig, path)
 
 
@@ -178,6 +213,20 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--client-processes", type=int, default=1)
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        default=0.0,
+        help="steady-state windows this long (0: --requests per window)",
+    )
+    parser.add_argument("--warmup-seconds", type=float, default=3.0)
+    parser.add_argument("--stagger-seconds", type=float, default=1.5)
+    parser.add_argument(
+        "--client-cpus",
+        type=int,
+        default=0,
+        help="pin the clients to the last N CPUs, the servers to the rest",
+    )
     parser.add_argument("--start-timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default="machine")
@@ -190,16 +239,28 @@ def main() -> None:
     def report() -> dict[str, Any]:
         return {**run_facts(), "tag": args.tag, "engine": args.engine, "configs": args.configs,
                 "engine_args": args.engine_args, "load": load.__dict__,
+                "window_seconds": args.window_seconds, "warmup_seconds": args.warmup_seconds,
+                "stagger_seconds": args.stagger_seconds, "client_cpus": client_cpus(args),
+                "server_cpus": server_cpus(args),
                 "blocks": args.blocks, "starts": args.starts, "windows": windows,
                 "summary": summarise(windows, args.configs)}  # fmt: skip
 
+    def measure(pool: ClientPool | None, url: str, asked: Load) -> dict[str, Any]:
+        if pool is None:
+            return streams(url, asked, args.client_processes)
+        return pool.run(Window(url, asked, args.warmup_seconds, args.window_seconds,
+                               args.stagger_seconds))  # fmt: skip
+
+    timed = args.window_seconds > 0
     for start in range(args.starts):
-        with servers(args.configs, args, start) as urls:
+        with (servers(args.configs, args, start) as urls,
+              ClientPool(args.client_processes, client_cpus(args)) if timed
+              else contextlib.nullcontext() as pool):  # fmt: skip
             for block in range(args.blocks):
                 shift = block % len(args.configs)
                 for config in args.configs[shift:] + args.configs[:shift]:
                     asked = dataclasses.replace(load, token_ids=config.endswith("+ids"))
-                    result = streams(urls[config], asked, args.client_processes)
+                    result = measure(pool, urls[config], asked)
                     windows.append({"index": len(windows), "start": start, "block": block,
                                     "config": config, **result})  # fmt: skip
                     print(f"start {start} block {block} {config}: "

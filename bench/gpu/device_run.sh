@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|continuation|reload|roll|startphases|leak OUT_DIR
+#   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|loadgen|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|continuation|reload|roll|startphases|leak OUT_DIR
 # faults: kill -9 of EngineCore (KILLS times) and SIGTERM drains (INFLIGHT streams).
 # startphases: vLLM's engine started PLANS times in one process, with and without its
 #   startup plan (bench/probe_engine_start.py).
@@ -20,6 +20,9 @@
 # ab: native vLLM, ichat serve and ichat serve with streams tracked (--gateway-url) resident
 #   at once (UTIL of the GPU each), BLOCKS blocks of alternating load windows
 #   (bench/bench_ab.py): throughput ratios and latency differences with a 95 % CI.
+#   WINDOW=S: steady-state windows of S seconds (WARMUP, STAGGER; bench/windows.py) from
+#   client processes that live across windows; CLIENT_CPUS=N pins them to the last N CPUs.
+# loadgen: the same clients against bench/trivial_server.py (no engine): what they reach.
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
 # gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
 #   (WORKERS="1 2", CONFIGS="ichat", PROMPTS=distinct: every request its own prompt).
@@ -109,9 +112,17 @@ case $MODE in
   ab)    python3 bench/bench_ab.py --model-path $ICHAT_GPU_MODEL --blocks ${BLOCKS:-8} \
            --starts ${STARTS:-1} --configs ${CONFIGS:-native ichat ichat+replay ichat+tracked} \
            --concurrency ${CONC:-256} --requests ${REQUESTS:-1024} --max-tokens ${TOKENS:-128} \
-           --client-processes 8 --out $OUT --tag ${TAG:-h100} \
+           --client-processes 8 --out $OUT --tag ${TAG:-h100} ${WINDOW:+--window-seconds $WINDOW \
+           --warmup-seconds ${WARMUP:-3} --stagger-seconds ${STAGGER:-1.5}} \
+           ${CLIENT_CPUS:+--client-cpus $CLIENT_CPUS} \
            -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.22} 2>&1 \
            | tee $OUT/bench-ab.log | grep "^start\|wrote" ;;
+  loadgen) python3 bench/bench_ab.py --model-path $ICHAT_GPU_MODEL --configs trivial \
+           --blocks ${BLOCKS:-4} --concurrency ${CONC:-256} --max-tokens ${TOKENS:-128} \
+           --client-processes 8 --window-seconds ${WINDOW:-8} --warmup-seconds ${WARMUP:-3} \
+           --stagger-seconds ${STAGGER:-1.5} ${CLIENT_CPUS:+--client-cpus $CLIENT_CPUS} \
+           --out $OUT --tag ${TAG:-h100}-loadgen 2>&1 | tee $OUT/bench-loadgen.log \
+           | grep "^start\|wrote" ;;
   startphases) python3 bench/probe_engine_start.py --model-path $ICHAT_GPU_MODEL \
            --plans ${PLANS:-off plan plan off} --out $OUT -- --max-model-len 2048 \
            --gpu-memory-utilization ${UTIL:-0.4} > $OUT/engine-start-phases.log 2>&1

@@ -32,6 +32,10 @@ clock, temperature and power are sampled in the middle of each window. With
 Configuration ``trivial`` (``trivial_server.py``, no engine) measures the load
 generator itself: ``--configs trivial`` alone gives the throughput the clients reach
 and the latency they add.
+
+``--loadgen vllm-bench``: each window is vLLM's own load generator instead
+(``vllm_bench.py``: ``vllm bench serve``'s code, ``--requests`` at ``--concurrency``,
+one client process), the same paired design around it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from common import (
     save_report,
     streams,
 )
+from vllm_bench import vllm_bench_window
 from windows import ClientPool, Window
 
 from ichat.process.processes import free_port, stop_gracefully
@@ -219,6 +224,8 @@ def main() -> None:
         default=0.0,
         help="steady-state windows this long (0: --requests per window)",
     )
+    parser.add_argument("--loadgen", choices=("ichat", "vllm-bench"), default="ichat",
+                        help="the load generator: ours, or vLLM's `vllm bench serve`")  # fmt: skip
     parser.add_argument("--warmup-seconds", type=float, default=3.0)
     parser.add_argument("--stagger-seconds", type=float, default=1.5)
     parser.add_argument(
@@ -240,18 +247,20 @@ def main() -> None:
         return {**run_facts(), "tag": args.tag, "engine": args.engine, "configs": args.configs,
                 "engine_args": args.engine_args, "load": load.__dict__,
                 "window_seconds": args.window_seconds, "warmup_seconds": args.warmup_seconds,
-                "stagger_seconds": args.stagger_seconds, "client_cpus": client_cpus(args),
-                "server_cpus": server_cpus(args),
+                "stagger_seconds": args.stagger_seconds, "loadgen": args.loadgen,
+                "client_cpus": client_cpus(args), "server_cpus": server_cpus(args),
                 "blocks": args.blocks, "starts": args.starts, "windows": windows,
                 "summary": summarise(windows, args.configs)}  # fmt: skip
 
     def measure(pool: ClientPool | None, url: str, asked: Load) -> dict[str, Any]:
+        if args.loadgen == "vllm-bench":
+            return vllm_bench_window(url, asked, args.model_path, seed=len(windows))
         if pool is None:
             return streams(url, asked, args.client_processes)
         return pool.run(Window(url, asked, args.warmup_seconds, args.window_seconds,
                                args.stagger_seconds))  # fmt: skip
 
-    timed = args.window_seconds > 0
+    timed = args.window_seconds > 0 and args.loadgen == "ichat"
     for start in range(args.starts):
         with (servers(args.configs, args, start) as urls,
               ClientPool(args.client_processes, client_cpus(args)) if timed

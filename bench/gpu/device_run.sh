@@ -22,6 +22,7 @@
 #   (bench/bench_ab.py): throughput ratios and latency differences with a 95 % CI.
 #   WINDOW=S: steady-state windows of S seconds (WARMUP, STAGGER; bench/windows.py) from
 #   client processes that live across windows; CLIENT_CPUS=N pins them to the last N CPUs.
+#   LOADGEN=vllm-bench: vLLM's own `vllm bench serve` makes each window (REQUESTS, CONC).
 # loadgen: the same clients against bench/trivial_server.py (no engine): what they reach.
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
 # gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
@@ -114,7 +115,7 @@ case $MODE in
            --concurrency ${CONC:-256} --requests ${REQUESTS:-1024} --max-tokens ${TOKENS:-128} \
            --client-processes 8 --out $OUT --tag ${TAG:-h100} ${WINDOW:+--window-seconds $WINDOW \
            --warmup-seconds ${WARMUP:-3} --stagger-seconds ${STAGGER:-1.5}} \
-           ${CLIENT_CPUS:+--client-cpus $CLIENT_CPUS} \
+           ${CLIENT_CPUS:+--client-cpus $CLIENT_CPUS} ${LOADGEN:+--loadgen $LOADGEN} \
            -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.22} 2>&1 \
            | tee $OUT/bench-ab.log | grep "^start\|wrote" ;;
   loadgen) python3 bench/bench_ab.py --model-path $ICHAT_GPU_MODEL --configs trivial \

@@ -218,22 +218,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--client-processes", type=int, default=1)
-    parser.add_argument(
-        "--window-seconds",
-        type=float,
-        default=0.0,
-        help="steady-state windows this long (0: --requests per window)",
-    )
     parser.add_argument("--loadgen", choices=("ichat", "vllm-bench"), default="ichat",
                         help="the load generator: ours, or vLLM's `vllm bench serve`")  # fmt: skip
+    parser.add_argument("--window-seconds", type=float, default=0.0,
+                        help="steady-state windows of S s (0: --requests a window)")  # fmt: skip
     parser.add_argument("--warmup-seconds", type=float, default=3.0)
     parser.add_argument("--stagger-seconds", type=float, default=1.5)
-    parser.add_argument(
-        "--client-cpus",
-        type=int,
-        default=0,
-        help="pin the clients to the last N CPUs, the servers to the rest",
-    )
+    parser.add_argument("--client-cpus", type=int, default=0,
+                        help="clients on the last N CPUs, servers on the rest")  # fmt: skip
     parser.add_argument("--start-timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default="machine")

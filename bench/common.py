@@ -15,7 +15,7 @@ import platform
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,18 @@ class Load:
         )
 
 
+async def content_arrivals(session: Any, load: Load) -> AsyncIterator[float]:
+    """One streamed chat of ``load`` sent on ``session`` (an aiohttp session): the moment
+    (``time.monotonic``) each chunk with content arrives."""
+    tag = secrets.token_hex(8) if load.distinct else ""  # differs from its 1st char
+    body = chat_body(load.max_tokens, stream=True, tag=tag, token_ids=load.token_ids)
+    async with session.post("/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.content:
+            if line.startswith(b"data: {") and b'"content"' in line:
+                yield time.monotonic()
+
+
 async def _stream_samples(url: str, load: Load, start: Callable[[], object]) -> dict[str, Any]:
     """Warm ``load.concurrency`` connections, call ``start``, then time the streams."""
     import aiohttp
@@ -139,24 +151,17 @@ async def _stream_samples(url: str, load: Load, start: Callable[[], object]) -> 
 
         async def one(record: bool) -> None:
             nonlocal tokens
-            tag = secrets.token_hex(8) if load.distinct else ""  # differs from its 1st char
-            body = chat_body(load.max_tokens, stream=True, tag=tag, token_ids=load.token_ids)
             async with sem:
-                t0 = time.perf_counter()
+                t0 = time.monotonic()
                 last = None
-                async with session.post("/v1/chat/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.content:
-                        if not line.startswith(b"data: {") or b'"content"' not in line:
-                            continue
-                        now = time.perf_counter()
-                        if record:
-                            if last is None:
-                                ttft.append(now - t0)
-                            else:
-                                itl.append(now - last)
-                            tokens += 1
-                        last = now
+                async for now in content_arrivals(session, load):
+                    if record:
+                        if last is None:
+                            ttft.append(now - t0)
+                        else:
+                            itl.append(now - last)
+                        tokens += 1
+                    last = now
 
         await asyncio.gather(*(one(False) for _ in range(load.concurrency)))  # warm up
         start()

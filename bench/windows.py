@@ -26,14 +26,13 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import secrets
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from common import Load, chat_body, percentile
+from common import Load, content_arrivals, percentile
 
 
 @dataclass(frozen=True)
@@ -71,26 +70,19 @@ async def _window(sessions: dict[str, Any], window: Window) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, window.start_at - time.monotonic())
                             + window.stagger * i / max(1, load.concurrency))  # fmt: skip
         while time.monotonic() < counted_to:
-            tag = secrets.token_hex(8) if load.distinct else ""
-            body = chat_body(load.max_tokens, stream=True, tag=tag, token_ids=load.token_ids)
             t0 = time.monotonic()
             counted = counted_from <= t0 < counted_to
             sent += counted
             last = None
-            async with session.post("/v1/chat/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.content:
-                    if not line.startswith(b"data: {") or b'"content"' not in line:
-                        continue
-                    now = time.monotonic()
-                    if last is None:
-                        if counted:
-                            ttft.append(now - t0)
-                    elif counted_from <= now < counted_to:
-                        itl.append(now - last)
-                    if counted_from <= now < counted_to:
-                        tokens += 1
-                    last = now
+            async for now in content_arrivals(session, load):
+                if last is None:
+                    if counted:
+                        ttft.append(now - t0)
+                elif counted_from <= now < counted_to:
+                    itl.append(now - last)
+                if counted_from <= now < counted_to:
+                    tokens += 1
+                last = now
 
     await asyncio.gather(*(stream(i) for i in range(load.concurrency)))
     return {"ttft": ttft, "itl": itl, "tokens": tokens, "sent": sent}

@@ -15,6 +15,8 @@ its windows) and, with ``--starts`` > 1, the between-start spread. Configuration
 (`ichat serve --gateway-url` of a gateway that is not there: requests pass the middleware
 that runs them again elsewhere after an engine death) and ``ichat+tracked`` (the same
 with ``--continuation-limit 3``: each stream read event by event for its token ids).
+``ichat+loginfo``: `ichat serve --log-level info`, which logs as vLLM's own server does by
+default (an access-log line per request; iChat's default logs the engine's warnings only).
 A ``+ids`` suffix (``native+ids``) makes the clients ask that server for the token ids
 themselves (``return_token_ids``): what tracking costs the engine's own server, apart
 from iChat's reading of the stream.
@@ -80,6 +82,8 @@ def command(config: str, engine: str, model: str, port: int, engine_args: list[s
     if config == "native":
         return native_cmd(engine, model, port, engine_args)
     extra = []
+    if config == "ichat+loginfo":  # logging as vLLM's own server logs: an access-log line
+        return ichat_serve_cmd(model, port, "--log-level", "info", *engine_args, backend=engine)
     if config.startswith("ichat+"):  # no gateway there: the worker serves directly
         extra = ["--gateway-url", f"http://127.0.0.1:{free_port()}"]
         extra += ["--continuation-limit", "3" if config == "ichat+tracked" else "0"]
@@ -89,9 +93,10 @@ def command(config: str, engine: str, model: str, port: int, engine_args: list[s
 @contextlib.contextmanager
 def servers(configs: list[str], args: Any, start: int) -> Any:
     """Every configuration's server, started one after another (each engine sizes its
-    KV cache from the memory free at its start), stopped together."""
+    KV cache from the memory free at its start), stopped together: their URLs and their
+    processes' pids, by configuration."""
     procs: list[subprocess.Popen[bytes]] = []
-    urls = {}
+    urls, pids = {}, {}
     try:
         for config in configs:
             port = free_port()
@@ -101,11 +106,11 @@ def servers(configs: list[str], args: Any, start: int) -> Any:
                                                       port, args.engine_args),
                                               stdout=out, stderr=subprocess.STDOUT,
                                               preexec_fn=pin(server_cpus(args))))  # fmt: skip
-            urls[config] = f"http://127.0.0.1:{port}"
+            urls[config], pids[config] = f"http://127.0.0.1:{port}", procs[-1].pid
             t0 = time.monotonic()
             wait_healthy(urls[config], timeout=args.start_timeout, proc=procs[-1])
             print(f"start {start}: {config} ready in {time.monotonic() - t0:.1f} s", flush=True)
-        yield urls
+        yield urls, pids
     finally:
         for proc in procs:
             stop_gracefully(proc, 60)
@@ -254,7 +259,7 @@ def main() -> None:
 
     timed = args.window_seconds > 0 and args.loadgen == "ichat"
     for start in range(args.starts):
-        with (servers(args.configs, args, start) as urls,
+        with (servers(args.configs, args, start) as (urls, _),
               ClientPool(args.client_processes, client_cpus(args)) if timed
               else contextlib.nullcontext() as pool):  # fmt: skip
             for block in range(args.blocks):

@@ -71,6 +71,7 @@ RELOAD_CPU = "reload-cpu-2core-swap-2026-12-06.json"
 AB_H100 = "h100/ab-h100-fast-path-2026-12-07.json"
 AB_H100_IDS = "h100/ab-h100-token-ids-2026-12-07.json"
 AB_CPU = "ab-cpu-2core-2026-12-06.json"
+PROFILE_CPU = "profile-worker-cpu-2core-2026-12-07.json"
 GATEWAY_KILL_CPU = "gateway-kill-cpu-2core-2026-12-07.json"
 GATEWAY_KILL_SGLANG_CPU = "gateway-kill-cpu-2core-sglang-2026-12-07.json"
 AB_SGLANG_CPU = "ab-cpu-2core-sglang-2026-12-07.json"
@@ -539,6 +540,20 @@ def ab_cpu() -> str:
     )
 
 
+def api_cpu_cpu() -> str:
+    ratio = "summary/ichat/cpu_per_token_ratio"
+    low, high = numbers(PROFILE_CPU, f"{ratio}/ci95")
+    blocks = int(number(PROFILE_CPU, f"{ratio}/blocks"))
+    shares = value(PROFILE_CPU, "profiles/ichat/package_shares")
+    ours = float(shares.get("ichat", 0.0)) + float(shares.get("psutil", 0.0))
+    return (
+        f"{fmt(number(PROFILE_CPU, f'{ratio}/mean'), 3)} [{fmt(low, 3)}, {fmt(high, 3)}] "
+        f"over {blocks} paired blocks; py-spy samples of the API process in iChat's code "
+        f"and its health monitor's `psutil` calls: {fmt(100 * ours, 1)} % "
+        f"({backticked(PROFILE_CPU)})"
+    )
+
+
 ROWS = (
     Row("throughput ichat / native (same run, alternating)", throughput_h200, throughput_cpu),
     Row("time to ready, ichat − native", ready_h200, ready_cpu),  # noqa: RUF001
@@ -579,6 +594,11 @@ ROWS = (
         "[bootstrap 95 % CI]; continuation: `--continuation-limit` (off by default)",
         ab_h100,
         ab_cpu,
+    ),
+    Row(
+        "the API process's own CPU per token streamed, ichat / native vLLM, mean [95 % CI]",
+        none,
+        api_cpu_cpu,
     ),
     Row(
         "SGLang in-process: throughput / native; kill -9 scheduler → detected / serving again",

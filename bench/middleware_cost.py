@@ -23,22 +23,12 @@ from typing import Any
 from common import pyplot, run_facts, save_figure, save_report
 
 from ichat.backends.replay import ReplayOnEngineDeath
+from ichat.backends.sglang_backend import OneEngine
 
 CHUNK = (b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,'
          b'"delta":{"content":" tok"}}]}\n\n')  # fmt: skip
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                    "stream": True, "max_tokens": 64}).encode()  # fmt: skip
-
-
-class _OneEngine:
-    def __init__(self, dead: asyncio.Event) -> None:
-        self._dead = dead
-
-    def current(self) -> Any:
-        return self
-
-    def died(self, engine: Any) -> bool:
-        return self._dead.is_set()
 
 
 def stand_in(tokens: int) -> Any:
@@ -76,7 +66,7 @@ async def per_request_us(asgi: Any, requests: int) -> float:
 async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
     dead = asyncio.Event()
     app = stand_in(args.tokens)
-    wrapped = ReplayOnEngineDeath(app, _OneEngine(dead), wait_for_next_engine=0.0,
+    wrapped = ReplayOnEngineDeath(app, OneEngine(dead), wait_for_next_engine=0.0,
                                   takes_over_here=lambda: False, handing_off=lambda: False,
                                   death_of=lambda engine: dead.wait())  # fmt: skip
     out: dict[str, list[float]] = {"bare": [], "middleware": []}

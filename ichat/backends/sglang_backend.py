@@ -242,7 +242,7 @@ class SGLangBackend(BaseBackend):
         gateway, restarted = self._where_cut_requests_go()
         return ReplayOnEngineDeath(
             app,
-            _OneEngine(dead),
+            OneEngine(dead),
             # no standby: only the restarted engine takes over, and only with
             # continuation on (``relays_to_the_restart``)
             wait_for_next_engine=config.continuation_timeout if restarted else 0.0,
@@ -385,7 +385,7 @@ class SGLangBackend(BaseBackend):
         self.check_engine_processes()
 
 
-class _OneEngine:
+class OneEngine:
     """The one engine of an SGLang backend, for ``ReplayOnEngineDeath``: dead once the
     backend found it dead (a restarted engine is another backend)."""
 

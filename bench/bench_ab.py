@@ -118,7 +118,7 @@ def servers(configs: list[str], args: Any, start: int) -> Any:
 
 def client_cpus(args: Any) -> list[int] | None:
     """The last ``--client-cpus`` CPUs of this process's, for the clients; None: unpinned."""
-    if not args.client_cpus:
+    if not getattr(args, "client_cpus", 0):  # a script without the flag: unpinned
         return None
     return sorted(os.sched_getaffinity(0))[-args.client_cpus :]
 

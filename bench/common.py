@@ -230,16 +230,25 @@ def _run_clients(urls: list[str], load: Load, procs: int) -> list[list[dict[str,
     return by_url
 
 
-def _stream_stats(samples: list[dict[str, Any]], requests: int, procs: int) -> dict[str, Any]:
+def latencies(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """TTFT and inter-token latency p50/p99 (ms) over client processes' samples."""
     ttft = [x for s in samples for x in s["ttft"]]
     itl = [x for s in samples for x in s["itl"]]
-    seconds = max(s["ended"] for s in samples) - min(s["began"] for s in samples)
     return {
         "ttft_p50_ms": 1000 * percentile(ttft, 50),
         "ttft_p99_ms": 1000 * percentile(ttft, 99),
         "itl_p50_ms": 1000 * percentile(itl, 50),
         "itl_p99_ms": 1000 * percentile(itl, 99),
+    }
+
+
+def _stream_stats(samples: list[dict[str, Any]], requests: int, procs: int) -> dict[str, Any]:
+    seconds = max(s["ended"] for s in samples) - min(s["began"] for s in samples)
+    tokens = sum(s["tokens"] for s in samples)
+    return {
+        **latencies(samples),
         "req_per_s": requests / seconds,
-        "out_tok_per_s": sum(s["tokens"] for s in samples) / seconds,
+        "out_tok_per_s": tokens / seconds,
+        "tokens": tokens,
         "client_processes": procs,
     }

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from common import Load, content_arrivals, percentile
+from common import Load, content_arrivals, latencies
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,13 @@ async def _window(sessions: dict[str, Any], window: Window) -> dict[str, Any]:
             sent += counted
             last = None
             async for now in content_arrivals(session, load):
+                inside = counted_from <= now < counted_to
                 if last is None:
                     if counted:
                         ttft.append(now - t0)
-                elif counted_from <= now < counted_to:
+                elif inside:
                     itl.append(now - last)
-                if counted_from <= now < counted_to:
-                    tokens += 1
+                tokens += inside
                 last = now
 
     await asyncio.gather(*(stream(i) for i in range(load.concurrency)))
@@ -162,16 +162,12 @@ class ClientPool:
         errors = [s["error"] for s in samples if "error" in s]
         if errors:
             raise RuntimeError(f"a client process failed: {errors[0]}")
-        ttft = [x for s in samples for x in s["ttft"]]
-        itl = [x for s in samples for x in s["itl"]]
         tokens = sum(s["tokens"] for s in samples)
         return {
             "out_tok_per_s": tokens / window.seconds,
             "req_per_s": sum(s["sent"] for s in samples) / window.seconds,
-            "ttft_p50_ms": 1000 * percentile(ttft, 50),
-            "ttft_p99_ms": 1000 * percentile(ttft, 99),
-            "itl_p50_ms": 1000 * percentile(itl, 50),
-            "itl_p99_ms": 1000 * percentile(itl, 99),
+            **latencies(samples),
+            "tokens": tokens,
             "client_processes": parts,
             **({"gpu": clocks} if clocks else {}),
         }

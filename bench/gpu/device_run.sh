@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|loadgen|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|continuation|reload|roll|startphases|leak OUT_DIR
+#   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|loadgen|profile|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|continuation|reload|roll|startphases|leak OUT_DIR
 # faults: kill -9 of EngineCore (KILLS times) and SIGTERM drains (INFLIGHT streams).
 # startphases: vLLM's engine started PLANS times in one process, with and without its
 #   startup plan (bench/probe_engine_start.py).
@@ -24,6 +24,9 @@
 #   client processes that live across windows; CLIENT_CPUS=N pins them to the last N CPUs.
 #   LOADGEN=vllm-bench: vLLM's own `vllm bench serve` makes each window (REQUESTS, CONC).
 # loadgen: the same clients against bench/trivial_server.py (no engine): what they reach.
+# profile: the API process's own CPU per 1000 tokens, native vLLM vs ichat serve resident at
+#   once, BLOCKS paired windows of REQUESTS at CONC (bench/profile_worker.py); PYSPY=path of
+#   a py-spy binary adds one sampled window per server.
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
 # gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
 #   (WORKERS="1 2", CONFIGS="ichat", PROMPTS=distinct: every request its own prompt).
@@ -124,6 +127,11 @@ case $MODE in
            --stagger-seconds ${STAGGER:-1.5} ${CLIENT_CPUS:+--client-cpus $CLIENT_CPUS} \
            --out $OUT --tag ${TAG:-h100}-loadgen 2>&1 | tee $OUT/bench-loadgen.log \
            | grep "^start\|wrote" ;;
+  profile) python3 bench/profile_worker.py --model-path $ICHAT_GPU_MODEL --blocks ${BLOCKS:-8} \
+           --concurrency ${CONC:-256} --requests ${REQUESTS:-1024} --max-tokens ${TOKENS:-128} \
+           --client-processes 8 ${PYSPY:+--py-spy $PYSPY} --out $OUT --tag ${TAG:-h100} \
+           -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.22} 2>&1 \
+           | tee $OUT/bench-profile.log | grep "^start\|^block\|ratio\|wrote" ;;
   startphases) python3 bench/probe_engine_start.py --model-path $ICHAT_GPU_MODEL \
            --plans ${PLANS:-off plan plan off} --out $OUT -- --max-model-len 2048 \
            --gpu-memory-utilization ${UTIL:-0.4} > $OUT/engine-start-phases.log 2>&1

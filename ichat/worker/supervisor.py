@@ -9,8 +9,9 @@ choosing a supervisor around ``server.run``).
   a fresh start that fails to boot counts as one more crash;
 - too many crashes within the window: ``CrashLoopError``;
 - ``request_stop()`` during a backoff wait ends it at once;
-- before a restart, what the stopped engine left in memory is reclaimed (its frozen
-  reference cycles); not after the last stop, which the process' exit follows;
+- before a restart, what the stopped engine left frozen is handed back to the garbage
+  collector (``release_frozen_heap``); not after the last stop, which the process'
+  exit follows;
 - a ``Membership`` (the gateway registration) is told to join when a backend is
   ready and to leave the moment its engine is found dead or a stop is requested;
 - a backend with a standby engine fails over to it by itself (the worker stays in the
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ichat.aio import first_completed
-from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
+from ichat.backends.base_backend import BaseBackend, release_frozen_heap
 from ichat.backends.continuation import Continued
 from ichat.backends.failover import Failover, StandbyReport
 from ichat.backends.reloaded import Reloaded, ReloadMethod
@@ -150,7 +151,7 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
-        reclaim: Callable[[], None] = collect_frozen_garbage,
+        reclaim: Callable[[], None] = release_frozen_heap,
     ) -> None:
         self._make_backend = make_backend
         self.policy = policy or RestartPolicy()

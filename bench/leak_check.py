@@ -36,7 +36,7 @@ import httpx
 import psutil
 from common import bench_parser, pyplot, save_figure, save_report
 
-from ichat.backends.base_backend import BaseBackend, collect_frozen_garbage
+from ichat.backends.base_backend import BaseBackend, release_frozen_heap
 from ichat.config import WorkerConfig
 from ichat.process import reaper
 from ichat.process.processes import free_port, is_python_helper, port_is_free, title
@@ -144,7 +144,8 @@ async def one_cycle(setup: Setup, port: int, guard_pid: int, trim: bool = False)
     backend.request_stop()
     await task
     stop_s = time.monotonic() - t1
-    collect_frozen_garbage()  # what the supervisor does before it starts another engine
+    release_frozen_heap()  # what the supervisor does before it starts another engine,
+    gc.collect()  # and the next start's own collection
     if trim:
         gc.collect()
         malloc_trim()

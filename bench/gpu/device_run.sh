@@ -3,8 +3,9 @@
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
 #   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|loadgen|profile|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|continuation|reload|roll|startphases|leak OUT_DIR
 # faults: kill -9 of EngineCore (KILLS times) and SIGTERM drains (INFLIGHT streams).
-# startphases: vLLM's engine started PLANS times in one process, with and without its
-#   startup plan (bench/probe_engine_start.py).
+# startphases: vLLM's engine started once per PLANS entry in one process, forked (off;
+#   plan: its startup plan; frozen: the parent's heap frozen first, as the worker does),
+#   with the full collections the engine process ran (bench/probe_engine_start.py).
 # leak: CYCLES in-process start/stop cycles, with the GPU memory used after each stop.
 # failover: kill -9 of the active engine (KILLS times) with a cold restart and with
 #   --standby (MODES="restart standby"), at UTIL of the GPU per engine (0.4: a new standby
@@ -133,7 +134,7 @@ case $MODE in
            -- --max-model-len 2048 --gpu-memory-utilization ${UTIL:-0.22} 2>&1 \
            | tee $OUT/bench-profile.log | grep "^start\|^block\|ratio\|wrote" ;;
   startphases) python3 bench/probe_engine_start.py --model-path $ICHAT_GPU_MODEL \
-           --plans ${PLANS:-off plan plan off} --out $OUT -- --max-model-len 2048 \
+           --plans ${PLANS:-off frozen off frozen} --out $OUT -- --max-model-len 2048 \
            --gpu-memory-utilization ${UTIL:-0.4} > $OUT/engine-start-phases.log 2>&1
          rc=$?; grep -a "^start\|^===\|took\|takes\|finished in\|plan" $OUT/engine-start-phases.log \
            | grep -v "Capturing" | cut -c1-220 ;;

@@ -22,7 +22,7 @@ from ichat.auth import bearer_headers
 from ichat.backends import vllm_compat
 from ichat.backends.app_switch import AppSwitch, InstalledApp
 from ichat.backends.argmap import rename_flags
-from ichat.backends.base_backend import BackendState, BaseBackend
+from ichat.backends.base_backend import BackendState, BaseBackend, freeze_before_fork
 from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
@@ -203,6 +203,7 @@ class VLLMBackend(BaseBackend):
         # these run after every engine's shutdown (the stack unwinds last-in first-out)
         stack.callback(self._clear_engine_keyed_caches)
         stack.push_async_callback(self._close_engines)
+        freeze_before_fork()  # the engine's processes are forked from this one
         if self.framework_args.standby:
             # first: on a GPU it sleeps before the active engine sizes its memory
             await self._start_standby()

@@ -79,6 +79,7 @@ RELOAD_CPU_IN_PLACE = "reload-cpu-2core-in-place-2026-12-06.json"
 ROLL_CPU = "roll-cpu-2core-2026-12-07.json"
 ROLL_H100 = "h100/roll-h100-2026-12-07.json"
 RESTART_H100 = "h100/failover-h100-restart-freeze-2026-12-07.json"
+RESTART_H100_AGAIN = "h100/failover-h100-standby-restart-freeze-2026-12-07.json"
 
 
 class Row(NamedTuple):
@@ -257,11 +258,15 @@ def serving_again_h200() -> str:
     warm = numbers(RESTART_H100, f"{h100}/serving_again_s")
     backoff = numbers(RESTART_H100, f"{h100}/phases_s/restart_delay")
     started = numbers(RESTART_H100, f"{h100}/phases_s/engine_start")
+    again = numbers(RESTART_H100_AGAIN, f"{h100}/serving_again_s")
+    again_backoff = numbers(RESTART_H100_AGAIN, f"{h100}/phases_s/restart_delay")
     return (
         f"H100, the worker's heap frozen before the start ({day(RESTART_H100)}): "
         f"**{listed(warm[1:], 1)} s** ({listed(backoff[1:], 1)} s of it back-off; engine "
         f"start {span(started[1:], 1)} s), {fmt(warm[0], 1)} s the first restart on a fresh "
-        f"machine ({backticked(RESTART_H100)}); H200 before fork and freeze: "
+        f"machine ({backticked(RESTART_H100)}); another H100: **{listed(again, 1)} s** "
+        f"({listed(again_backoff, 1)} s of it back-off; {backticked(RESTART_H100_AGAIN)}); "
+        f"H200 before fork and freeze: "
         f"{listed(serving, 1)} s ({day(LIFECYCLE_H200)}, {backticked(LIFECYCLE_H200)}: "
         f"engine start {span(engine, 1)} s of it); {span(restarts, 1)} s "
         f"({backticked(FAILOVER_H200)})"

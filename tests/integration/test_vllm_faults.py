@@ -58,7 +58,9 @@ def worker(
         "--log-level",
         "info",  # the engine's full log
     ) as w:
-        w.wait_ready()
+        # the worker's own readiness: the engine's /health answers before the worker's
+        # warmup has run and it counts itself ready
+        w.wait_ready(url=f"http://127.0.0.1:{status_port}", path="/readyz")
         yield w
 
 

@@ -26,12 +26,13 @@ import gc
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import run_facts
 
 
 class FullCollections:
@@ -104,7 +105,8 @@ async def main(argv: list[str]) -> int:
     import ichat.backends.vllm_backend  # noqa: F401
     from ichat.backends.base_backend import freeze_before_fork, release_frozen_heap
 
-    collections_of = FullCollections(Path(tempfile.mkdtemp()) / "gc.txt")
+    opts.out.mkdir(parents=True, exist_ok=True)  # the collections' file, emptied by take()
+    collections_of = FullCollections(opts.out / "engine-full-collections.txt")
     gc.callbacks.append(collections_of)
     for i, plan in enumerate(opts.plans):
         os.environ["VLLM_ENABLE_STARTUP_PLAN"] = "1" if plan == "plan" else "0"
@@ -125,9 +127,10 @@ async def main(argv: list[str]) -> int:
               f"{result['first_request_s']} s, freeze {frozen_s:.2f} s, engine's full "
               f"collections {result['engine_full_collections']} in "
               f"{result['engine_full_collection_s']} s", flush=True)  # fmt: skip
-    opts.out.mkdir(parents=True, exist_ok=True)
+    gc.callbacks.remove(collections_of)
+    collections_of.take()  # what came after the last start: its file goes
     (opts.out / "engine-start-phases.json").write_text(
-        json.dumps({"argv": sys.argv, "engine_argv": engine_argv, "starts": results}, indent=1)
+        json.dumps({**run_facts(), "engine_argv": engine_argv, "starts": results}, indent=1)
     )
     return 0
 

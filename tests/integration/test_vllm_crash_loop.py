@@ -50,7 +50,9 @@ def test_repeated_engine_deaths_back_off_more_each_time_then_exit_5(
     args = ["--model-path", str(model_dir), "--served-model-name", MODEL_NAME,
             "--status-port", str(status_port), "--crash-loop-max", "2"]  # fmt: skip
     with start_worker(tmp_path_factory.mktemp("crash-loop"), *args) as worker:
-        worker.wait_ready()
+        # the worker's own readiness: a death before it (the engine's /health answers
+        # before the worker's warmup) is a boot failure, not a restart
+        worker.wait_ready(url=f"http://127.0.0.1:{status_port}", path="/readyz")
         delays, footprints, left = [], [], []
         for restarts in (1, 2):
             engine = engine_core(worker.proc.pid)

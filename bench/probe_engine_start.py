@@ -5,7 +5,9 @@ iChat imported, as in a worker that restarts its engine; the engine process fork
 the worker has it), each with the environment named by the plan (``off``: vLLM's
 defaults; ``plan``: ``VLLM_ENABLE_STARTUP_PLAN=1``, vLLM's own persisted
 memory-profiling result; ``frozen``: vLLM's defaults, this process's heap collected and
-frozen first, as the worker does before it starts an engine), answers one request, shuts
+frozen first, as the worker does before it starts an engine; ``mega``: ``frozen`` with
+``VLLM_USE_MEGA_AOT_ARTIFACT=1``, vLLM's compiled graph loaded from one standalone
+artifact, its compile cache keyed apart), answers one request, shuts
 it down, and writes per start: the time to a ready engine, to the first request's end,
 and to a stopped engine, and the full (generation 2) garbage collections the forked
 engine processes ran and their seconds (a ``gc.callbacks`` entry, which a forked child
@@ -95,7 +97,7 @@ async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--plans", nargs="+", default=["off", "frozen", "off", "frozen"],
-                        choices=("off", "plan", "frozen"))
+                        choices=("off", "plan", "frozen", "mega"))  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     opts = parser.parse_args(ours)
     results = []
@@ -110,9 +112,10 @@ async def main(argv: list[str]) -> int:
     gc.callbacks.append(collections_of)
     for i, plan in enumerate(opts.plans):
         os.environ["VLLM_ENABLE_STARTUP_PLAN"] = "1" if plan == "plan" else "0"
+        os.environ["VLLM_USE_MEGA_AOT_ARTIFACT"] = "1" if plan == "mega" else "0"
         print(f"=== start {i + 1} ({plan})", file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        if plan == "frozen":
+        if plan in ("frozen", "mega"):
             freeze_before_fork()
         frozen_s = time.monotonic() - t0
         collections_of.take()

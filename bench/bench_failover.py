@@ -114,14 +114,18 @@ class Prober:
         return sorted(results, key=lambda r: r["sent_s"])
 
 
-def active_engine_core(worker: Worker, status_port: int) -> psutil.Process:
+# the process a kill -9 ends the active engine with: vLLM's engine core, SGLang's scheduler
+ENGINE_PROCESS = {"vllm": "EngineCore", "sglang": "sglang::scheduler"}
+
+
+def active_engine_core(worker: Worker, status_port: int, engine: str = "vllm") -> psutil.Process:
     pids = status(status_port)["engines"].get("active") or [
         p.pid for p in psutil.Process(worker.proc.pid).children(recursive=True)
     ]
     for pid in pids:
-        if "EngineCore" in title(psutil.Process(pid)):
+        if ENGINE_PROCESS[engine] in title(psutil.Process(pid)):
             return psutil.Process(pid)
-    raise RuntimeError(f"no EngineCore among {pids}")
+    raise RuntimeError(f"no {ENGINE_PROCESS[engine]} among {pids}")
 
 
 def wait_standby(status_port: int, timeout: float = 900) -> str:
@@ -134,12 +138,14 @@ def wait_standby(status_port: int, timeout: float = 900) -> str:
     return "timeout"
 
 
-def run_mode(mode: str, worker_args: tuple[str, ...], kills: int, tmp: Path) -> dict[str, Any]:
+def run_mode(
+    mode: str, worker_args: tuple[str, ...], kills: int, tmp: Path, engine: str = "vllm"
+) -> dict[str, Any]:
     status_port = free_port()
     extra = ("--status-port", str(status_port)) + (("--standby",) if mode == "standby" else ())
     gpu_before = gpu_memory_mib()
     t0 = time.monotonic()
-    with start_worker(tmp, *worker_args, *extra) as w:
+    with start_worker(tmp, *worker_args, *extra, backend=engine) as w:
         w.wait_ready(timeout=1800)
         standby_state = wait_standby(status_port) if mode == "standby" else "off"
         first_start = time.monotonic() - t0
@@ -153,7 +159,7 @@ def run_mode(mode: str, worker_args: tuple[str, ...], kills: int, tmp: Path) -> 
         for i in range(kills):
             if mode == "standby":
                 standby_state = wait_standby(status_port)
-            core = active_engine_core(w, status_port)
+            core = active_engine_core(w, status_port, engine)
             prober = Prober(w.url, time.monotonic() + 1.0)
             time.sleep(1.0)  # probes before the kill: the baseline
             t_kill, wall_kill = prober.t0, time.time()
@@ -226,7 +232,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     bars.set_title("kill -9 of the active engine → serving again (s)")
     bars.set_xlabel("kill")
     bars.legend()
-    fig.suptitle(f"failover, vLLM {report['vllm']}, {report['machine']}, {report['date']}")
+    engine = f"{report.get('engine', 'vllm')} {report.get('version', report['vllm'])}"
+    fig.suptitle(f"failover, {engine}, {report['machine']}, {report['date']}")
     save_figure(fig, path)
 
 
@@ -234,6 +241,7 @@ def main() -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["restart", "standby"])
+    parser.add_argument("--engine", choices=sorted(ENGINE_PROCESS), default="vllm")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("engine_args", nargs="*", help="after --: the engine's own flags")
@@ -243,20 +251,25 @@ def main() -> int:
     worker_args: tuple[str, ...] = ("--model-path", args.model_path)
     worker_args += ("--served-model-name", MODEL_NAME, *args.engine_args)
     with tempfile.TemporaryDirectory() as tmp:
-        modes = [run_mode(m, worker_args, args.kills, Path(tmp)) for m in args.modes]
+        modes = [run_mode(m, worker_args, args.kills, Path(tmp), args.engine) for m in args.modes]
         args.out.mkdir(parents=True, exist_ok=True)
         for log in Path(tmp).glob("worker-*.log"):  # the engine's own timing lines
             shutil.copy(log, args.out / f"failover-{args.tag}-{log.name}")
-    try:
-        import vllm
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
 
-        version = str(getattr(vllm, "__version__", "?"))
-    except ImportError:
-        version = "?"
+    versions = {}
+    for name in ("vllm", "sglang"):
+        try:
+            versions[name] = dist_version(name)
+        except PackageNotFoundError:
+            versions[name] = "?"
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "vllm": version,
+        "engine": args.engine,
+        "version": versions[args.engine],
+        "vllm": versions["vllm"],
         "command": " ".join(sys.argv),
         "engine_args": args.engine_args,
         "modes": modes,

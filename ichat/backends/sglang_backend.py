@@ -21,6 +21,13 @@ What iChat does instead of SGLang's standalone launcher, and why:
 - **Warmup**: SGLang's start-up warmup kills its own process on failure, so it is
   skipped (``skip_server_warmup``); iChat's readiness probes ``/model_info`` and sends
   one ``/generate`` (or ``/encode``) request, and a failure is a boot failure (exit 3).
+- **Standby** (``--standby``): a second engine of the same flags, launched first (and
+  again in a thread after each failover, while the active one serves), idle. SGLang's
+  app serves the engine in its module-level ``_global_state``; a failover makes the
+  standby's current there (``set_global_state``) and enters SGLang's own app lifespan
+  for it, which binds the OpenAI handlers on ``app.state`` to it. SGLang's sleep
+  (``release_memory_occupation``, with ``--enable-memory-saver``) is not used: on a GPU
+  the standby holds its own ``--mem-fraction-static`` share.
 """
 
 from __future__ import annotations
@@ -32,16 +39,16 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from ichat.auth import bearer_headers
-from ichat.backends import sglang_compat, zmq_context
+from ichat.backends import sglang_compat
 from ichat.backends.argmap import flag_value
 from ichat.backends.base_backend import BackendState, BaseBackend
 from ichat.backends.continuation import COMPLETIONS
+from ichat.backends.failover import Standby, StandbyReport
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.backends.replay import ReplayOnEngineDeath
+from ichat.backends.sglang_engine import SGLangEngine
 from ichat.config import WorkerConfig
 from ichat.errors import (
     ConfigError,
@@ -50,7 +57,6 @@ from ichat.errors import (
     RestartToReload,
     StartupError,
 )
-from ichat.process.processes import is_python_helper, not_running
 
 if TYPE_CHECKING:
     import httpx
@@ -82,12 +88,22 @@ class SGLangBackend(BaseBackend):
     WORKAROUNDS = sglang_compat.WORKAROUNDS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._launched: sglang_compat.Launched | None = None
+        self._active: SGLangEngine | None = None
+        self._standby: SGLangEngine | None = None
+        self._standby_task: asyncio.Task[None] | None = None
+        self._standby_reason: str | None = None  # why the last standby did not start
+        self._retired: list[SGLangEngine] = []  # dead or replaced, being closed
+        self._app: Any = None
+        self._stop_server: Any = None  # SGLang's hook to stop the HTTP server
         self._failure_report = FailureReport()
-        self._watched: list[psutil.Process] | None = None
         self._is_generation = True
         self._reloading = False
         super().__init__(*args, **kwargs)
+
+    @property
+    def _launched(self) -> sglang_compat.Launched | None:
+        """What SGLang's launch returned for the active engine."""
+        return self._active.launched if self._active is not None else None
 
     # ------------------------------------------------------------------ arguments
 
@@ -108,17 +124,13 @@ class SGLangBackend(BaseBackend):
         # The model folder is checked before SGLang reads its config (``--model`` is
         # SGLang's alias of --model-path).
         check_model_path(flag_value(argv, "--model-path") or flag_value(argv, "--model"))
-        if config.standby:
-            raise ConfigError(
-                "--standby is not supported with SGLang yet: its HTTP app serves one "
-                "engine kept in module-level state (one tokenizer manager per process); "
-                "use --backend vllm, or two workers behind the gateway"
-            )
         framework = ["--host", config.host, "--port", str(config.port)]
         framework += ["--log-level", LOG_LEVELS.get(config.engine_log_level, "info")]
         try:  # SGLang's parsing, then its own checks (resolve_once: newer releases)
             server_args = api.prepare_server_args([*argv, *framework])  # the last one wins
             self._reject_unsupported_modes(server_args)
+            if config.standby:
+                self._check_a_standby_fits(server_args)
             self._check_the_gateways_key(server_args, config)
             server_args.skip_server_warmup = True  # iChat warms up (see the module docstring)
             server_args.custom_sigquit_handler = self._failure_report
@@ -148,6 +160,25 @@ class SGLangBackend(BaseBackend):
                 "(python -m sglang.launch_server) on the other nodes, ichat serve on node 0"
             )
 
+    def _check_a_standby_fits(self, server_args: Any) -> None:
+        """Refuse what two engines of one configuration in one process cannot share."""
+        if self._api.lifespan is None:
+            raise ConfigError(
+                f"--standby: SGLang {self._api.version} has no app lifespan to serve a "
+                "standby with; use --backend vllm, or two workers behind the gateway"
+            )
+        if getattr(server_args, "enable_metrics", False):
+            raise ConfigError(
+                "--standby with --enable-metrics: SGLang registers its HTTP metrics and "
+                "middleware once per process, at the app's start, and a failover enters "
+                "the app's lifespan again for the standby; drop one of the two"
+            )
+        if getattr(server_args, "grpc_port", None) is not None:
+            raise ConfigError(
+                "--standby with --grpc-port: each engine's lifespan binds SGLang's gRPC "
+                "server to that one port; drop one of the two"
+            )
+
     @staticmethod
     def _check_the_gateways_key(server_args: Any, config: WorkerConfig) -> None:
         """SMG sends the worker each client's own ``Authorization`` header (the gateway's
@@ -171,38 +202,48 @@ class SGLangBackend(BaseBackend):
         return sock
 
     async def start_engine(self, stack: contextlib.AsyncExitStack) -> None:
-        # Blocks the loop while the model loads, as SGLang's launcher does.
-        launched = sglang_compat.launch(self._api, self._backend_args)
-        self._launched = launched
         stack.push_async_callback(self._stop_engine)
-        sglang_compat.record_launch_workarounds(launched, self.workarounds)
+        if self.framework_args.standby:
+            # first, as vLLM's: the active engine then sizes its memory beside it
+            await self._start_standby(in_a_thread=False)
+            if self._standby is None:
+                raise StartupError(f"the standby engine did not start: {self._standby_reason}")
+        # Blocks the loop while the model loads, as SGLang's launcher does.
+        self._active = active = SGLangEngine.launch(self._api, self._backend_args)
+        sglang_compat.record_launch_workarounds(active.launched, self.workarounds)
+        self._started(active)
+        logger.info("watching engine processes %s", active.pids)
+        self._report_standby()
+
+    def _started(self, engine: SGLangEngine) -> None:
+        launched = engine.launched
         if launched.watchdog is not None:
             launched.watchdog.stop()  # the health monitor watches the same processes
         sglang_compat.start_tokenizer_manager_loop(launched, self.workarounds)
 
     async def _stop_engine(self) -> None:
-        launched = self._launched
-        if launched is not None:
-            sglang_compat.cancel_tokenizer_manager_tasks(launched)
-        # Exactly the engine's processes, SIGKILLed and waited for, as SGLang's own
+        if self._standby_task is not None:
+            self._standby_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._standby_task
+            self._standby_task = None
+        engines = [e for e in (self._standby, self._active, *self._retired) if e is not None]
+        for engine in engines:
+            sglang_compat.cancel_tokenizer_manager_tasks(engine.launched)
+        # Exactly the engines' processes, SIGKILLed and waited for, as SGLang's own
         # cleanup does; not its kill_process_tree(this process), which kills every
         # child of the worker, the orphan guard and multiprocessing's tracker included.
         await asyncio.to_thread(self.stop_engine_processes, at_once=True)
-        if launched is not None:  # its ZMQ context and sockets (3 threads, 9 descriptors)
-            manager = launched.tokenizer_manager
-            await zmq_context.end_contexts(zmq_context.find_contexts(manager))
+        for engine in engines:  # ZMQ contexts and sockets (3 threads, 9 descriptors each)
+            await engine.close(self.framework_args.deadlines.terminate)
+        self._standby = None
+        self._retired = []
 
     async def build_app(self) -> Any:
         api, args, launched = self._api, self._backend_args, self._launched
         assert launched is not None
-        api.set_global_state(
-            api._GlobalState(
-                tokenizer_manager=launched.tokenizer_manager,
-                template_manager=launched.template_manager,
-                scheduler_info=launched.scheduler_info,
-            )
-        )
-        app = api.app
+        sglang_compat.serve(api, launched)
+        self._app = app = api.app
         app.is_single_tokenizer_mode = True
         app.server_args = args
         app.warmup_thread_kwargs = {"server_args": args}
@@ -221,9 +262,9 @@ class SGLangBackend(BaseBackend):
             app.state.ichat_auth_added = True
         if api.set_uvicorn_logging_configs is not None:
             api.set_uvicorn_logging_configs(args)
-        return self._ended_at_the_death(app, launched)
+        return self._ended_at_the_death(app)
 
-    def _ended_at_the_death(self, app: Any, launched: sglang_compat.Launched) -> Any:
+    def _ended_at_the_death(self, app: Any) -> Any:
         """SGLang's app, its answers ended as soon as the engine's death is known
         (``ReplayOnEngineDeath``): SGLang's own stall at a scheduler's death, waiting for
         a process that is gone, which held each client -- and the restart, which waits
@@ -232,32 +273,60 @@ class SGLangBackend(BaseBackend):
         no byte sent yet runs there again, a ``/v1/completions`` stream under way is
         continued there token-exactly (``--continuation-limit``). Without one, with
         continuation on, the same on this worker's restarted engine, within
-        ``--continuation-timeout``; else (nothing takes over: SGLang keeps no standby) a
-        request with no byte sent gets a 503 and a stream under way an error event and
-        ``[DONE]``. SGLang's
+        ``--continuation-timeout``; with a standby ready, the same on the standby once it
+        serves; else a request with no byte sent gets a 503 and a stream under way an
+        error event and ``[DONE]``. SGLang's
         streamed chat returns no token ids (it refuses ``return_token_ids`` there), so a
         chat stream under way ends with an error event in either case."""
         config = self.framework_args
-        dead = self.engine_dead_event
         gateway, restarted = self._where_cut_requests_go()
+        # a standby takes over at once; without one only the restarted engine does,
+        # and only with continuation on (``relays_to_the_restart``)
+        waits = config.standby or restarted is not None
         return ReplayOnEngineDeath(
             app,
-            OneEngine(dead),
-            # no standby: only the restarted engine takes over, and only with
-            # continuation on (``relays_to_the_restart``)
-            wait_for_next_engine=config.continuation_timeout if restarted else 0.0,
+            ServingEngine(self),
+            wait_for_next_engine=config.continuation_timeout if waits else 0.0,
             continuation_limit=config.continuation_limit,
-            max_model_len=lambda: sglang_compat.context_len(launched),
-            decode=lambda ids, skip: sglang_compat.decode(launched, ids, skip),
+            max_model_len=lambda: sglang_compat.context_len(self._serving()),
+            decode=lambda ids, skip: sglang_compat.decode(self._serving(), ids, skip),
             on_continuation=self._report_continuation,
             gateway=gateway,
             restarted=restarted,
-            takes_over_here=lambda: False,
+            takes_over_here=self._takes_over_here,
             handing_off=lambda: self.handing_off,
-            death_of=lambda engine: dead.wait(),
+            death_of=self._death_of,
             continuable_paths=frozenset({COMPLETIONS}),
             ids_unasked_absent=True,
         )
+
+    def _serving(self) -> sglang_compat.Launched:
+        launched = self._launched
+        assert launched is not None
+        return launched
+
+    def _takes_over_here(self) -> bool:
+        """Whether an engine of this worker serves at once in place of a dead one: a
+        standby is ready, or has taken over already."""
+        if self._standby is not None:
+            return True
+        active = self._active
+        return active is not None and not self._has_died(active)
+
+    def _has_died(self, engine: SGLangEngine) -> bool:
+        """Dead: failed over from, or the backend ends with its death."""
+        return engine.dead.is_set() or (engine is self._active and self.engine_dead_event.is_set())
+
+    async def _death_of(self, engine: SGLangEngine) -> None:
+        """Returns once ``engine`` is dead (SGLang's answers stall at its death)."""
+        waits = {asyncio.ensure_future(engine.dead.wait())}
+        if engine is self._active:
+            waits.add(asyncio.ensure_future(self.engine_dead_event.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def uvicorn_options(self) -> dict[str, Any]:
         args = self._backend_args
@@ -276,9 +345,8 @@ class SGLangBackend(BaseBackend):
 
     def on_server_created(self, server: Any) -> None:
         assert self._launched is not None
-        sglang_compat.set_server_stop_hook(
-            self._launched, lambda: setattr(server, "should_exit", True)
-        )
+        self._stop_server = lambda: setattr(server, "should_exit", True)
+        sglang_compat.set_server_stop_hook(self._launched, self._stop_server)
 
     def served_model_name(self) -> str:
         args = self._backend_args
@@ -317,16 +385,108 @@ class SGLangBackend(BaseBackend):
             )
 
     def check_engine_processes(self) -> None:
-        if self._launched is None:
+        active = self._active
+        if active is None:
             return
-        if self._failure_report.received:
-            raise EngineDiedError("an SGLang process reported a failure (SIGQUIT)")
-        if self._watched is None:  # the scheduler(s), the detokenizer, and their children
-            self._watched = [p for p in self.engine_processes if not is_python_helper(p)]
-            logger.info("watching engine processes %s", [p.pid for p in self._watched])
-        dead = not_running(self._watched)
+        dead = active.dead_processes()  # its scheduler(s) and detokenizer
         if dead:
             raise EngineDiedError(f"SGLang engine process {dead[0].pid} exited")
+        standby = self._standby
+        if standby is not None and standby.dead_processes():
+            self._failure_report.received = False  # the standby's report, if any
+            self._standby_died(standby)
+        if self._failure_report.received:
+            raise EngineDiedError("an SGLang process reported a failure (SIGQUIT)")
+
+    # ------------------------------------------------------------------- standby
+
+    async def _start_standby(self, *, in_a_thread: bool = True) -> None:
+        """Launch an engine of the same flags (in a thread while the active one serves;
+        SGLang parses and publishes its own copy of the flags) and start its tokenizer
+        manager's loops. A standby that cannot start is reported, not raised."""
+        self._report_standby(Standby.STARTING)
+        t0 = time.monotonic()
+        try:
+            args = self.parse_args(self.framework_args, self.backend_argv)
+            async with self.recording_engine_shm():
+                if in_a_thread:
+                    engine = await asyncio.to_thread(SGLangEngine.launch, self._api, args)
+                else:  # at boot: blocks the loop as the active engine's launch does
+                    engine = SGLangEngine.launch(self._api, args)
+            self._started(engine)
+        except Exception as exc:
+            self._unlink_engine_shm_left_behind()  # what a start that failed left
+            logger.error("the standby engine did not start: %s", exc)
+            self._report_standby(Standby.FAILED, f"{type(exc).__name__}: {exc}")
+            return
+        self._standby = engine
+        self.phase_seconds["standby_start"] = time.monotonic() - t0
+        self._record_engine_shm()
+        logger.info("standby engine ready (processes %s)", engine.pids)
+        self._report_standby()
+
+    def _standby_died(self, standby: SGLangEngine) -> None:
+        logger.error("the standby engine died (processes %s); starting another", standby.pids)
+        self._standby = None
+        self._report_standby(Standby.STARTING)
+        self._standby_task = asyncio.get_running_loop().create_task(self._replace_standby(standby))
+
+    async def fail_over(self) -> dict[str, float] | None:
+        standby, dead = self._standby, self._active
+        if standby is None or dead is None or self._app is None or standby.dead_processes():
+            if standby is not None and standby.dead_processes():
+                logger.error("the standby engine is dead too (processes %s)", standby.pids)
+            return None
+        self._standby = None
+        t0 = time.monotonic()
+        try:
+            sglang_compat.serve(self._api, standby.launched)
+            # SGLang's lifespan binds its OpenAI handlers to the engine it serves
+            state = await sglang_compat.enter_serving_state(self._api, standby.args, standby.stack)
+        except BaseException:
+            sglang_compat.serve(self._api, dead.launched)
+            self._retired.append(standby)  # closed with the others at the stop
+            raise
+        for name, value in state.items():
+            setattr(self._app.state, name, value)
+        if self._stop_server is not None:
+            sglang_compat.set_server_stop_hook(standby.launched, self._stop_server)
+        self._active = standby
+        dead.dead.set()  # what it served ends now, and goes on on the standby
+        phases = {"failover_switch": time.monotonic() - t0}
+        logger.info("the standby engine %s is active", standby.pids)
+        self._report_standby(Standby.STARTING)  # its replacement, next
+        self._standby_task = asyncio.create_task(self._replace_standby(dead))
+        return phases
+
+    async def _replace_standby(self, dead: SGLangEngine) -> None:
+        """Close the dead engine (its processes killed: nothing of it can finish), unlink
+        the shared memory it left, then start a new standby."""
+        self._retired.append(dead)
+        t0 = time.monotonic()
+        await dead.close(self.framework_args.deadlines.terminate)
+        self._retired.remove(dead)
+        self._unlink_engine_shm_left_behind()
+        self.phase_seconds["failover_cleanup"] = time.monotonic() - t0
+        await self._start_standby()
+
+    def _report_standby(self, state: Standby | None = None, reason: str | None = None) -> None:
+        if state is None:
+            if not self.framework_args.standby:
+                state = Standby.OFF
+            elif self._standby is None:
+                state = Standby.FAILED if self._standby_reason else Standby.STARTING
+            else:
+                state = Standby.READY
+            reason = self._standby_reason if state is Standby.FAILED else None
+        self._standby_reason = reason
+        engines = {
+            role: engine.pids
+            for role, engine in (("active", self._active), ("standby", self._standby))
+            if engine is not None
+        }
+        if self.on_standby is not None:
+            self.on_standby(StandbyReport(state, reason, engines))
 
     async def abort_requests(self) -> None:
         if self._launched is not None:
@@ -377,6 +537,10 @@ class SGLangBackend(BaseBackend):
             raise ReloadError(f"SGLang did not load the weights: {message}; the old weights "
                               "serve on", 500)  # fmt: skip
         logger.info("reload: weights loaded again in place in %.2f s (%s)", seconds, message)
+        if self._standby is not None:  # it holds the old weights: a new one reads them
+            old, self._standby = self._standby, None
+            self._report_standby(Standby.STARTING)
+            self._standby_task = asyncio.create_task(self._replace_standby(old))
         phases = {"reload_weights": seconds, "reload": seconds}
         self.phase_seconds.update(phases)
         return Reloaded(ReloadMethod.IN_PLACE, phases)
@@ -385,15 +549,15 @@ class SGLangBackend(BaseBackend):
         self.check_engine_processes()
 
 
-class OneEngine:
-    """The one engine of an SGLang backend, for ``ReplayOnEngineDeath``: dead once the
-    backend found it dead (a restarted engine is another backend)."""
+class ServingEngine:
+    """The engine an SGLang backend serves now, for ``ReplayOnEngineDeath``: swapped at
+    a failover to the standby (a restarted engine is another backend)."""
 
-    def __init__(self, dead: asyncio.Event) -> None:
-        self._dead = dead
+    def __init__(self, backend: SGLangBackend) -> None:
+        self._backend = backend
 
     def current(self) -> Any:
-        return self
+        return self._backend._active
 
     def died(self, engine: Any) -> bool:
-        return self._dead.is_set()
+        return engine is None or self._backend._has_died(engine)

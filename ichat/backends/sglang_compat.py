@@ -46,6 +46,9 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "app_has_admin_force_endpoints": ("sglang.srt.utils.auth", HTTP_SERVER),
     "set_uvicorn_logging_configs": (HTTP_SERVER, "sglang.srt.utils"),
     "envs": (HTTP_SERVER,),
+    # the app's lifespan: the OpenAI handlers on app.state, for the engine in
+    # _global_state (a standby's, entered again at a failover)
+    "lifespan": (HTTP_SERVER,),
 }
 # SGLang's watchdog of its subprocesses (0.5.23; older releases have none)
 WATCHDOG_MODULES = ("sglang.srt.utils.watchdog", "sglang.srt.utils.common", "sglang.srt.utils")
@@ -122,6 +125,7 @@ class SGLangServerAPI:
     app_has_admin_force_endpoints: Callable[[Any], bool] | None
     set_uvicorn_logging_configs: Callable[[Any], None] | None
     envs: Any
+    lifespan: Callable[[Any], contextlib.AbstractAsyncContextManager[None]] | None
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,45 @@ def launch(api: SGLangServerAPI, server_args: Any) -> Launched:
             "(a node with --node-rank >= 1 serves no HTTP; run SGLang's own launcher there)"
         )
     return Launched(tokenizer_manager, template_manager, scheduler_info, watchdog)
+
+
+def serve(api: SGLangServerAPI, launched: Launched) -> None:
+    """Make ``launched`` the engine that SGLang's app serves (its ``_global_state``)."""
+    api.set_global_state(
+        api._GlobalState(
+            tokenizer_manager=launched.tokenizer_manager,
+            template_manager=launched.template_manager,
+            scheduler_info=launched.scheduler_info,
+        )
+    )
+
+
+async def enter_serving_state(
+    api: SGLangServerAPI, server_args: Any, stack: contextlib.AsyncExitStack
+) -> dict[str, Any]:
+    """The app state SGLang's own lifespan makes (its OpenAI handlers, bound to the
+    engine ``serve`` made current) -- entered on a stand-in of the app, on ``stack``
+    (left when the engine closes), without warmup (``skip_server_warmup``: it marks the
+    tokenizer manager up) -- as the attributes to set on the app's state."""
+    from starlette.datastructures import State
+
+    assert api.lifespan is not None
+    stand_in = _AppStandIn(State(), server_args)
+    await stack.enter_async_context(api.lifespan(stand_in))
+    return dict(stand_in.state._state)
+
+
+@dataclass
+class _AppStandIn:
+    """What SGLang's lifespan reads of its app in single-tokenizer mode."""
+
+    state: Any
+    server_args: Any
+    is_single_tokenizer_mode: bool = True
+
+    @property
+    def warmup_thread_kwargs(self) -> dict[str, Any]:
+        return {"server_args": self.server_args}
 
 
 def context_len(launched: Launched) -> int:
@@ -307,11 +350,13 @@ __all__ = [
     "abort_all_requests",
     "call_with",
     "cancel_tokenizer_manager_tasks",
+    "enter_serving_state",
     "keep_alive_seconds",
     "launch",
     "load",
     "record_launch_workarounds",
     "record_release_workarounds",
+    "serve",
     "set_server_stop_hook",
     "start_tokenizer_manager_loop",
 ]

@@ -402,11 +402,21 @@ def test_a_readiness_timeout_shorter_than_the_engines_start_is_a_boot_failure(
     print(f"--ready-timeout 5: exit 3 after {seconds:.1f} s")
 
 
-def test_standby_is_refused_with_sglang_before_any_launch(model_dir: Path) -> None:
-    done, _ = run_ichat_sglang("--model-path", str(model_dir), "--standby")
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--enable-metrics",), "--standby with --enable-metrics"),
+        (("--grpc-port", str(free_port())), "--standby with --grpc-port"),
+    ],
+)
+def test_a_standby_that_cannot_share_the_process_is_refused_before_any_launch(
+    model_dir: Path, flags: tuple[str, ...], message: str
+) -> None:
+    done, seconds = run_ichat_sglang("--model-path", str(model_dir), "--standby", *flags)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "--standby is not supported with SGLang yet" in done.stderr
+    assert message in done.stderr
     assert "sglang::" not in done.stderr
+    print(f"--standby {flags[0]}: exit 2 after {seconds:.1f} s")
 
 
 def test_a_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:

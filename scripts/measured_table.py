@@ -80,6 +80,7 @@ ROLL_CPU = "roll-cpu-2core-2026-12-07.json"
 ROLL_H100 = "h100/roll-h100-2026-12-07.json"
 RESTART_H100 = "h100/failover-h100-restart-freeze-2026-12-07.json"
 RESTART_H100_AGAIN = "h100/failover-h100-standby-restart-freeze-2026-12-07.json"
+FAILOVER_SGLANG_CPU = "failover-cpu-2core-sglang-2026-12-07-standby-restart.json"
 
 
 class Row(NamedTuple):
@@ -308,7 +309,23 @@ def standby_cpu() -> str:
     return (
         f"{span(serving, 3)} s after the detection, a chat answered {span(answered, 2)} s "
         f"after the kill (cold restart in the same run: {span(cold, 0)} s); "
-        f"{signed(host, 1)} GiB host memory ({backticked(FAILOVER_CPU)})"
+        f"{signed(host, 1)} GiB host memory ({backticked(FAILOVER_CPU)}). "
+        f"{standby_sglang_cpu()}"
+    )
+
+
+def standby_sglang_cpu() -> str:
+    name = FAILOVER_SGLANG_CPU
+    answered = numbers(name, "modes/mode=standby/kills/*/serving_again_s")
+    cold = numbers(name, "modes/mode=restart/kills/*/serving_again_s")
+    failed = numbers(name, "modes/mode=standby/kills/*/probes_failed")
+    probes = sum(len(value(name, f"modes/mode=standby/kills/{i}/probes")) for i in range(3))
+    host = gib(standby_extra(name, "host_rss_mib_ready"))
+    return (
+        f"SGLang: a chat answered {span(answered, 2)} s after the kill (cold restart in the "
+        f"same run: {span(cold, 0)} s), {sum(failed):.0f} of {probes} probes failed (a "
+        f"streamed chat cut at the death); {signed(host, 1)} GiB host memory "
+        f"({backticked(name)})"
     )
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -57,6 +58,7 @@ from ichat.errors import (
     RestartToReload,
     StartupError,
 )
+from ichat.process import processes
 
 if TYPE_CHECKING:
     import httpx
@@ -205,7 +207,7 @@ class SGLangBackend(BaseBackend):
         stack.push_async_callback(self._stop_engine)
         if self.framework_args.standby:
             # first, as vLLM's: the active engine then sizes its memory beside it
-            await self._start_standby(in_a_thread=False)
+            await self._start_standby(threaded=False)
             if self._standby is None:
                 raise StartupError(f"the standby engine did not start: {self._standby_reason}")
         # Blocks the loop while the model loads, as SGLang's launcher does.
@@ -400,7 +402,7 @@ class SGLangBackend(BaseBackend):
 
     # ------------------------------------------------------------------- standby
 
-    async def _start_standby(self, *, in_a_thread: bool = True) -> None:
+    async def _start_standby(self, *, threaded: bool = True) -> None:
         """Launch an engine of the same flags (in a thread while the active one serves;
         SGLang parses and publishes its own copy of the flags) and start its tokenizer
         manager's loops. A standby that cannot start is reported, not raised."""
@@ -409,8 +411,8 @@ class SGLangBackend(BaseBackend):
         try:
             args = self.parse_args(self.framework_args, self.backend_argv)
             async with self.recording_engine_shm():
-                if in_a_thread:
-                    engine = await asyncio.to_thread(SGLangEngine.launch, self._api, args)
+                if threaded:
+                    engine = await _launched_beside(self._api, args)
                 else:  # at boot: blocks the loop as the active engine's launch does
                     engine = SGLangEngine.launch(self._api, args)
             self._started(engine)
@@ -547,6 +549,30 @@ class SGLangBackend(BaseBackend):
 
     async def check_engine_alive(self) -> None:
         self.check_engine_processes()
+
+
+async def _launched_beside(api: sglang_compat.SGLangServerAPI, args: Any) -> SGLangEngine:
+    """Launch an engine in a thread of the event loop's executor while the loop serves.
+
+    Not in a thread of its own: SGLang's scheduler and detokenizer die with the thread
+    that started them (``kill_itself_when_parent_died``: ``PR_SET_PDEATHSIG``, which
+    Linux ties to the parent *thread*), so a thread that ends after the launch killed
+    every standby at once (seen); the executor's threads live as long as the loop. If
+    the waiting task is cancelled (a stop), what the launch makes is killed when it
+    ends."""
+    loop = asyncio.get_running_loop()
+    launch = loop.run_in_executor(None, functools.partial(SGLangEngine.launch, api, args))
+    try:
+        return await asyncio.shield(launch)
+    except asyncio.CancelledError:
+        launch.add_done_callback(_abandoned)
+        raise
+
+
+def _abandoned(launch: asyncio.Future[SGLangEngine]) -> None:
+    """A standby whose launch ended after the backend stopped waiting for it."""
+    if not launch.cancelled() and launch.exception() is None:
+        processes.kill(processes.with_descendants(launch.result().processes), 5.0)
 
 
 class ServingEngine:

@@ -51,6 +51,17 @@ def engine_env() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session")
+def wide_margin_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with greedy choices far from ties: the random one's near-ties
+    flipped with the batch here (the same greedy request diverged after 108 tokens when
+    the replayed requests shared its batch), which no continuation could match."""
+    from ichat.commands.make_test_model import SHAPES, make_test_model
+
+    folder = tmp_path_factory.mktemp("wide-margins") / "tiny"
+    return make_test_model(folder, SHAPES["tiny"], wide_margins=True)
+
+
 def gateway_python() -> str:
     given = os.environ.get("ICHAT_GATEWAY_PYTHON")
     if given:

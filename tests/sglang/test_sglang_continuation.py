@@ -50,17 +50,6 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def wide_margin_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama with greedy choices far from ties: the random one's near-ties
-    flipped with the batch here (the same greedy request diverged after 108 tokens when
-    the replayed requests shared its batch), which no continuation could match."""
-    from ichat.commands.make_test_model import SHAPES, make_test_model
-
-    folder = tmp_path_factory.mktemp("wide-margins") / "tiny"
-    return make_test_model(folder, SHAPES["tiny"], wide_margins=True)
-
-
-@pytest.fixture(scope="module")
 def pair(wide_margin_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     model_dir = wide_margin_model
     with running_gateway(KEY) as (_, gateway_url), contextlib.ExitStack() as stack:

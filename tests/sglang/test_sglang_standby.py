@@ -2,8 +2,11 @@
 
 kill -9 of the active engine's scheduler → the standby serves on the same port within
 seconds (twice in a row), the chats in flight at the death are answered, the killed
-engine's processes are gone and a new standby appears; SIGTERM then leaves no process,
-port or /dev/shm file. One worker start (two engine launches) for the module.
+engine's processes are gone and a new standby appears; completion streams under way at a
+third death go on on the standby token-exactly (``--continuation-limit``); SIGTERM then
+leaves no process, port or /dev/shm file. One worker start (two engine launches) for the
+module, on the tiny Llama with wide greedy margins (its choices do not flip with the
+batch, so a continued stream can equal one run without a kill).
 """
 
 from __future__ import annotations
@@ -23,11 +26,20 @@ import psutil
 import pytest
 
 from ichat.process.processes import free_port, port_is_free, title
-from tests.support import MODEL_NAME, Worker, chat_ok, start_worker
+from tests.support import (
+    MODEL_NAME,
+    Stream,
+    Worker,
+    chat_ok,
+    our_processes,
+    start_worker,
+    wait_all_streaming,
+)
 
 from .conftest import CPU_FLAGS
 
 KILL_TO_SERVING_LIMIT = 3.0  # seconds: the issue's bound on the tiny model (CPU)
+STREAM_TOKENS = 900  # several seconds on these 2 cores: the kill lands mid-way
 RESULTS: dict[str, Any] = {}
 
 
@@ -53,10 +65,13 @@ class StandbyWorker(Worker):
 
 
 @pytest.fixture(scope="module")
-def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandbyWorker]:
+def worker(
+    wide_margin_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StandbyWorker]:
     status_port = free_port()
-    args = ("--standby", "--status-port", str(status_port), "--model-path", str(model_dir),
-            "--served-model-name", MODEL_NAME, *CPU_FLAGS)  # fmt: skip
+    args = ("--standby", "--continuation-limit", "2", "--status-port", str(status_port),
+            "--model-path", str(wide_margin_model), "--served-model-name", MODEL_NAME,
+            *CPU_FLAGS)  # fmt: skip
     shm_before = set(os.listdir("/dev/shm"))
     with start_worker(tmp_path_factory.mktemp("sglang-standby"), *args, backend="sglang") as w:
         sw = StandbyWorker(w.proc, w.port, w.log, status_port, frozenset(shm_before))
@@ -142,13 +157,45 @@ def test_kill_9_of_the_active_engine_is_served_by_the_standby(
     assert chat_ok(worker.url)
 
 
-def test_sigterm_leaves_no_process_port_or_shared_memory(worker: StandbyWorker) -> None:
-    children = psutil.Process(worker.proc.pid).children(recursive=True)
-    assert len([p for p in children if "sglang::" in title(p)]) == 4  # two engines
+def test_completion_streams_cut_by_the_death_go_on_on_the_standby_token_exactly(
+    worker: StandbyWorker,
+) -> None:
+    before = worker.wait_standby_ready()
+    streams = [Stream("/v1/completions", max_tokens=STREAM_TOKENS) for _ in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        running = [pool.submit(s.run, worker.url) for s in streams]
+        at_kill = wait_all_streaming(streams)
+        scheduler_of(before["engines"]["active"]).kill()
+        for f in running:
+            f.result(timeout=240)
+    print(f"\nstreams at the kill: {at_kill} tokens")
+    assert all(n < STREAM_TOKENS for n in at_kill), "the streams ended before the kill"
+    for s in streams:  # complete, one id, one finish, one usage, [DONE] once, text = ids
+        s.check_complete(worker.url)
+    reference = Stream("/v1/completions", max_tokens=STREAM_TOKENS)  # without a kill
+    reference.run(worker.url)
+    assert all(s.token_ids == reference.token_ids for s in streams)
+    t0 = time.monotonic()
+    while worker.status()["continuations"].get("continued", 0) < len(streams):
+        assert time.monotonic() - t0 < 60, worker.status()["continuations"]
+        time.sleep(0.2)
+    assert "continued on the next engine" in worker.output()
+    assert worker.status()["failovers"] == before["failovers"] + 1
+
+
+def test_sigterm_while_a_new_standby_launches_leaves_no_process_port_or_shared_memory(
+    worker: StandbyWorker,
+) -> None:
+    """Right after the last failover: the new standby is launching in a thread (or has
+    just launched); whatever its launch makes after the stop is killed too."""
+    standby = worker.status()["standby"]
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(60) == 0, worker.output()[-3000:]
-    _, alive = psutil.wait_procs(children, timeout=10)
-    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    t0 = time.monotonic()
+    while left := [p for p in our_processes() if "sglang::" in title(p)]:
+        assert time.monotonic() - t0 < 30, f"left running: {left}"
+        time.sleep(0.5)
+    print(f"\nSIGTERM with the standby {standby}: no engine process left")
     assert port_is_free("127.0.0.1", worker.port)
     assert port_is_free("127.0.0.1", worker.status_port)
     assert set(os.listdir("/dev/shm")) <= worker.shm_before

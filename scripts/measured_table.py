@@ -72,6 +72,8 @@ AB_H100 = "h100/ab-h100-fast-path-2026-12-07.json"
 AB_H100_IDS = "h100/ab-h100-token-ids-2026-12-07.json"
 AB_CPU = "ab-cpu-2core-2026-12-06.json"
 PROFILE_CPU = "profile-worker-cpu-2core-2026-12-07.json"
+PROFILE_H100 = "h100/profile-worker-h100-2026-12-07.json"
+AB_H100_32 = "h100/ab-h100-conc32-2026-12-07.json"
 GATEWAY_KILL_CPU = "gateway-kill-cpu-2core-2026-12-07.json"
 GATEWAY_KILL_SGLANG_CPU = "gateway-kill-cpu-2core-sglang-2026-12-07.json"
 AB_SGLANG_CPU = "ab-cpu-2core-sglang-2026-12-07.json"
@@ -559,8 +561,17 @@ def ab_h100() -> str:
         f"with continuation **{ab_ratio(AB_H100, 'ichat+tracked')}**; on a slower H100 "
         f"(6 blocks): with continuation {ab_ratio(AB_H100_IDS, 'ichat+tracked')}, native "
         f"vLLM whose clients ask for the token ids {ab_ratio(AB_H100_IDS, 'native+ids')} "
-        f"({backticked(AB_H100)}, {backticked(AB_H100_IDS)})"
+        f"({backticked(AB_H100)}, {backticked(AB_H100_IDS)}); 32 streams, 20 blocks: ichat "
+        f"{ab_ratio(AB_H100_32, 'ichat')}, TTFT p50 {ab_diff(AB_H100_32, 'ttft_p50_ms_diff')} "
+        f"ms ({backticked(AB_H100_32)})"
     )
+
+
+def ab_diff(name: str, key: str) -> str:
+    """A latency difference, ichat minus native, over paired blocks: mean [95 % CI]."""
+    low, high = numbers(name, f"summary/ichat/{key}/ci95")
+    mean = number(name, f"summary/ichat/{key}/mean")
+    return f"{signed(mean, 1)} [{signed(low, 1)}, {signed(high, 1)}]"
 
 
 def ab_cpu() -> str:
@@ -571,18 +582,26 @@ def ab_cpu() -> str:
     )
 
 
-def api_cpu_cpu() -> str:
+def api_cpu(name: str) -> str:
     ratio = "summary/ichat/cpu_per_token_ratio"
-    low, high = numbers(PROFILE_CPU, f"{ratio}/ci95")
-    blocks = int(number(PROFILE_CPU, f"{ratio}/blocks"))
-    shares = value(PROFILE_CPU, "profiles/ichat/package_shares")
+    low, high = numbers(name, f"{ratio}/ci95")
+    blocks = int(number(name, f"{ratio}/blocks"))
+    shares = value(name, "profiles/ichat/package_shares")
     ours = float(shares.get("ichat", 0.0)) + float(shares.get("psutil", 0.0))
     return (
-        f"{fmt(number(PROFILE_CPU, f'{ratio}/mean'), 3)} [{fmt(low, 3)}, {fmt(high, 3)}] "
+        f"{fmt(number(name, f'{ratio}/mean'), 3)} [{fmt(low, 3)}, {fmt(high, 3)}] "
         f"over {blocks} paired blocks; py-spy samples of the API process in iChat's code "
         f"and its health monitor's `psutil` calls: {fmt(100 * ours, 1)} % "
-        f"({backticked(PROFILE_CPU)})"
+        f"({backticked(name)})"
     )
+
+
+def api_cpu_h100() -> str:
+    return f"H100, 256 streams × 128 tokens: {api_cpu(PROFILE_H100)}"  # noqa: RUF001
+
+
+def api_cpu_cpu() -> str:
+    return api_cpu(PROFILE_CPU)
 
 
 ROWS = (
@@ -628,7 +647,7 @@ ROWS = (
     ),
     Row(
         "the API process's own CPU per token streamed, ichat / native vLLM, mean [95 % CI]",
-        none,
+        api_cpu_h100,
         api_cpu_cpu,
     ),
     Row(

@@ -1,7 +1,10 @@
-"""`ichat serve --backend sglang --standby` on real SGLang (CPU): one worker, two engines.
+"""`ichat serve --backend sglang --standby` on real SGLang (CPU): one worker, two engines,
+registered with a real SMG (`ichat gateway`, one API key; SMG runs with the main
+environment's Python, see ``conftest.running_gateway``).
 
 kill -9 of the active engine's scheduler → the standby serves on the same port within
-seconds (twice in a row), the chats in flight at the death are answered, the killed
+seconds (twice in a row), through the gateway too, which never loses the worker; the
+chats in flight at the death are answered, the killed
 engine's processes are gone and a new standby appears; completion streams under way at a
 third death go on on the standby token-exactly (``--continuation-limit``); SIGTERM then
 leaves no process, port or /dev/shm file. One worker start (two engine launches) for the
@@ -30,14 +33,15 @@ from tests.support import (
     MODEL_NAME,
     Stream,
     Worker,
-    chat_ok,
     our_processes,
     start_worker,
     wait_all_streaming,
 )
 
-from .conftest import CPU_FLAGS
+from .conftest import CPU_FLAGS, running_gateway
 
+KEY = "sk-ichat-sglang-standby"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 KILL_TO_SERVING_LIMIT = 3.0  # seconds: the issue's bound on the tiny model (CPU)
 STREAM_TOKENS = 900  # several seconds on these 2 cores: the kill lands mid-way
 RESULTS: dict[str, Any] = {}
@@ -47,6 +51,14 @@ RESULTS: dict[str, Any] = {}
 class StandbyWorker(Worker):
     status_port: int = 0
     shm_before: frozenset[str] = frozenset()
+    gateway_url: str = ""
+
+    def routable(self) -> bool:
+        """The gateway lists the worker, healthy and ready."""
+        reply = httpx.get(f"{self.gateway_url}/workers", headers=AUTH, timeout=10)
+        reply.raise_for_status()
+        record = {w["url"]: w for w in reply.json()["workers"]}.get(self.url)
+        return bool(record and record["is_healthy"] and record["status"] == "ready")
 
     def status(self) -> dict[str, Any]:
         reply = httpx.get(f"http://127.0.0.1:{self.status_port}/status", timeout=10)
@@ -69,14 +81,18 @@ def worker(
     wide_margin_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StandbyWorker]:
     status_port = free_port()
-    args = ("--standby", "--continuation-limit", "2", "--status-port", str(status_port),
-            "--model-path", str(wide_margin_model), "--served-model-name", MODEL_NAME,
-            *CPU_FLAGS)  # fmt: skip
     shm_before = set(os.listdir("/dev/shm"))
-    with start_worker(tmp_path_factory.mktemp("sglang-standby"), *args, backend="sglang") as w:
-        sw = StandbyWorker(w.proc, w.port, w.log, status_port, frozenset(shm_before))
-        sw.wait_ready(400, url=f"http://127.0.0.1:{status_port}", path="/readyz")
-        yield sw
+    folder = tmp_path_factory.mktemp("sglang-standby")
+    with running_gateway(KEY) as (_, gateway_url):
+        args = ("--standby", "--continuation-limit", "2", "--status-port", str(status_port),
+                "--model-path", str(wide_margin_model), "--served-model-name", MODEL_NAME,
+                "--api-key", KEY, "--gateway-url", gateway_url, "--gateway-api-key", KEY,
+                *CPU_FLAGS)  # fmt: skip
+        with start_worker(folder, *args, backend="sglang") as w:
+            sw = StandbyWorker(w.proc, w.port, w.log, status_port, frozenset(shm_before),
+                               gateway_url)  # fmt: skip
+            sw.wait_ready(400, url=f"http://127.0.0.1:{status_port}", path="/readyz")
+            yield sw
     print(f"\nSGLang standby figures: {RESULTS}")
 
 
@@ -88,10 +104,19 @@ def scheduler_of(pids: list[int]) -> psutil.Process:
     raise AssertionError(f"no SGLang scheduler among {pids}")
 
 
+def chat_ok(url: str) -> bool:
+    body = {"model": MODEL_NAME, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    except httpx.TransportError:
+        return False
+    return reply.status_code == 200
+
+
 def chats_until(url: str, stop: threading.Event) -> tuple[int, list[str]]:
     """Non-streamed chats one after another until ``stop``: (answered, failures)."""
     answered, failures = 0, []
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=60, headers=AUTH) as client:
         while not stop.is_set():
             body = {"model": MODEL_NAME, "max_tokens": 8,
                     "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
@@ -116,6 +141,11 @@ def test_both_engines_are_reported(worker: StandbyWorker) -> None:
     metrics = httpx.get(f"http://127.0.0.1:{worker.status_port}/metrics", timeout=10).text
     assert 'ichat_worker_standby{state="ready"} 1.0' in metrics
     assert chat_ok(worker.url)
+    t0 = time.monotonic()
+    while not worker.routable():
+        assert time.monotonic() - t0 < 30, "the worker did not register with the gateway"
+        time.sleep(0.2)
+    assert chat_ok(worker.gateway_url)
 
 
 @pytest.mark.parametrize("round_", [1, 2])
@@ -131,7 +161,7 @@ def test_kill_9_of_the_active_engine_is_served_by_the_standby(
         time.sleep(1.0)
         t_kill = time.monotonic()
         os.kill(scheduler.pid, signal.SIGKILL)
-        while not chat_ok(worker.url):
+        while not chat_ok(worker.gateway_url):  # through the gateway
             assert time.monotonic() - t_kill < 60, worker.output()[-3000:]
             time.sleep(0.05)
         serving = time.monotonic() - t_kill
@@ -141,11 +171,14 @@ def test_kill_9_of_the_active_engine_is_served_by_the_standby(
     answered = sum(a for a, _ in outcomes)
     failures = [f for _, fs in outcomes for f in fs]
     RESULTS[f"kill_{round_}_to_serving_s"] = round(serving, 3)
-    print(f"\nfailover {round_}: kill -9 → a chat answered after {serving:.3f} s; "
-          f"{answered} chats under way answered, {len(failures)} failed")  # fmt: skip
+    print(f"\nfailover {round_}: kill -9 → a chat answered through the gateway after "
+          f"{serving:.3f} s; {answered} chats under way answered, {len(failures)} "
+          "failed")  # fmt: skip
     assert answered > 0
     assert failures == []  # the dead engine's were sent again to the standby
     assert serving <= KILL_TO_SERVING_LIMIT
+    assert worker.routable()  # never out of the gateway: back before it could notice
+    assert chat_ok(worker.url)  # the same port
     after = worker.wait_standby_ready()
     assert after["failovers"] == before["failovers"] + 1
     assert after["engines"]["active"] == standby  # the standby serves
@@ -154,7 +187,6 @@ def test_kill_9_of_the_active_engine_is_served_by_the_standby(
     assert after["restarts"] == before["restarts"]  # no restart: the same backend
     for pid in active:  # the killed engine's processes are gone
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
-    assert chat_ok(worker.url)
 
 
 def test_completion_streams_cut_by_the_death_go_on_on_the_standby_token_exactly(
@@ -163,7 +195,7 @@ def test_completion_streams_cut_by_the_death_go_on_on_the_standby_token_exactly(
     before = worker.wait_standby_ready()
     streams = [Stream("/v1/completions", max_tokens=STREAM_TOKENS) for _ in range(3)]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        running = [pool.submit(s.run, worker.url) for s in streams]
+        running = [pool.submit(s.run, worker.url, KEY) for s in streams]
         at_kill = wait_all_streaming(streams)
         scheduler_of(before["engines"]["active"]).kill()
         for f in running:
@@ -171,9 +203,9 @@ def test_completion_streams_cut_by_the_death_go_on_on_the_standby_token_exactly(
     print(f"\nstreams at the kill: {at_kill} tokens")
     assert all(n < STREAM_TOKENS for n in at_kill), "the streams ended before the kill"
     for s in streams:  # complete, one id, one finish, one usage, [DONE] once, text = ids
-        s.check_complete(worker.url)
+        s.check_complete(worker.url, KEY)
     reference = Stream("/v1/completions", max_tokens=STREAM_TOKENS)  # without a kill
-    reference.run(worker.url)
+    reference.run(worker.url, KEY)
     assert all(s.token_ids == reference.token_ids for s in streams)
     t0 = time.monotonic()
     while worker.status()["continuations"].get("continued", 0) < len(streams):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,6 +438,46 @@ class Stream:
         answer = reply.json()
         whole = answer["prompt"] if "prompt" in answer else answer["text"]  # vLLM's, SGLang's
         assert whole == self.text, f"detokenized {whole!r} != streamed {self.text!r}"
+
+
+def chats_until(
+    url: str, stop: threading.Event, headers: dict[str, str] | None = None
+) -> tuple[int, list[str]]:
+    """Non-streamed chats one after another until ``stop``: (answered, failures)."""
+    answered, failures = 0, []
+    with httpx.Client(timeout=60, headers=headers) as client:
+        while not stop.is_set():
+            body = {"model": MODEL_NAME, "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+            try:
+                reply = client.post(f"{url}/v1/chat/completions", json=body)
+            except httpx.HTTPError as exc:
+                failures.append(type(exc).__name__)
+                continue
+            if reply.status_code == 200:
+                answered += 1
+            else:
+                failures.append(f"HTTP {reply.status_code}: {reply.text[:200]}")
+    return answered, failures
+
+
+def wait_standby_ready(
+    status: Callable[[], dict[str, Any]],
+    proc: subprocess.Popen[str],
+    output: Callable[[], str],
+    timeout: float,
+) -> dict[str, Any]:
+    """The worker's ``/status`` once its standby is ready (its engines listed); fail at
+    once if the standby failed or the process exited."""
+    t0 = time.monotonic()
+    while True:
+        current = status()
+        if current["standby"] == "ready" and current["engines"].get("standby"):
+            return current
+        assert current["standby"] != "failed", current
+        assert proc.poll() is None, output()[-3000:]
+        assert time.monotonic() - t0 < timeout, f"no standby ready: {current}"
+        time.sleep(0.5)
 
 
 def wait_all_streaming(streams: list[Stream], tokens: int = 3, timeout: float = 120) -> list[int]:

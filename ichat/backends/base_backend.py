@@ -32,7 +32,7 @@ from ichat.aio import first_completed
 from ichat.backends.compat import Workaround, Workarounds
 from ichat.backends.continuation import Continued
 from ichat.backends.elsewhere import ThisWorkerAgain, ThroughTheGateway
-from ichat.backends.failover import Failover, StandbyReport
+from ichat.backends.failover import Failover, Standby, StandbyReport
 from ichat.backends.monitor import HealthMonitor
 from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.config import WorkerConfig
@@ -109,6 +109,7 @@ class BaseBackend(abc.ABC):
         # told of each failover to a standby, and of each change of the standby
         self.on_failover: Callable[[Failover], None] | None = None
         self.on_standby: Callable[[StandbyReport], None] | None = None
+        self._standby_reason: str | None = None  # why the last standby did not start
         self.on_continuation: Callable[[Continued], None] | None = None
         self._stop_requested = False
         self._stop_requested_at: float | None = None  # the drain starts here (monotonic)
@@ -428,6 +429,26 @@ class BaseBackend(abc.ABC):
     def _report_continuation(self, continued: Continued) -> None:
         if self.on_continuation is not None:
             self.on_continuation(continued)
+
+    def _report_standby_of(
+        self, active: Any, standby: Any, state: Standby | None, reason: str | None
+    ) -> None:
+        """Tell ``on_standby`` the standby's state (``state``, or what ``standby`` is
+        now: an engine with ``pids`` and maybe ``asleep``, or None) and both engines'
+        processes; the reason a standby failed is kept until another state is told."""
+        if state is None:
+            if not self.framework_args.standby:
+                state = Standby.OFF
+            elif standby is None:
+                state = Standby.FAILED if self._standby_reason else Standby.STARTING
+            else:
+                state = Standby.ASLEEP if getattr(standby, "asleep", False) else Standby.READY
+            reason = self._standby_reason if state is Standby.FAILED else None
+        self._standby_reason = reason
+        roles = (("active", active), ("standby", standby))
+        engines = {role: engine.pids for role, engine in roles if engine is not None}
+        if self.on_standby is not None:
+            self.on_standby(StandbyReport(state, reason, engines))
 
     async def fail_over(self) -> dict[str, float] | None:
         """The active engine died: serve a ready standby in its place on the same HTTP

@@ -45,7 +45,7 @@ from ichat.backends import sglang_compat
 from ichat.backends.argmap import flag_value
 from ichat.backends.base_backend import BackendState, BaseBackend
 from ichat.backends.continuation import COMPLETIONS
-from ichat.backends.failover import Standby, StandbyReport
+from ichat.backends.failover import Standby
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.backends.replay import ReplayOnEngineDeath
@@ -93,7 +93,6 @@ class SGLangBackend(BaseBackend):
         self._active: SGLangEngine | None = None
         self._standby: SGLangEngine | None = None
         self._standby_task: asyncio.Task[None] | None = None
-        self._standby_reason: str | None = None  # why the last standby did not start
         self._retired: list[SGLangEngine] = []  # dead or replaced, being closed
         self._app: Any = None
         self._stop_server: Any = None  # SGLang's hook to stop the HTTP server
@@ -473,22 +472,7 @@ class SGLangBackend(BaseBackend):
         await self._start_standby()
 
     def _report_standby(self, state: Standby | None = None, reason: str | None = None) -> None:
-        if state is None:
-            if not self.framework_args.standby:
-                state = Standby.OFF
-            elif self._standby is None:
-                state = Standby.FAILED if self._standby_reason else Standby.STARTING
-            else:
-                state = Standby.READY
-            reason = self._standby_reason if state is Standby.FAILED else None
-        self._standby_reason = reason
-        engines = {
-            role: engine.pids
-            for role, engine in (("active", self._active), ("standby", self._standby))
-            if engine is not None
-        }
-        if self.on_standby is not None:
-            self.on_standby(StandbyReport(state, reason, engines))
+        self._report_standby_of(self._active, self._standby, state, reason)
 
     async def abort_requests(self) -> None:
         if self._launched is not None:

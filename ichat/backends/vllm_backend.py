@@ -23,7 +23,7 @@ from ichat.backends import vllm_compat
 from ichat.backends.app_switch import AppSwitch, InstalledApp
 from ichat.backends.argmap import rename_flags
 from ichat.backends.base_backend import BackendState, BaseBackend, freeze_before_fork
-from ichat.backends.failover import Standby, StandbyReport
+from ichat.backends.failover import Standby
 from ichat.backends.model_path import check_model_path
 from ichat.backends.reloaded import Reloaded, ReloadMethod
 from ichat.backends.replay import ReplayOnEngineDeath
@@ -67,7 +67,6 @@ class VLLMBackend(BaseBackend):
         self._retired: list[VLLMEngine] = []  # dead engines, closed in the background
         self._standby_task: asyncio.Task[None] | None = None
         self._sleep_mode = False  # a standby sleeps (level 1) while it waits
-        self._standby_reason: str | None = None  # why the last standby did not start
         self._watched: list[psutil.Process] | None = None
         self._app: Any = None
         self._switch: AppSwitch | None = None  # what the HTTP server serves
@@ -366,22 +365,7 @@ class VLLMBackend(BaseBackend):
         await self._start_standby()
 
     def _report_standby(self, state: Standby | None = None, reason: str | None = None) -> None:
-        if state is None:
-            if not self.framework_args.standby:
-                state = Standby.OFF
-            elif self._standby is None:
-                state = Standby.FAILED if self._standby_reason else Standby.STARTING
-            else:
-                state = Standby.ASLEEP if self._standby.asleep else Standby.READY
-            reason = self._standby_reason if state is Standby.FAILED else None
-        self._standby_reason = reason
-        engines = {
-            role: engine.pids
-            for role, engine in (("active", self._active), ("standby", self._standby))
-            if engine is not None
-        }
-        if self.on_standby is not None:
-            self.on_standby(StandbyReport(state, reason, engines))
+        self._report_standby_of(self._active, self._standby, state, reason)
 
     @staticmethod
     async def _tasks_of(client: Any) -> tuple[str, ...]:

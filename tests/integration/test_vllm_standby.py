@@ -28,12 +28,14 @@ from tests.support import (
     STREAM_TOKENS,
     Stream,
     chat_ok,
+    chats_until,
     console_noise,
     ichat_cmd,
     our_processes,
     reap_zombies,
     running,
     wait_all_streaming,
+    wait_standby_ready,
 )
 
 pytest.importorskip("smg", reason="`ichat up` needs smg (ichat[gateway])")
@@ -64,15 +66,7 @@ class Fleet:
         return reply.json()  # type: ignore[no-any-return]
 
     def wait_standby_ready(self, timeout: float = 600) -> dict[str, Any]:
-        t0 = time.monotonic()
-        while True:
-            status = self.status()
-            if status["standby"] == "ready" and status["engines"].get("standby"):
-                return status
-            assert status["standby"] != "failed", status
-            assert self.up.poll() is None, self.follower.output()[-3000:]
-            assert time.monotonic() - t0 < timeout, f"no standby ready: {status}"
-            time.sleep(0.5)
+        return wait_standby_ready(self.status, self.up, self.follower.output, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -143,25 +137,6 @@ def engine_core(pids: list[int]) -> psutil.Process:
         if "EngineCore" in title(proc):
             return proc
     raise AssertionError(f"no EngineCore among {pids}")
-
-
-def chats_until(url: str, stop: threading.Event) -> tuple[int, list[str]]:
-    """Non-streamed chats one after another until ``stop``: (answered, failures)."""
-    answered, failures = 0, []
-    with httpx.Client(timeout=60) as client:
-        while not stop.is_set():
-            body = {"model": "tiny-chat", "max_tokens": 8,
-                    "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
-            try:
-                reply = client.post(f"{url}/v1/chat/completions", json=body)
-            except httpx.HTTPError as exc:
-                failures.append(type(exc).__name__)
-                continue
-            if reply.status_code == 200:
-                answered += 1
-            else:
-                failures.append(f"HTTP {reply.status_code}: {reply.text[:200]}")
-    return answered, failures
 
 
 @pytest.mark.parametrize("round_", [1, 2])

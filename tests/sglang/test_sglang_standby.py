@@ -33,9 +33,11 @@ from tests.support import (
     MODEL_NAME,
     Stream,
     Worker,
+    chats_until,
     our_processes,
     start_worker,
     wait_all_streaming,
+    wait_standby_ready,
 )
 
 from .conftest import CPU_FLAGS, running_gateway
@@ -65,15 +67,7 @@ class StandbyWorker(Worker):
         return reply.json()  # type: ignore[no-any-return]
 
     def wait_standby_ready(self, timeout: float = 300) -> dict[str, Any]:
-        t0 = time.monotonic()
-        while True:
-            status = self.status()
-            if status["standby"] == "ready" and status["engines"].get("standby"):
-                return status
-            assert status["standby"] != "failed", status
-            assert self.proc.poll() is None, self.output()[-3000:]
-            assert time.monotonic() - t0 < timeout, f"no standby ready: {status}"
-            time.sleep(0.5)
+        return wait_standby_ready(self.status, self.proc, self.output, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -113,25 +107,6 @@ def chat_ok(url: str) -> bool:
     return reply.status_code == 200
 
 
-def chats_until(url: str, stop: threading.Event) -> tuple[int, list[str]]:
-    """Non-streamed chats one after another until ``stop``: (answered, failures)."""
-    answered, failures = 0, []
-    with httpx.Client(timeout=60, headers=AUTH) as client:
-        while not stop.is_set():
-            body = {"model": MODEL_NAME, "max_tokens": 8,
-                    "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
-            try:
-                reply = client.post(f"{url}/v1/chat/completions", json=body)
-            except httpx.HTTPError as exc:
-                failures.append(type(exc).__name__)
-                continue
-            if reply.status_code == 200:
-                answered += 1
-            else:
-                failures.append(f"HTTP {reply.status_code}: {reply.text[:200]}")
-    return answered, failures
-
-
 def test_both_engines_are_reported(worker: StandbyWorker) -> None:
     status = worker.wait_standby_ready()
     engines = status["engines"]
@@ -157,7 +132,7 @@ def test_kill_9_of_the_active_engine_is_served_by_the_standby(
     scheduler = scheduler_of(active)
     stop = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        load = [pool.submit(chats_until, worker.url, stop) for _ in range(4)]
+        load = [pool.submit(chats_until, worker.url, stop, AUTH) for _ in range(4)]
         time.sleep(1.0)
         t_kill = time.monotonic()
         os.kill(scheduler.pid, signal.SIGKILL)

@@ -62,3 +62,11 @@ async def in_a_thread(fn: Callable[[], T], *, name: str, on_abandoned: Callable[
 
     threading.Thread(target=target, name=name, daemon=True).start()
     return await future
+
+
+async def cancelled(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` if it still runs, and wait until it has ended (never raising
+    what it raised, nor swallowing a cancellation of the caller)."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task})

@@ -40,6 +40,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from ichat.aio import cancelled
 from ichat.auth import bearer_headers
 from ichat.backends import sglang_compat
 from ichat.backends.argmap import flag_value
@@ -223,11 +224,8 @@ class SGLangBackend(BaseBackend):
         sglang_compat.start_tokenizer_manager_loop(launched, self.workarounds)
 
     async def _stop_engine(self) -> None:
-        if self._standby_task is not None:
-            self._standby_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._standby_task
-            self._standby_task = None
+        await cancelled(self._standby_task)
+        self._standby_task = None
         engines = [e for e in (self._standby, self._active, *self._retired) if e is not None]
         for engine in engines:
             sglang_compat.cancel_tokenizer_manager_tasks(engine.launched)

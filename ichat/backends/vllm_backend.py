@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
 
+from ichat.aio import cancelled
 from ichat.auth import bearer_headers
 from ichat.backends import vllm_compat
 from ichat.backends.app_switch import AppSwitch, InstalledApp
@@ -229,14 +230,33 @@ class VLLMBackend(BaseBackend):
         """Shut every engine down: one a reload is starting, the standby (or the one
         starting), the active, and dead or replaced ones still being closed."""
         for task in (self._reload_task, self._standby_task):
-            await _cancelled(task)
+            await cancelled(task)
         self._standby_task = None
-        engines = [self._standby, self._active, *self._retired]
+        active = self._active
+        if active is not None and isinstance(self.failure, EngineDiedError):
+            # what the dead engine cut goes on elsewhere only once vLLM has ended it
+            await self._vllms_verdict(active)
+        engines = [self._standby, active, *self._retired]
         self._standby = self._active = None
         self._retired = []
         for engine in engines:
             if engine is not None:
                 await engine.stack.aclose()
+
+    @staticmethod
+    async def _vllms_verdict(dead: VLLMEngine) -> None:
+        """Wait (at most ``DEAD_ENGINE_VERDICT_S``) until vLLM has seen its engine dead:
+        its output handler then ends every request still waiting on that engine with an
+        error, which the worker continues or runs again (on a standby, the restarted
+        engine, another worker); a client shut down before that leaves them waiting
+        until the drain deadline (seen in CI: the streams a death cut, to be continued
+        on the restarted engine, hung)."""
+        t0 = time.monotonic()
+        while not vllm_compat.engine_has_errored(dead.client):
+            if time.monotonic() - t0 > DEAD_ENGINE_VERDICT_S:
+                logger.warning("vLLM did not see its engine dead in %g s", DEAD_ENGINE_VERDICT_S)
+                return
+            await asyncio.sleep(0.02)
 
     def _watch_engine_processes(self) -> list[psutil.Process]:
         """vLLM's own processes among those the active engine's start left."""
@@ -346,14 +366,7 @@ class VLLMBackend(BaseBackend):
         unlink the shared memory it left, then start a new standby."""
         self._retired.append(dead)
         t0 = time.monotonic()
-        # vLLM's own verdict first: its output handler then ends every request still
-        # waiting on the dead engine with an error; a client shut down before that
-        # would leave them waiting forever
-        while not vllm_compat.engine_has_errored(dead.client):
-            if time.monotonic() - t0 > DEAD_ENGINE_VERDICT_S:
-                logger.warning("vLLM did not see its engine dead in %g s", DEAD_ENGINE_VERDICT_S)
-                break
-            await asyncio.sleep(0.02)
+        await self._vllms_verdict(dead)  # before its client is shut down
         deadlines = self.framework_args.deadlines
         # in a thread: reaping waits, and the loop serves the new active engine meanwhile
         await asyncio.to_thread(
@@ -619,7 +632,7 @@ class VLLMBackend(BaseBackend):
     async def _renew_standby_in_the_background(self) -> None:
         """After a reload the standby runs the old configuration or weights: stop the
         one starting, if any, and replace it by one of the new, in the background."""
-        await _cancelled(self._standby_task)
+        await cancelled(self._standby_task)
         self._report_standby(Standby.STARTING)
         self._standby_task = asyncio.create_task(self._renew_standby())
 
@@ -729,13 +742,6 @@ def _served_model_names_of(args: Any) -> list[str]:
 
 def _served_model_name_of(args: Any) -> str:
     return _served_model_names_of(args)[0]
-
-
-async def _cancelled(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` if it still runs, and wait until it has ended."""
-    if task is not None and not task.done():
-        task.cancel()
-        await asyncio.wait({task})
 
 
 def _api_key_of(args: Any) -> str | None:

@@ -26,6 +26,9 @@ class SGLangEngine:
     launched: sglang_compat.Launched
     args: Any  # its own ServerArgs (SGLang resolves and publishes each once)
     processes: list[psutil.Process]  # appeared while it launched
+    # its scheduler(s) and detokenizer (not multiprocessing's helpers): told apart once,
+    # not at each of the health monitor's checks
+    watched: list[psutil.Process]
     dead: asyncio.Event = field(default_factory=asyncio.Event)
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
@@ -41,12 +44,8 @@ class SGLangEngine:
             processes.kill(processes.with_descendants(started), 10.0)
             raise
         started = [p for p in processes.children() if p.pid not in before]
-        return cls(launched, args, started)
-
-    @property
-    def watched(self) -> list[psutil.Process]:
-        """Its scheduler(s) and detokenizer (not multiprocessing's helpers)."""
-        return [p for p in self.processes if not processes.is_python_helper(p)]
+        watched = [p for p in started if not processes.is_python_helper(p)]
+        return cls(launched, args, started, watched)
 
     @property
     def pids(self) -> list[int]:

@@ -9,8 +9,9 @@ VENV=${ICHAT_SGLANG_VENV:-.venv-sglang}
 # Pinned exactly: the CPU test stand-in for SGLang's kernel package
 # (tests/sglang_cpu_kernel) provides the kernel names this release imports.
 SGLANG=sglang==0.5.23
-# bench: the SGLang tests run bench/leak_check.py, which writes its plot (matplotlib)
-EXTRAS="test,bench"
+# bench: the SGLang tests run bench/leak_check.py, which writes its plot (matplotlib);
+# gateway: they run `ichat up --backend sglang`, which starts SMG with this Python
+EXTRAS="test,bench,gateway"
 STAMP="$VENV/.ichat-setup"
 WANT=$( (cat pyproject.toml; echo "$SGLANG $EXTRAS") | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then

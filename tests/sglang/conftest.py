@@ -10,6 +10,7 @@ processes import it too. One engine start per module.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -63,6 +64,10 @@ def wide_margin_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def gateway_python() -> str:
+    """This Python when smg is installed beside SGLang (scripts/setup-sglang-env.sh
+    installs it), else ICHAT_GATEWAY_PYTHON or the main environment's."""
+    if importlib.util.find_spec("smg") is not None:
+        return sys.executable
     given = os.environ.get("ICHAT_GATEWAY_PYTHON")
     if given:
         return given
@@ -74,8 +79,8 @@ def gateway_python() -> str:
 
 @contextlib.contextmanager
 def running_gateway(key: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A real SMG (`ichat gateway`, one API key) with the main environment's Python
-    (SMG is installed there, not in SGLang's); the process and its URL."""
+    """A real SMG (`ichat gateway`, one API key) run by ``gateway_python()``; the
+    process and its URL."""
     port, metrics_port = free_port(), free_port()
     gateway = subprocess.Popen(
         [gateway_python(), "-m", "ichat", "gateway", "--port", str(port),

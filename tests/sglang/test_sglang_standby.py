@@ -1,13 +1,12 @@
-"""`ichat serve --backend sglang --standby` on real SGLang (CPU): one worker, two engines,
-registered with a real SMG (`ichat gateway`, one API key; SMG runs with the main
-environment's Python, see ``conftest.running_gateway``).
+"""`ichat up --backend sglang --standby` on real SGLang (CPU): the gateway (a real SMG)
+and one worker with two engines, as a user starts them.
 
 kill -9 of the active engine's scheduler → the standby serves on the same port within
 seconds (twice in a row), through the gateway too, which never loses the worker; the
 chats in flight at the death are answered, the killed
 engine's processes are gone and a new standby appears; completion streams under way at a
 third death go on on the standby token-exactly (``--continuation-limit``); SIGTERM then
-leaves no process, port or /dev/shm file. One worker start (two engine launches) for the
+leaves no process, port or /dev/shm file. One start (two engine launches) for the
 module, on the tiny Llama with wide greedy margins (its choices do not flip with the
 batch, so a continued stream can equal one run without a kill).
 """
@@ -17,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,13 +34,14 @@ from tests.support import (
     Stream,
     Worker,
     chats_until,
+    ichat_cmd,
     our_processes,
-    start_worker,
+    reap_zombies,
     wait_all_streaming,
     wait_standby_ready,
 )
 
-from .conftest import CPU_FLAGS, running_gateway
+from .conftest import CPU_FLAGS
 
 KEY = "sk-ichat-sglang-standby"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -74,19 +75,32 @@ class StandbyWorker(Worker):
 def worker(
     wide_margin_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StandbyWorker]:
-    status_port = free_port()
-    shm_before = set(os.listdir("/dev/shm"))
-    folder = tmp_path_factory.mktemp("sglang-standby")
-    with running_gateway(KEY) as (_, gateway_url):
-        args = ("--standby", "--continuation-limit", "2", "--status-port", str(status_port),
-                "--model-path", str(wide_margin_model), "--served-model-name", MODEL_NAME,
-                "--api-key", KEY, "--gateway-url", gateway_url, "--gateway-api-key", KEY,
-                *CPU_FLAGS)  # fmt: skip
-        with start_worker(folder, *args, backend="sglang") as w:
-            sw = StandbyWorker(w.proc, w.port, w.log, status_port, frozenset(shm_before),
-                               gateway_url)  # fmt: skip
-            sw.wait_ready(400, url=f"http://127.0.0.1:{status_port}", path="/readyz")
-            yield sw
+    pytest.importorskip("smg", reason="`ichat up` needs smg (ichat[gateway])")
+    port, worker_port, status_port = free_port(), free_port(), free_port()
+    shm_before = frozenset(os.listdir("/dev/shm"))
+    log = tmp_path_factory.mktemp("sglang-standby") / "up.log"
+    args = ("--backend", "sglang", "--standby", "--continuation-limit", "2", "--api-key", KEY,
+            "--port", str(port), "--worker-port", str(worker_port),
+            "--status-port", str(status_port), "--prometheus-port", str(free_port()),
+            "--model-path", str(wide_margin_model), "--served-model-name", MODEL_NAME,
+            *CPU_FLAGS)  # fmt: skip
+    with log.open("w") as out:
+        up = subprocess.Popen(
+            ichat_cmd("up", *args), stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+    sw = StandbyWorker(up, worker_port, log, status_port, shm_before, f"http://127.0.0.1:{port}")
+    try:
+        sw.wait_ready(400, url=f"http://127.0.0.1:{status_port}", path="/readyz")
+        t0 = time.monotonic()
+        while "OpenAI endpoint:" not in sw.output():  # the gateway lists the worker
+            assert up.poll() is None and time.monotonic() - t0 < 60, sw.output()[-4000:]
+            time.sleep(0.2)
+        yield sw
+    finally:
+        if up.poll() is None:  # a test failed before the stop test ran
+            up.send_signal(signal.SIGINT)
+            up.wait(120)
+        reap_zombies()
     print(f"\nSGLang standby figures: {RESULTS}")
 
 
@@ -203,6 +217,6 @@ def test_sigterm_while_a_new_standby_launches_leaves_no_process_port_or_shared_m
         assert time.monotonic() - t0 < 30, f"left running: {left}"
         time.sleep(0.5)
     print(f"\nSIGTERM with the standby {standby}: no engine process left")
-    assert port_is_free("127.0.0.1", worker.port)
-    assert port_is_free("127.0.0.1", worker.status_port)
+    for port in (worker.port, worker.status_port, int(worker.gateway_url.rsplit(":", 1)[1])):
+        assert port_is_free("127.0.0.1", port)
     assert set(os.listdir("/dev/shm")) <= worker.shm_before

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network), after the vLLM 0.26.0 wheels were installed into
 # /tmp/site (../shared/gpu/README.md): run the GPU suite or the benchmark from the repo.
-#   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|loadgen|profile|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|faults|failover|continuation|reload|roll|startphases|leak OUT_DIR
+#   bash bench/gpu/device_run.sh tests|standby|tp|bench|ab|loadgen|profile|gateway|gateway-sbs|gateway-workers|gateway+bench|sglang|sglang-standby|sglang-failover|sglang-ab|faults|failover|continuation|reload|roll|startphases|leak OUT_DIR
 # faults: kill -9 of EngineCore (KILLS times) and SIGTERM drains (INFLIGHT streams).
 # startphases: vLLM's engine started once per PLANS entry in one process, forked (off;
 #   plan: its startup plan; frozen: the parent's heap frozen first, as the worker does),
@@ -31,6 +31,10 @@
 # gateway-sbs: the gateway benchmark with both paths streaming at the same time.
 # gateway-workers: throughput via the gateway vs direct with 1 and 2 workers on one GPU
 #   (WORKERS="1 2", CONFIGS="ichat", PROMPTS=distinct: every request its own prompt).
+# sglang-standby / sglang-failover (same SGLang site): tests/gpu/test_gpu_sglang_standby.py,
+# and bench_failover.py --engine sglang (MODES, KILLS, FRACTION: --mem-fraction-static);
+# sglang-ab: bench_ab.py --engine sglang, SGLang's own server and ichat side by side (each
+# server's --mem-fraction-static is of the memory free when it starts).
 # sglang: after the SGLang 0.5.16 site was unpacked into /tmp/site (dev_install.sh of
 # ../shared/gpu/sglang-0.5.16); native launch_server vs ichat serve, with a kill -9 test.
 # gateway+bench (2 GPUs): the gateway benchmark on GPU 0 and the vLLM comparison on GPU 1
@@ -90,6 +94,20 @@ case $MODE in
            --sampling-backend pytorch --mem-fraction-static 0.8 --cuda-graph-max-bs 256 \
            --disable-piecewise-cuda-graph 2>&1 | tee $OUT/bench-sglang.log | grep -v "^\[20" | tail -n 30
          cp /tmp/bench-sglang/sglang-inprocess-vs-native-h200.* /tmp/bench-sglang/*.log $OUT/ ;;
+  sglang-standby) ICHAT_RESULTS_SGLANG_STANDBY=$OUT/gpu-sglang-standby-results.json python3 -m pytest \
+           tests/gpu/test_gpu_sglang_standby.py -x -v -p no:cacheprovider 2>&1 | tail -n 25; rc=${PIPESTATUS[0]} ;;
+  sglang-failover) M=${MODES:-standby restart}
+           python3 bench/bench_failover.py --engine sglang --model-path $ICHAT_GPU_MODEL \
+           --kills ${KILLS:-3} --modes $M --out $OUT --tag ${TAG:-gpu-sglang} -- \
+           --attention-backend fa3 --sampling-backend pytorch --disable-piecewise-cuda-graph \
+           --context-length 2048 --mem-fraction-static ${FRACTION:-0.45} ${EXTRA---enable-memory-saver} 2>&1 \
+           | tee $OUT/bench-failover-sglang-${M// /-}.log | grep "^\[" ;;
+  sglang-ab) python3 bench/bench_ab.py --engine sglang --model-path $ICHAT_GPU_MODEL \
+           --blocks ${BLOCKS:-16} --configs native ichat --concurrency ${CONC:-32} \
+           --requests ${REQUESTS:-384} --max-tokens ${TOKENS:-128} --client-processes 8 \
+           --out $OUT --tag ${TAG:-gpu-sglang} -- --attention-backend fa3 --sampling-backend pytorch \
+           --disable-piecewise-cuda-graph --context-length 2048 \
+           --mem-fraction-static ${FRACTION:-0.4} 2>&1 | tee $OUT/bench-ab-sglang.log | grep "^start\|wrote" ;;
   faults) python3 bench/bench_faults.py --model-path $ICHAT_GPU_MODEL --kills ${KILLS:-2} \
            --inflight ${INFLIGHT:-0 16 128} --tokens 1024 --out $OUT --tag h200 \
            -- --max-model-len 2048 --gpu-memory-utilization 0.85 2>&1 \

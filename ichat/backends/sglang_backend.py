@@ -25,9 +25,13 @@ What iChat does instead of SGLang's standalone launcher, and why:
   again in a thread after each failover, while the active one serves), idle. SGLang's
   app serves the engine in its module-level ``_global_state``; a failover makes the
   standby's current there (``set_global_state``) and enters SGLang's own app lifespan
-  for it, which binds the OpenAI handlers on ``app.state`` to it. SGLang's sleep
-  (``release_memory_occupation``, with ``--enable-memory-saver``) is not used: on a GPU
-  the standby holds its own ``--mem-fraction-static`` share.
+  for it, which binds the OpenAI handlers on ``app.state`` to it. With SGLang's own
+  ``--enable-memory-saver`` (CUDA and ``torch-memory-saver``) the standby sleeps: every
+  engine also gets ``--enable-weights-cpu-backup``; a ready standby gives its GPU memory
+  back (``release_memory_occupation``: weights kept in host memory, KV cache and CUDA
+  graphs' memory freed), and a failover kills what is left of the dead engine, then
+  takes the memory again (``resume_memory_occupation``). Without it the standby keeps
+  its memory.
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ class SGLangBackend(BaseBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._active: SGLangEngine | None = None
         self._standby: SGLangEngine | None = None
+        self._sleep = False  # a standby gives its GPU memory back while it waits
+        self._said_the_standby_keeps_its_memory = False
         self._standby_task: asyncio.Task[None] | None = None
         self._retired: list[SGLangEngine] = []  # dead or replaced, being closed
         self._app: Any = None
@@ -133,6 +139,7 @@ class SGLangBackend(BaseBackend):
             self._reject_unsupported_modes(server_args)
             if config.standby:
                 self._check_a_standby_fits(server_args)
+                self._let_the_standby_sleep(server_args)
             self._check_the_gateways_key(server_args, config)
             server_args.skip_server_warmup = True  # iChat warms up (see the module docstring)
             server_args.custom_sigquit_handler = self._failure_report
@@ -181,6 +188,25 @@ class SGLangBackend(BaseBackend):
                 "server to that one port; drop one of the two"
             )
 
+    def _let_the_standby_sleep(self, server_args: Any) -> None:
+        """With SGLang's own ``--enable-memory-saver`` (CUDA, ``torch-memory-saver``):
+        the standby gives its GPU memory back while it waits, its weights kept in host
+        memory (``--enable-weights-cpu-backup``, set here: they are not read again).
+        Without it, on CUDA, each engine keeps its memory, which is said once."""
+        self._sleep = bool(getattr(server_args, "enable_memory_saver", False))
+        if self._sleep:
+            server_args.enable_weights_cpu_backup = True
+            if hasattr(server_args, "enable_draft_weights_cpu_backup"):
+                server_args.enable_draft_weights_cpu_backup = True
+        elif not self._said_the_standby_keeps_its_memory and sglang_compat.on_cuda(server_args):
+            self._said_the_standby_keeps_its_memory = True
+            logger.warning(
+                "--standby without --enable-memory-saver: the standby keeps its GPU memory "
+                "(--mem-fraction-static of what is free when it starts, so the active engine "
+                "gets that share of the rest); with --enable-memory-saver "
+                "(torch-memory-saver installed) it gives its memory back while it waits"
+            )
+
     @staticmethod
     def _check_the_gateways_key(server_args: Any, config: WorkerConfig) -> None:
         """SMG sends the worker each client's own ``Authorization`` header (the gateway's
@@ -214,7 +240,11 @@ class SGLangBackend(BaseBackend):
         self._active = active = SGLangEngine.launch(self._api, self._backend_args)
         sglang_compat.record_launch_workarounds(active.launched, self.workarounds)
         self._started(active)
-        logger.info("watching engine processes %s", active.pids)
+        logger.info(
+            "watching engine processes %s (KV cache %s tokens)",
+            active.pids,
+            active.launched.scheduler_info.get("max_total_num_tokens"),
+        )
         self._report_standby()
 
     def _started(self, engine: SGLangEngine) -> None:
@@ -405,6 +435,7 @@ class SGLangBackend(BaseBackend):
         manager's loops. A standby that cannot start is reported, not raised."""
         self._report_standby(Standby.STARTING)
         t0 = time.monotonic()
+        engine: SGLangEngine | None = None
         try:
             args = self.parse_args(self.framework_args, self.backend_argv)
             async with self.recording_engine_shm():
@@ -413,7 +444,12 @@ class SGLangBackend(BaseBackend):
                 else:  # at boot: blocks the loop as the active engine's launch does
                     engine = SGLangEngine.launch(self._api, args)
             self._started(engine)
+            if self._sleep:
+                await sglang_compat.release_memory(engine.launched)
+                engine.asleep = True
         except Exception as exc:
+            if engine is not None:  # launched, then failed to start or to sleep
+                await engine.close(self.framework_args.deadlines.terminate)
             self._unlink_engine_shm_left_behind()  # what a start that failed left
             logger.error("the standby engine did not start: %s", exc)
             self._report_standby(Standby.FAILED, f"{type(exc).__name__}: {exc}")
@@ -421,7 +457,12 @@ class SGLangBackend(BaseBackend):
         self._standby = engine
         self.phase_seconds["standby_start"] = time.monotonic() - t0
         self._record_engine_shm()
-        logger.info("standby engine ready (processes %s)", engine.pids)
+        logger.info(
+            "standby engine %s (processes %s; KV cache %s tokens)",
+            "asleep" if engine.asleep else "ready",
+            engine.pids,
+            engine.launched.scheduler_info.get("max_total_num_tokens"),
+        )
         self._report_standby()
 
     def _standby_died(self, standby: SGLangEngine) -> None:
@@ -437,8 +478,16 @@ class SGLangBackend(BaseBackend):
                 logger.error("the standby engine is dead too (processes %s)", standby.pids)
             return None
         self._standby = None
+        phases: dict[str, float] = {}
         t0 = time.monotonic()
         try:
+            if standby.asleep:
+                # the dead engine's GPU memory free first: the standby takes it
+                await dead.kill(self.framework_args.deadlines.terminate)
+                await _resumed(standby)
+                standby.asleep = False
+                phases["failover_wake"] = time.monotonic() - t0
+            t1 = time.monotonic()
             sglang_compat.serve(self._api, standby.launched)
             # SGLang's lifespan binds its OpenAI handlers to the engine it serves
             state = await sglang_compat.enter_serving_state(self._api, standby.args, standby.stack)
@@ -452,7 +501,7 @@ class SGLangBackend(BaseBackend):
             sglang_compat.set_server_stop_hook(standby.launched, self._stop_server)
         self._active = standby
         dead.dead.set()  # what it served ends now, and goes on on the standby
-        phases = {"failover_switch": time.monotonic() - t0}
+        phases["failover_switch"] = time.monotonic() - t1
         logger.info("the standby engine %s is active", standby.pids)
         self._report_standby(Standby.STARTING)  # its replacement, next
         self._standby_task = asyncio.create_task(self._replace_standby(dead))
@@ -549,6 +598,24 @@ async def _launched_beside(api: sglang_compat.SGLangServerAPI, args: Any) -> SGL
     except asyncio.CancelledError:
         launch.add_done_callback(_abandoned)
         raise
+
+
+async def _resumed(standby: SGLangEngine, limit: float = 300.0) -> None:
+    """The standby's GPU memory taken again (SGLang's ``resume_memory_occupation``),
+    given up if one of its processes dies meanwhile (SGLang's call would wait for its
+    reply for ever) or after ``limit`` seconds."""
+    resume = asyncio.ensure_future(sglang_compat.resume_memory(standby.launched))
+    t0 = time.monotonic()
+    try:
+        while not resume.done():
+            await asyncio.wait({resume}, timeout=0.05)
+            if dead := standby.dead_processes():
+                raise EngineDiedError(f"the standby's process {dead[0].pid} died as it woke")
+            if time.monotonic() - t0 > limit:
+                raise EngineDiedError(f"the standby did not wake within {limit:.0f} s")
+    finally:
+        await cancelled(resume)
+    resume.result()
 
 
 def _abandoned(launch: asyncio.Future[SGLangEngine]) -> None:

@@ -32,6 +32,7 @@ from ichat.errors import ConfigError, EngineNotInstalledError
 logger = logging.getLogger("ichat.sglang")
 
 HTTP_SERVER = "sglang.srt.entrypoints.http_server"
+IO_STRUCT = "sglang.srt.managers.io_struct"
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "ServerArgs": ("sglang.srt.server_args",),
     "prepare_server_args": ("sglang.srt.server_args",),
@@ -235,6 +236,39 @@ class _AppStandIn:
         return {"server_args": self.server_args}
 
 
+def on_cuda(server_args: Any) -> bool:
+    """Whether the engine runs on CUDA (``--device``, or what SGLang itself picks)."""
+    device = getattr(server_args, "device", None)
+    if device is None:
+        get_device = find("get_device", ("sglang.srt.utils.common", "sglang.srt.utils"))
+        try:  # SGLang's own choice (it raises where it finds no device it knows)
+            device = get_device() if get_device is not None else None
+        except (RuntimeError, ImportError):
+            return False
+    return str(device).split(":", 1)[0] == "cuda"
+
+
+def _memory_call(launched: Launched, action: str) -> Any:
+    """The tokenizer manager's ``{action}_memory_occupation`` for every kind of GPU
+    memory (weights, KV cache, CUDA graphs), as SGLang's own endpoint calls it."""
+    request_cls = find(f"{action.title()}MemoryOccupationReqInput", (IO_STRUCT,))
+    method = getattr(launched.tokenizer_manager, f"{action}_memory_occupation", None)
+    if request_cls is None or method is None:
+        raise ConfigError(f"this SGLang has no {action}_memory_occupation")
+    return method(request_cls(), None)
+
+
+async def release_memory(launched: Launched) -> None:
+    """The engine's GPU memory given back (its weights kept in host memory with
+    ``--enable-weights-cpu-backup``); the engine must be idle."""
+    await _memory_call(launched, "release")
+
+
+async def resume_memory(launched: Launched) -> None:
+    """The engine's GPU memory taken again, its weights copied back."""
+    await _memory_call(launched, "resume")
+
+
 def context_len(launched: Launched) -> int:
     """The engine's context length (``--context-length`` or the model's)."""
     return int(launched.tokenizer_manager.context_len)
@@ -295,7 +329,7 @@ def weight_reloader(launched: Launched) -> Callable[[str], Any] | None:
     a coroutine function of the model path whose result starts with (success,
     message). None when this SGLang has no such function."""
     update = getattr(launched.tokenizer_manager, "update_weights_from_disk", None)
-    request_cls = find("UpdateWeightFromDiskReqInput", ("sglang.srt.managers.io_struct",))
+    request_cls = find("UpdateWeightFromDiskReqInput", (IO_STRUCT,))
     if update is None or request_cls is None:
         return None
 
@@ -354,8 +388,11 @@ __all__ = [
     "keep_alive_seconds",
     "launch",
     "load",
+    "on_cuda",
     "record_launch_workarounds",
     "record_release_workarounds",
+    "release_memory",
+    "resume_memory",
     "serve",
     "set_server_stop_hook",
     "start_tokenizer_manager_loop",

@@ -3,7 +3,9 @@
 A worker with ``--standby`` holds two: the active engine, whose tokenizer manager
 SGLang's app serves (its module-level ``_global_state``), and a standby, launched with
 the same flags in a thread while the active one serves, idle until the active one dies.
-Each keeps the processes that appeared while it launched (its scheduler(s) and
+On a GPU the standby sleeps: its weights kept in host memory, its GPU memory (weights,
+KV cache, CUDA graphs) given back (SGLang's ``release_memory_occupation``) and taken again
+at a failover. Each keeps the processes that appeared while it launched (its scheduler(s) and
 detokenizer), its own death (an event the requests it served wait on), and an exit
 stack: SGLang's app lifespan entered for it when it became active after a failover.
 """
@@ -30,6 +32,7 @@ class SGLangEngine:
     # not at each of the health monitor's checks
     watched: list[psutil.Process]
     dead: asyncio.Event = field(default_factory=asyncio.Event)
+    asleep: bool = False  # a standby's GPU memory released (SGLang's memory saver)
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     @classmethod
@@ -54,13 +57,18 @@ class SGLangEngine:
     def dead_processes(self) -> list[psutil.Process]:
         return processes.not_running(self.watched)
 
+    async def kill(self, deadline: float) -> None:
+        """Its processes (and theirs) killed and waited for, in a thread: whatever GPU
+        memory they held is free once this returns."""
+        procs = processes.with_descendants(self.processes)
+        await asyncio.to_thread(processes.kill, procs, deadline)
+
     async def close(self, deadline: float) -> None:
         """Its tokenizer manager's loops cancelled, its processes killed (nothing of it
         can finish) and waited for in a thread, its ZMQ contexts ended, its lifespan
         left."""
         self.dead.set()
         sglang_compat.cancel_tokenizer_manager_tasks(self.launched)
-        procs = processes.with_descendants(self.processes)
-        await asyncio.to_thread(processes.kill, procs, deadline)
+        await self.kill(deadline)
         await zmq_context.end_contexts(zmq_context.find_contexts(self.launched.tokenizer_manager))
         await self.stack.aclose()

@@ -123,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--standby",
         action="store_true",
-        help="keep a second, initialised engine of the same configuration (vLLM: asleep "
-        "on a GPU; SGLang: idle, holding its own memory share); when the active engine "
-        "dies, serve it on the same port at once and start a new standby",
+        help="keep a second, initialised engine of the same configuration (asleep on a "
+        "GPU: vLLM's sleep mode; SGLang's memory saver with --enable-memory-saver); when "
+        "the active engine dies, serve it on the same port at once and start a new standby",
     )
     parser.add_argument(
         "--continuation-limit",

@@ -451,6 +451,42 @@ def test_sglang_flags_reach_its_own_parser_unchanged(model_dir: Path) -> None:
                       "warning"]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("cuda", "flags", "expected"),
+    [
+        (False, (), [False, False, False]),
+        (True, (), [False, False, False]),
+        (True, ("--enable-memory-saver",), [True, True, True]),
+    ],
+)
+def test_a_standby_sleeps_with_sglangs_memory_saver(
+    model_dir: Path, cuda: bool, flags: tuple[str, ...], expected: list[bool]
+) -> None:
+    """--standby with SGLang's --enable-memory-saver: the standby will give its GPU
+    memory back, so every engine also keeps its weights' host copy; without it, on
+    CUDA, a warning says the standby keeps its memory. Whether the engine runs on CUDA
+    is replaced here (the machine has no GPU)."""
+    code = (
+        "import json, sys\n"
+        "from ichat.backends import sglang_compat\n"
+        f"sglang_compat.on_cuda = lambda args: {cuda}\n"
+        "from ichat.backends.sglang_backend import SGLangBackend\n"
+        "from ichat.config import WorkerConfig\n"
+        "b = SGLangBackend(WorkerConfig(host='127.0.0.1', port=18123, standby=True),"
+        " sys.argv[1:])\n"
+        "a = b.get_backend_args()\n"
+        "print(json.dumps([b._sleep, a.enable_memory_saver, a.enable_weights_cpu_backup]))\n"
+    )
+    argv = [*CPU_FLAGS, "--model-path", str(model_dir), *flags]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
+    warned = "--standby without --enable-memory-saver" in done.stderr
+    assert warned == (cuda and not flags)
+
+
 def test_sigkill_of_the_worker_leaves_no_engine_process(
     model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from ichat.backends import sglang_compat
 from ichat.backends.compat import Workarounds
-from ichat.backends.sglang_backend import FailureReport, SGLangBackend
-from ichat.errors import ConfigError
+from ichat.backends.sglang_backend import FailureReport, SGLangBackend, _resumed
+from ichat.errors import ConfigError, EngineDiedError
 
 
 def test_the_loop_keeps_the_workers_signal_handlers_while_sglang_adds_its_own() -> None:
@@ -83,3 +83,43 @@ def test_a_key_other_than_the_gateways_is_refused_behind_a_gateway() -> None:
     for fine in ("K1", None):  # the gateway's key, or none at all
         SGLangBackend._check_the_gateways_key(SimpleNamespace(api_key=fine), behind)
     SGLangBackend._check_the_gateways_key(SimpleNamespace(api_key="K2"), WorkerConfig())
+
+
+def test_a_standby_that_dies_while_it_wakes_ends_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang's resume call waits for its scheduler's reply for ever: the wake is given
+    up as soon as one of the standby's processes is found dead, and the call cancelled."""
+    resumes: list[asyncio.Task[None]] = []
+
+    async def resume_never_answered(launched: object) -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        resumes.append(current)
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(sglang_compat, "resume_memory", resume_never_answered)
+    gone: list[SimpleNamespace] = []
+    standby = SimpleNamespace(launched=None, dead_processes=lambda: gone)
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, gone.append, SimpleNamespace(pid=4321))
+        t0 = loop.time()
+        with pytest.raises(EngineDiedError, match="4321 died as it woke"):
+            await _resumed(standby)  # type: ignore[arg-type]
+        return loop.time() - t0
+
+    assert asyncio.run(main()) < 2.0
+    assert resumes and resumes[0].cancelled()
+
+
+def test_a_standby_wakes_when_sglang_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    woken: list[object] = []
+
+    async def resume(launched: object) -> None:
+        await asyncio.sleep(0.1)
+        woken.append(launched)
+
+    monkeypatch.setattr(sglang_compat, "resume_memory", resume)
+    standby = SimpleNamespace(launched="engine", dead_processes=list)
+    asyncio.run(_resumed(standby))  # type: ignore[arg-type]
+    assert woken == ["engine"]

@@ -1,0 +1,164 @@
+"""`--standby --backend sglang --enable-memory-saver` on the GPU: the standby sleeps
+(SGLang's memory saver: weights in host memory, KV cache and CUDA graphs' memory given
+back), is resumed when
+the active engine's scheduler is killed and serves on the same port; the GPU memory of
+each process is read from nvidia-smi; nothing is left on the GPU after the stop.
+
+Run on the GPU machine with SGLang (and torch-memory-saver) installed:
+``ICHAT_RESULTS_SGLANG_STANDBY=out.json python -m pytest tests/gpu/test_gpu_sglang_standby.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from ichat.process.processes import free_port, title
+from tests.gpu.test_gpu_vllm import gpu_memory_used_mib
+from tests.support import MODEL_NAME, Worker, chat_ok, start_worker
+
+RESULTS: dict[str, Any] = {}
+FLAGS = os.environ.get(
+    "ICHAT_SGLANG_GPU_FLAGS",
+    "--enable-memory-saver --attention-backend fa3 --sampling-backend pytorch "
+    "--disable-piecewise-cuda-graph --mem-fraction-static 0.45 --context-length 2048",
+).split()
+
+
+@pytest.fixture(scope="module")
+def status_port() -> int:
+    return free_port()
+
+
+def status(port: int) -> dict[str, Any]:
+    return httpx.get(f"http://127.0.0.1:{port}/status", timeout=10).json()  # type: ignore[no-any-return]
+
+
+def gpu_mib_by_pid() -> dict[int, int]:
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {int(p): int(m) for p, m in (line.split(",") for line in out.splitlines() if line)}
+
+
+def engine_gpu_mib(pids: list[int]) -> int:
+    held = gpu_mib_by_pid()
+    return sum(held.get(pid, 0) for pid in pids)
+
+
+def wait_standby_asleep(port: int, timeout: float = 600) -> dict[str, Any]:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        now = status(port)
+        assert now["standby"] != "failed", now
+        if now["standby"] == "asleep" and now["engines"].get("active"):
+            return now
+        time.sleep(0.5)
+    raise AssertionError(f"no sleeping standby within {timeout:.0f} s: {status(port)}")
+
+
+@pytest.fixture(scope="module")
+def worker(
+    gpu_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, status_port: int
+) -> Iterator[Worker]:
+    RESULTS["gpu_memory_used_before_start_mib"] = gpu_memory_used_mib()[0]
+    RESULTS["flags"] = FLAGS
+    out = os.environ.get("ICHAT_RESULTS_SGLANG_STANDBY")
+    with start_worker(
+        tmp_path_factory.mktemp("gpu-sglang-standby"),
+        "--standby",
+        "--status-port",
+        str(status_port),
+        "--ready-timeout",
+        "900",
+        "--model-path",
+        str(gpu_model_dir),
+        "--served-model-name",
+        MODEL_NAME,
+        *FLAGS,
+        backend="sglang",
+    ) as w:
+        try:
+            w.wait_ready(timeout=900)
+            yield w
+        finally:
+            if out:  # the worker's own log next to the results: what happened when
+                Path(out).with_suffix(".log").write_text(w.output())
+    if out:
+        Path(out).write_text(json.dumps(RESULTS, indent=2) + "\n")
+
+
+def scheduler_of(pids: list[int]) -> psutil.Process:
+    for pid in pids:
+        proc = psutil.Process(pid)
+        if "sglang::scheduler" in title(proc):
+            return proc
+    raise AssertionError(f"no SGLang scheduler among {pids}")
+
+
+def test_the_standby_sleeps_beside_the_active_engine(worker: Worker, status_port: int) -> None:
+    now = wait_standby_asleep(status_port)
+    active, standby = engine_gpu_mib(now["engines"]["active"]), engine_gpu_mib(
+        now["engines"]["standby"]
+    )
+    RESULTS["at_boot"] = {"active_gpu_mib": active, "standby_asleep_gpu_mib": standby}
+    assert chat_ok(worker.url)
+    assert 0 < standby < active / 4, RESULTS
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_kill_9_of_the_active_scheduler_resumes_the_standby(
+    worker: Worker, status_port: int, round_: int
+) -> None:
+    before = wait_standby_asleep(status_port)
+    scheduler = scheduler_of(before["engines"]["active"])
+    t_kill = time.monotonic()
+    os.kill(scheduler.pid, signal.SIGKILL)
+    while not chat_ok(worker.url):
+        assert time.monotonic() - t_kill < 60, worker.output()[-3000:]
+        time.sleep(0.02)
+    serving = time.monotonic() - t_kill
+    after = status(status_port)
+    RESULTS[f"failover_{round_}"] = {
+        "kill_to_chat_200_s": serving,
+        "worker_detection_to_serving_s": after["last_restart_to_ready_s"],
+        "phases_s": after["phase_seconds"],
+        "active_gpu_mib_after": engine_gpu_mib(after["engines"]["active"]),
+    }
+    assert serving <= 3.0, RESULTS
+    assert (after["failovers"], after["restarts"]) == (round_, 0)
+    assert after["engines"]["active"] == before["engines"]["standby"]
+    assert not scheduler.is_running()
+    now = wait_standby_asleep(status_port)  # a new standby started beside the active one
+    RESULTS[f"failover_{round_}"]["new_standby_asleep_gpu_mib"] = engine_gpu_mib(
+        now["engines"]["standby"]
+    )
+    RESULTS[f"failover_{round_}"]["standby_start_s"] = now["phase_seconds"].get("standby_start")
+    assert chat_ok(worker.url)
+
+
+def test_sigterm_exits_0_and_frees_the_gpu(worker: Worker, status_port: int) -> None:
+    wait_standby_asleep(status_port)
+    RESULTS["gpu_memory_used_with_sleeping_standby_mib"] = gpu_memory_used_mib()[0]
+    children = psutil.Process(worker.proc.pid).children(recursive=True)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(120) == 0, worker.output()[-3000:]
+    psutil.wait_procs(children, timeout=30)
+    time.sleep(1)
+    used, apps = gpu_memory_used_mib()
+    RESULTS["gpu_memory_used_after_stop_mib"] = used
+    assert apps == []
+    assert used <= RESULTS["gpu_memory_used_before_start_mib"]

@@ -529,3 +529,12 @@ class PrometheusAPI:
 
     def targets(self) -> list[dict[str, Any]]:
         return self._get("targets")["activeTargets"]  # type: ignore[no-any-return]
+
+
+def scheduler_of(pids: list[int]) -> psutil.Process:
+    """The SGLang scheduler among an engine's processes (``/status``'s ``engines``)."""
+    for pid in pids:
+        proc = psutil.Process(pid)
+        if "sglang::scheduler" in title(proc):
+            return proc
+    raise AssertionError(f"no SGLang scheduler among {pids}")

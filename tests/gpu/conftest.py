@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ichat.process.processes import free_port
 from tests.support import become_subreaper, engine_env_set
 
 GPU_ENV = {
@@ -44,3 +45,9 @@ def gpu_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return Path(given)
     target = Path(given) if given else tmp_path_factory.mktemp("model") / "llama-1b"
     return make_test_model(target, SHAPES["1b"])
+
+
+@pytest.fixture(scope="module")
+def status_port() -> int:
+    """A free port for the worker's status endpoints (``--status-port``)."""
+    return free_port()

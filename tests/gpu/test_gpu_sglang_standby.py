@@ -1,8 +1,8 @@
 """`--standby --backend sglang --enable-memory-saver` on the GPU: the standby sleeps
 (SGLang's memory saver: weights in host memory, KV cache and CUDA graphs' memory given
-back), is resumed when
-the active engine's scheduler is killed and serves on the same port; the GPU memory of
-each process is read from nvidia-smi; nothing is left on the GPU after the stop.
+back), is resumed when the active engine's scheduler is killed and serves on the same
+port; the GPU memory of each process is read from nvidia-smi; nothing is left on the GPU
+after the stop.
 
 Run on the GPU machine with SGLang (and torch-memory-saver) installed:
 ``ICHAT_RESULTS_SGLANG_STANDBY=out.json python -m pytest tests/gpu/test_gpu_sglang_standby.py``.
@@ -19,13 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-import psutil
 import pytest
 
-from ichat.process.processes import free_port, title
-from tests.gpu.test_gpu_vllm import gpu_memory_used_mib
-from tests.support import MODEL_NAME, Worker, chat_ok, start_worker
+from tests.gpu.test_gpu_standby import status, wait_standby_asleep
+from tests.gpu.test_gpu_vllm import gpu_memory_used_mib, stopped_by_sigterm
+from tests.support import MODEL_NAME, Worker, chat_ok, scheduler_of, start_worker
 
 RESULTS: dict[str, Any] = {}
 FLAGS = os.environ.get(
@@ -33,15 +31,6 @@ FLAGS = os.environ.get(
     "--enable-memory-saver --attention-backend fa3 --sampling-backend pytorch "
     "--disable-piecewise-cuda-graph --mem-fraction-static 0.45 --context-length 2048",
 ).split()
-
-
-@pytest.fixture(scope="module")
-def status_port() -> int:
-    return free_port()
-
-
-def status(port: int) -> dict[str, Any]:
-    return httpx.get(f"http://127.0.0.1:{port}/status", timeout=10).json()  # type: ignore[no-any-return]
 
 
 def gpu_mib_by_pid() -> dict[int, int]:
@@ -57,17 +46,6 @@ def gpu_mib_by_pid() -> dict[int, int]:
 def engine_gpu_mib(pids: list[int]) -> int:
     held = gpu_mib_by_pid()
     return sum(held.get(pid, 0) for pid in pids)
-
-
-def wait_standby_asleep(port: int, timeout: float = 600) -> dict[str, Any]:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        now = status(port)
-        assert now["standby"] != "failed", now
-        if now["standby"] == "asleep" and now["engines"].get("active"):
-            return now
-        time.sleep(0.5)
-    raise AssertionError(f"no sleeping standby within {timeout:.0f} s: {status(port)}")
 
 
 @pytest.fixture(scope="module")
@@ -101,18 +79,11 @@ def worker(
         Path(out).write_text(json.dumps(RESULTS, indent=2) + "\n")
 
 
-def scheduler_of(pids: list[int]) -> psutil.Process:
-    for pid in pids:
-        proc = psutil.Process(pid)
-        if "sglang::scheduler" in title(proc):
-            return proc
-    raise AssertionError(f"no SGLang scheduler among {pids}")
-
-
 def test_the_standby_sleeps_beside_the_active_engine(worker: Worker, status_port: int) -> None:
     now = wait_standby_asleep(status_port)
-    active, standby = engine_gpu_mib(now["engines"]["active"]), engine_gpu_mib(
-        now["engines"]["standby"]
+    active, standby = (
+        engine_gpu_mib(now["engines"]["active"]),
+        engine_gpu_mib(now["engines"]["standby"]),
     )
     RESULTS["at_boot"] = {"active_gpu_mib": active, "standby_asleep_gpu_mib": standby}
     assert chat_ok(worker.url)
@@ -153,12 +124,7 @@ def test_kill_9_of_the_active_scheduler_resumes_the_standby(
 def test_sigterm_exits_0_and_frees_the_gpu(worker: Worker, status_port: int) -> None:
     wait_standby_asleep(status_port)
     RESULTS["gpu_memory_used_with_sleeping_standby_mib"] = gpu_memory_used_mib()[0]
-    children = psutil.Process(worker.proc.pid).children(recursive=True)
-    worker.proc.send_signal(signal.SIGTERM)
-    assert worker.proc.wait(120) == 0, worker.output()[-3000:]
-    psutil.wait_procs(children, timeout=30)
-    time.sleep(1)
-    used, apps = gpu_memory_used_mib()
+    used, apps = stopped_by_sigterm(worker)
     RESULTS["gpu_memory_used_after_stop_mib"] = used
     assert apps == []
     assert used <= RESULTS["gpu_memory_used_before_start_mib"]

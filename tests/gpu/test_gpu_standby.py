@@ -16,16 +16,11 @@ import httpx
 import psutil
 import pytest
 
-from ichat.process.processes import free_port, title
-from tests.gpu.test_gpu_vllm import gpu_memory_used_mib
+from ichat.process.processes import title
+from tests.gpu.test_gpu_vllm import gpu_memory_used_mib, stopped_by_sigterm
 from tests.support import MODEL_NAME, Worker, chat_ok, start_worker
 
 RESULTS: dict[str, Any] = {}
-
-
-@pytest.fixture(scope="module")
-def status_port() -> int:
-    return free_port()
 
 
 def status(port: int) -> dict[str, Any]:
@@ -104,12 +99,7 @@ def test_kill_9_of_the_active_engine_wakes_the_standby(
 def test_sigterm_exits_0_and_frees_the_gpu(worker: Worker, status_port: int) -> None:
     wait_standby_asleep(status_port)  # a new standby fitted beside the awake engine
     RESULTS["gpu_memory_used_with_sleeping_standby_mib"] = gpu_memory_used_mib()[0]
-    children = psutil.Process(worker.proc.pid).children(recursive=True)
-    worker.proc.send_signal(signal.SIGTERM)
-    assert worker.proc.wait(120) == 0, worker.output()[-3000:]
-    psutil.wait_procs(children, timeout=30)
-    time.sleep(1)
-    used, apps = gpu_memory_used_mib()
+    used, apps = stopped_by_sigterm(worker)
     RESULTS["gpu_memory_used_after_stop_mib"] = used
     assert apps == []
     assert used <= RESULTS["gpu_memory_used_before_start_mib"]

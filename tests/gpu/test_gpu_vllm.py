@@ -129,13 +129,19 @@ def test_kill_9_of_the_engine_is_detected_within_1s_and_serves_again(worker: Wor
     assert metric(worker, "ichat_worker_restarts_total") == 1
 
 
-def test_sigterm_exits_0_and_frees_the_gpu(worker: Worker) -> None:
+def stopped_by_sigterm(worker: Worker) -> tuple[int, list[str]]:
+    """SIGTERM to the worker (exit 0), its processes waited for; then the GPU's memory
+    in use (MiB) and its compute processes (``gpu_memory_used_mib``)."""
     children = psutil.Process(worker.proc.pid).children(recursive=True)
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(120) == 0, worker.output()[-3000:]
     psutil.wait_procs(children, timeout=30)
     time.sleep(1)
-    used, apps = gpu_memory_used_mib()
+    return gpu_memory_used_mib()
+
+
+def test_sigterm_exits_0_and_frees_the_gpu(worker: Worker) -> None:
+    used, apps = stopped_by_sigterm(worker)
     RESULTS["gpu_memory_used_after_stop_mib"] = used
     RESULTS["gpu_processes_after_stop"] = apps
     assert apps == []

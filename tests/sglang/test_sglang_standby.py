@@ -37,6 +37,7 @@ from tests.support import (
     ichat_cmd,
     our_processes,
     reap_zombies,
+    scheduler_of,
     wait_all_streaming,
     wait_standby_ready,
 )
@@ -102,14 +103,6 @@ def worker(
             up.wait(120)
         reap_zombies()
     print(f"\nSGLang standby figures: {RESULTS}")
-
-
-def scheduler_of(pids: list[int]) -> psutil.Process:
-    for pid in pids:
-        proc = psutil.Process(pid)
-        if "sglang::scheduler" in title(proc):
-            return proc
-    raise AssertionError(f"no SGLang scheduler among {pids}")
 
 
 def chat_ok(url: str) -> bool:

@@ -43,6 +43,17 @@ def gpu_mib_by_pid() -> dict[int, int]:
     return {int(p): int(m) for p, m in (line.split(",") for line in out.splitlines() if line)}
 
 
+def gpu_memory_used_and_total_mib() -> tuple[int, int]:
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    used, total = (int(x) for x in out.splitlines()[0].split(","))
+    return used, total
+
+
 def engine_gpu_mib(pids: list[int]) -> int:
     held = gpu_mib_by_pid()
     return sum(held.get(pid, 0) for pid in pids)
@@ -85,9 +96,21 @@ def test_the_standby_sleeps_beside_the_active_engine(worker: Worker, status_port
         engine_gpu_mib(now["engines"]["active"]),
         engine_gpu_mib(now["engines"]["standby"]),
     )
-    RESULTS["at_boot"] = {"active_gpu_mib": active, "standby_asleep_gpu_mib": standby}
+    used, total = gpu_memory_used_and_total_mib()
+    RESULTS["at_boot"] = {
+        "active_gpu_mib": active,
+        "standby_asleep_gpu_mib": standby,
+        "gpu_used_mib": used,
+        "gpu_total_mib": total,
+    }
     assert chat_ok(worker.url)
-    assert 0 < standby < active / 4, RESULTS
+    if active == 0:  # nvidia-smi shows no process of this container: judge by the total
+        # each engine keeps 0.45 of the memory free when it starts: two awake engines use
+        # 0.45 + 0.45 * 0.55 = 0.70 of the GPU, an asleep standby and the active ~0.5
+        RESULTS["at_boot"]["per_process_memory"] = "not shown by nvidia-smi"
+        assert used < 0.6 * total, RESULTS
+    else:
+        assert 0 < standby < active / 4, RESULTS
 
 
 @pytest.mark.parametrize("round_", [1, 2])

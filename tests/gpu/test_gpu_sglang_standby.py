@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.gpu.test_gpu_standby import status, wait_standby_asleep
+from tests.gpu.test_gpu_standby import serving_after_kill_9, status, wait_standby_asleep
 from tests.gpu.test_gpu_vllm import gpu_memory_used_mib, stopped_by_sigterm
 from tests.support import MODEL_NAME, Worker, chat_ok, scheduler_of, start_worker
 
@@ -119,12 +117,7 @@ def test_kill_9_of_the_active_scheduler_resumes_the_standby(
 ) -> None:
     before = wait_standby_asleep(status_port)
     scheduler = scheduler_of(before["engines"]["active"])
-    t_kill = time.monotonic()
-    os.kill(scheduler.pid, signal.SIGKILL)
-    while not chat_ok(worker.url):
-        assert time.monotonic() - t_kill < 60, worker.output()[-3000:]
-        time.sleep(0.02)
-    serving = time.monotonic() - t_kill
+    serving = serving_after_kill_9(worker, scheduler.pid)
     after = status(status_port)
     RESULTS[f"failover_{round_}"] = {
         "kill_to_chat_200_s": serving,

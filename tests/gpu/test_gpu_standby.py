@@ -68,6 +68,16 @@ def worker(
         Path(out).write_text(json.dumps(RESULTS, indent=2) + "\n")
 
 
+def serving_after_kill_9(worker: Worker, pid: int) -> float:
+    """Seconds from kill -9 of ``pid`` to the worker's first chat answered 200."""
+    t_kill = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    while not chat_ok(worker.url):
+        assert time.monotonic() - t_kill < 60, worker.output()[-3000:]
+        time.sleep(0.02)
+    return time.monotonic() - t_kill
+
+
 @pytest.mark.parametrize("round_", [1, 2])
 def test_kill_9_of_the_active_engine_wakes_the_standby(
     worker: Worker, status_port: int, round_: int
@@ -79,12 +89,7 @@ def test_kill_9_of_the_active_engine_wakes_the_standby(
         for pid in before["engines"]["active"]
         if "EngineCore" in title(psutil.Process(pid))
     )
-    t_kill = time.monotonic()
-    os.kill(core.pid, signal.SIGKILL)
-    while not chat_ok(worker.url):
-        assert time.monotonic() - t_kill < 60, worker.output()[-3000:]
-        time.sleep(0.02)
-    serving = time.monotonic() - t_kill
+    serving = serving_after_kill_9(worker, core.pid)
     after = status(status_port)
     RESULTS[f"failover_{round_}"] = {
         "kill_to_chat_200_s": serving,

@@ -463,6 +463,12 @@ class SGLangBackend(BaseBackend):
             engine.pids,
             engine.launched.scheduler_info.get("max_total_num_tokens"),
         )
+        if self._active is not None and (
+            smaller := _smaller_kv_cache(
+                self._active.launched.scheduler_info, engine.launched.scheduler_info
+            )
+        ):
+            logger.warning(smaller)
         self._report_standby()
 
     def _standby_died(self, standby: SGLangEngine) -> None:
@@ -598,6 +604,20 @@ async def _launched_beside(api: sglang_compat.SGLangServerAPI, args: Any) -> SGL
     except asyncio.CancelledError:
         launch.add_done_callback(_abandoned)
         raise
+
+
+def _smaller_kv_cache(active: dict[str, Any], standby: dict[str, Any]) -> str | None:
+    """What to tell when a replacement standby's KV cache holds fewer tokens than the
+    active engine's (SGLang sizes each engine from the memory free when it starts, and
+    a replacement starts beside an awake engine); None when it holds as many."""
+    have, want = standby.get("max_total_num_tokens"), active.get("max_total_num_tokens")
+    if not isinstance(have, int) or not isinstance(want, int) or have >= want:
+        return None
+    return (
+        f"the new standby's KV cache holds {have} tokens, the active engine's {want}: "
+        f"after the next failover the worker holds {have / want:.0%} of the tokens at once; "
+        f"--max-total-tokens {have} (or less) gives every engine the same KV cache"
+    )
 
 
 async def _resumed(standby: SGLangEngine, limit: float = 300.0) -> None:

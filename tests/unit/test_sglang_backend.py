@@ -11,7 +11,12 @@ import pytest
 
 from ichat.backends import sglang_compat
 from ichat.backends.compat import Workarounds
-from ichat.backends.sglang_backend import FailureReport, SGLangBackend, _resumed
+from ichat.backends.sglang_backend import (
+    FailureReport,
+    SGLangBackend,
+    _resumed,
+    _smaller_kv_cache,
+)
 from ichat.errors import ConfigError, EngineDiedError
 
 
@@ -25,9 +30,7 @@ def test_the_loop_keeps_the_workers_signal_handlers_while_sglang_adds_its_own() 
 
         class TokenizerManager:  # adds its handler as SGLang's does
             def auto_create_handle_loop(self) -> None:
-                asyncio.get_running_loop().add_signal_handler(
-                    signal.SIGUSR1, seen.append, "sglang"
-                )
+                asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, seen.append, "sglang")
 
         launched = sglang_compat.Launched(TokenizerManager(), None, {}, None)
         sglang_compat.start_tokenizer_manager_loop(launched, workarounds)  # declined
@@ -123,3 +126,18 @@ def test_a_standby_wakes_when_sglang_answers(monkeypatch: pytest.MonkeyPatch) ->
     standby = SimpleNamespace(launched="engine", dead_processes=list)
     asyncio.run(_resumed(standby))  # type: ignore[arg-type]
     assert woken == ["engine"]
+
+
+def test_a_replacement_standby_with_a_smaller_kv_cache_is_told_with_the_remedy() -> None:
+    # measured on an H100 at --mem-fraction-static 0.45: 270810 tokens active, 140223
+    # in the standby started beside it (docs/results/h100/failover-h100-sglang-standby-*)
+    told = _smaller_kv_cache({"max_total_num_tokens": 270810}, {"max_total_num_tokens": 140223})
+    assert told is not None
+    assert "140223 tokens" in told and "270810" in told and "52%" in told
+    assert "--max-total-tokens 140223" in told
+    for standby in (270810, 300000):
+        assert (
+            _smaller_kv_cache({"max_total_num_tokens": 270810}, {"max_total_num_tokens": standby})
+            is None
+        )
+    assert _smaller_kv_cache({}, {"max_total_num_tokens": 1}) is None  # a version that tells none

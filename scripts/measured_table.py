@@ -83,6 +83,10 @@ ROLL_H100 = "h100/roll-h100-2026-12-07.json"
 RESTART_H100 = "h100/failover-h100-restart-freeze-2026-12-07.json"
 RESTART_H100_AGAIN = "h100/failover-h100-standby-restart-freeze-2026-12-07.json"
 FAILOVER_SGLANG_CPU = "failover-cpu-2core-sglang-2026-12-07-standby-restart.json"
+FAILOVER_SGLANG_H100 = "h100/failover-h100-sglang-standby-2026-12-07.json"
+RESTART_SGLANG_H100 = "h100/failover-h100-sglang-restart-2026-12-07.json"
+STANDBY_SGLANG_H100 = "h100/gpu-sglang-standby-results-2026-12-07.json"
+AB_SGLANG_H100 = "h100/ab-h100-sglang-2026-12-07.json"
 
 
 class Row(NamedTuple):
@@ -299,7 +303,23 @@ def standby_h200() -> str:
         f"**{span(serving, 2)} s** after the detection (wake {span(wake, 2)} s), a chat "
         f"answered {span(answered, 2)} s after the kill; sleeping standby: "
         f"{signed(gpu, 1)} GiB GPU, {signed(host, 1)} GiB host memory "
-        f"({backticked(FAILOVER_H200)})"
+        f"({backticked(FAILOVER_H200)}). {standby_sglang_h100()}"
+    )
+
+
+def standby_sglang_h100() -> str:
+    kills = "modes/mode=standby/kills/*"
+    answered = numbers(FAILOVER_SGLANG_H100, f"{kills}/serving_again_s")
+    wake = numbers(FAILOVER_SGLANG_H100, f"{kills}/phases_s/failover_wake")
+    cold = numbers(RESTART_SGLANG_H100, "modes/mode=restart/kills/*/serving_again_s")
+    asleep = number(STANDBY_SGLANG_H100, "at_boot/standby_asleep_gpu_mib")
+    active = number(STANDBY_SGLANG_H100, "at_boot/active_gpu_mib")
+    return (
+        f"SGLang 0.5.16 with `--enable-memory-saver`, H100: a chat answered "
+        f"**{span(answered, 2)} s** after the kill (wake {span(wake, 2)} s; cold restart "
+        f"right after on the same machine: {span(cold, 0)} s); the sleeping standby holds "
+        f"{fmt(asleep, 0)} MiB of GPU memory beside the active engine's {fmt(active, 0)} MiB "
+        f"({backticked(FAILOVER_SGLANG_H100)}, {backticked(STANDBY_SGLANG_H100)})"
     )
 
 
@@ -487,7 +507,24 @@ def sglang_h200() -> str:
     gpu = max(numbers(SGLANG_H200, "runs/*/gpu_mib_after_stop"))
     return (
         f"{fmt(ratio, 4)} (SGLang {value(SGLANG_H200, 'engine_version')}, one round); "
-        f"{fmt(detected, 3)} s / {fmt(serving, 1)} s; GPU memory {fmt(gpu, 0)} MiB after stop"
+        f"{fmt(detected, 3)} s / {fmt(serving, 1)} s; GPU memory {fmt(gpu, 0)} MiB after stop. "
+        f"{sglang_h100()}"
+    )
+
+
+def sglang_h100() -> str:
+    name = AB_SGLANG_H100
+    blocks = number(name, "summary/ichat/throughput_ratio/blocks")
+    ttft = "summary/ichat/ttft_p50_ms_diff"
+    itl = "summary/ichat/itl_p99_ms_diff"
+    ttft_low, ttft_high = numbers(name, f"{ttft}/ci95")
+    itl_low, itl_high = numbers(name, f"{itl}/ci95")
+    return (
+        f"H100, resident side by side, 32 streams × 128 tokens, {blocks:.0f} paired blocks: "  # noqa: RUF001
+        f"throughput {ab_ratio(name, 'ichat')}, TTFT p50 "
+        f"{signed(number(name, f'{ttft}/mean'), 1)} ms [{signed(ttft_low, 1)}, "
+        f"{signed(ttft_high, 1)}], ITL p99 {signed(number(name, f'{itl}/mean'), 1)} ms "
+        f"[{signed(itl_low, 1)}, {signed(itl_high, 1)}] ({backticked(name)})"
     )
 
 

@@ -512,37 +512,35 @@ def sglang_h200() -> str:
     )
 
 
-def sglang_h100() -> str:
-    name = AB_SGLANG_H100
+def sglang_ab(name: str, itl_digits: int, *, bold: bool) -> str:
+    """An SGLang resident side-by-side run: blocks, throughput ratio, TTFT p50 and ITL p99
+    differences with their 95 % intervals."""
     blocks = number(name, "summary/ichat/throughput_ratio/blocks")
     ttft = "summary/ichat/ttft_p50_ms_diff"
     itl = "summary/ichat/itl_p99_ms_diff"
     ttft_low, ttft_high = numbers(name, f"{ttft}/ci95")
     itl_low, itl_high = numbers(name, f"{itl}/ci95")
+    ratio = ab_ratio(name, "ichat")
     return (
-        f"H100, resident side by side, 32 streams × 128 tokens, {blocks:.0f} paired blocks: "  # noqa: RUF001
-        f"throughput {ab_ratio(name, 'ichat')}, TTFT p50 "
+        f"{blocks:.0f} paired blocks: throughput {f'**{ratio}**' if bold else ratio}, TTFT p50 "
         f"{signed(number(name, f'{ttft}/mean'), 1)} ms [{signed(ttft_low, 1)}, "
-        f"{signed(ttft_high, 1)}], ITL p99 {signed(number(name, f'{itl}/mean'), 1)} ms "
-        f"[{signed(itl_low, 1)}, {signed(itl_high, 1)}] ({backticked(name)})"
+        f"{signed(ttft_high, 1)}], ITL p99 {signed(number(name, f'{itl}/mean'), itl_digits)} ms "
+        f"[{signed(itl_low, itl_digits)}, {signed(itl_high, itl_digits)}] ({backticked(name)})"
+    )
+
+
+def sglang_h100() -> str:
+    return (
+        "H100, resident side by side, 32 streams × 128 tokens, "  # noqa: RUF001
+        f"{sglang_ab(AB_SGLANG_H100, 1, bold=False)}"
     )
 
 
 def sglang_cpu() -> str:
-    name = AB_SGLANG_CPU
-    blocks = number(name, "summary/ichat/throughput_ratio/blocks")
-    ttft = "summary/ichat/ttft_p50_ms_diff"
-    itl = "summary/ichat/itl_p99_ms_diff"
-    ttft_low, ttft_high = numbers(name, f"{ttft}/ci95")
-    itl_low, itl_high = numbers(name, f"{itl}/ci95")
     return (
-        f"SGLang {value(name, 'sglang')}, resident side by side, {blocks:.0f} paired blocks: "
-        f"throughput **{ab_ratio(name, 'ichat')}**, TTFT p50 "
-        f"{signed(number(name, f'{ttft}/mean'), 1)} ms [{signed(ttft_low, 1)}, "
-        f"{signed(ttft_high, 1)}], ITL p99 {signed(number(name, f'{itl}/mean'), 2)} ms "
-        f"[{signed(itl_low, 2)}, {signed(itl_high, 2)}] ({backticked(name)}); kill -9 "
-        "scheduler detected and serving again; SIGTERM → exit 0, no child, port free "
-        "(`tests/sglang/test_sglang_worker.py`)"
+        f"SGLang {value(AB_SGLANG_CPU, 'sglang')}, resident side by side, "
+        f"{sglang_ab(AB_SGLANG_CPU, 2, bold=True)}; kill -9 scheduler detected and serving "
+        "again; SIGTERM → exit 0, no child, port free (`tests/sglang/test_sglang_worker.py`)"
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.gpu.test_gpu_standby import serving_after_kill_9, status, wait_standby_asleep
-from tests.gpu.test_gpu_vllm import gpu_memory_used_mib, stopped_by_sigterm
+from tests.gpu.test_gpu_vllm import gpu_memory_used_mib, nvidia_smi, stopped_by_sigterm
 from tests.support import MODEL_NAME, Worker, chat_ok, scheduler_of, start_worker
 
 RESULTS: dict[str, Any] = {}
@@ -32,24 +31,12 @@ FLAGS = os.environ.get(
 
 
 def gpu_mib_by_pid() -> dict[int, int]:
-    out = subprocess.run(
-        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return {int(p): int(m) for p, m in (line.split(",") for line in out.splitlines() if line)}
+    return {int(pid): int(mib) for pid, mib in nvidia_smi("compute-apps=pid,used_memory")}
 
 
 def gpu_memory_used_and_total_mib() -> tuple[int, int]:
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    used, total = (int(x) for x in out.splitlines()[0].split(","))
-    return used, total
+    used, total = nvidia_smi("gpu=memory.used,memory.total")[0]
+    return int(used), int(total)
 
 
 def engine_gpu_mib(pids: list[int]) -> int:

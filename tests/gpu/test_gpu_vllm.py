@@ -34,20 +34,22 @@ from tests.support import (
 RESULTS: dict[str, object] = {}
 
 
+def nvidia_smi(query: str) -> list[list[str]]:
+    """``nvidia-smi --query-QUERY`` (e.g. ``gpu=memory.used``): one row of fields a GPU
+    or process, numbers without their units."""
+    out = subprocess.run(
+        ["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [[field.strip() for field in line.split(",")] for line in out.splitlines() if line]
+
+
 def gpu_memory_used_mib() -> tuple[int, list[str]]:
-    used = subprocess.run(
-        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    apps = subprocess.run(
-        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return sum(int(x) for x in used.split()), [a for a in apps.splitlines() if a.strip()]
+    """The GPUs' memory in use (MiB) and their compute processes ("pid, MiB")."""
+    used = sum(int(row[0]) for row in nvidia_smi("gpu=memory.used"))
+    return used, [", ".join(row) for row in nvidia_smi("compute-apps=pid,used_memory")]
 
 
 @pytest.fixture(scope="module")

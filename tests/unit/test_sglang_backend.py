@@ -135,7 +135,7 @@ def test_a_replacement_standby_with_a_smaller_kv_cache_is_told_with_the_remedy()
     assert told is not None
     assert "140223 tokens" in told and "270810" in told and "52%" in told
     assert "--max-total-tokens 140223" in told
-    for standby in (270810, 300000):
+    for standby in (270810, 300000, 260000):  # 260000: within 5 %, as engines differ
         assert (
             _smaller_kv_cache({"max_total_num_tokens": 270810}, {"max_total_num_tokens": standby})
             is None

@@ -100,6 +100,8 @@ class SGLangBackend(BaseBackend):
         self._sleep = False  # a standby gives its GPU memory back while it waits
         self._said_the_standby_keeps_its_memory = False
         self._standby_task: asyncio.Task[None] | None = None
+        # standby launches under way in the executor (a thread cannot be stopped)
+        self._launches: set[asyncio.Future[SGLangEngine]] = set()
         self._retired: list[SGLangEngine] = []  # dead or replaced, being closed
         self._app: Any = None
         self._stop_server: Any = None  # SGLang's hook to stop the HTTP server
@@ -262,11 +264,35 @@ class SGLangBackend(BaseBackend):
         # Exactly the engines' processes, SIGKILLed and waited for, as SGLang's own
         # cleanup does; not its kill_process_tree(this process), which kills every
         # child of the worker, the orphan guard and multiprocessing's tracker included.
-        await asyncio.to_thread(self.stop_engine_processes, at_once=True)
+        await self._engine_processes_killed()
+        await self._launches_ended()
         for engine in engines:  # ZMQ contexts and sockets (3 threads, 9 descriptors each)
             await engine.close(self.framework_args.deadlines.terminate)
         self._standby = None
         self._retired = []
+
+    async def _engine_processes_killed(self) -> None:
+        """SIGKILL the engines' processes and wait for them, noting first what they map
+        or hold open in /dev/shm (a killed process unlinks nothing)."""
+        self._record_engine_shm()
+        await asyncio.to_thread(self.stop_engine_processes, at_once=True)
+
+    async def _launches_ended(self) -> None:
+        """A standby launch the stop cut goes on in its thread: what it starts is killed
+        until the launch ends (it fails once its scheduler is gone), or until the
+        terminate deadline. Else it would start a scheduler after the stop, whose
+        load-snapshot file (/dev/shm/sglang_loads_*) nobody would unlink (seen in CI once:
+        SIGTERM right after a failover)."""
+        if not self._launches:
+            return
+        t0 = time.monotonic()
+        while self._launches and time.monotonic() - t0 < self.framework_args.deadlines.terminate:
+            await asyncio.wait(self._launches, timeout=0.1)
+            await self._engine_processes_killed()
+        if self._launches:
+            logger.warning("a standby launch still runs at the stop; its processes are killed")
+        else:
+            logger.info("the standby launch the stop cut ended %.2f s later", time.monotonic() - t0)
 
     async def build_app(self) -> Any:
         api, args, launched = self._api, self._backend_args, self._launched
@@ -440,7 +466,7 @@ class SGLangBackend(BaseBackend):
             args = self.parse_args(self.framework_args, self.backend_argv)
             async with self.recording_engine_shm():
                 if threaded:
-                    engine = await _launched_beside(self._api, args)
+                    engine = await _launched_beside(self._api, args, self._launches)
                 else:  # at boot: blocks the loop as the active engine's launch does
                     engine = SGLangEngine.launch(self._api, args)
             self._started(engine)
@@ -588,17 +614,21 @@ class SGLangBackend(BaseBackend):
         self.check_engine_processes()
 
 
-async def _launched_beside(api: sglang_compat.SGLangServerAPI, args: Any) -> SGLangEngine:
+async def _launched_beside(
+    api: sglang_compat.SGLangServerAPI, args: Any, launches: set[asyncio.Future[SGLangEngine]]
+) -> SGLangEngine:
     """Launch an engine in a thread of the event loop's executor while the loop serves.
 
     Not in a thread of its own: SGLang's scheduler and detokenizer die with the thread
     that started them (``kill_itself_when_parent_died``: ``PR_SET_PDEATHSIG``, which
     Linux ties to the parent *thread*), so a thread that ends after the launch killed
-    every standby at once (seen); the executor's threads live as long as the loop. If
-    the waiting task is cancelled (a stop), what the launch makes is killed when it
-    ends."""
+    every standby at once (seen); the executor's threads live as long as the loop. The
+    launch is in ``launches`` until it ends. If the waiting task is cancelled (a stop),
+    what the launch makes is killed when it ends."""
     loop = asyncio.get_running_loop()
     launch = loop.run_in_executor(None, functools.partial(SGLangEngine.launch, api, args))
+    launches.add(launch)
+    launch.add_done_callback(launches.discard)
     try:
         return await asyncio.shield(launch)
     except asyncio.CancelledError:

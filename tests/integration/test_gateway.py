@@ -29,7 +29,7 @@ import yaml
 
 from ichat.observability import shipped
 from ichat.observability.prometheus import PrometheusConfig, PrometheusProcess
-from ichat.process.processes import free_port, port_is_free
+from ichat.process.processes import free_port, free_ports, port_is_free
 from tests.support import (
     CONTEXT_LENGTH,
     MODEL_NAME,
@@ -145,7 +145,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     ]  # fmt: skip
     args_b = [WORKER_B_KEY if arg == KEY and args[i - 1] == "--api-key" else arg
               for i, arg in enumerate(args)]  # fmt: skip
-    status_ports, metrics_port = [free_port(), free_port()], free_port()
+    *status_ports, metrics_port = free_ports(3)
     with (
         start_worker(tmp, *args, "--status-port", str(status_ports[0])) as a,
         start_worker(tmp, *args_b, "--status-port", str(status_ports[1])) as b,

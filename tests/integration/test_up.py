@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from ichat.process.processes import free_port, port_is_free
+from ichat.process.processes import free_port, free_ports, port_is_free
 from tests.probe import OutputFollower
 from tests.support import (
     CONTEXT_LENGTH,
@@ -46,7 +46,7 @@ def test_ichat_up_serves_rolls_new_flags_under_load_and_ctrl_c_leaves_nothing(
     rolls the next one the same way, and a flag the engine refuses stops the roll at the
     first worker with both still serving; then Ctrl-C stops everything."""
     port, worker_port, status_port = free_port(), two_free_ports(), two_free_ports()
-    prometheus_port, metrics_port = free_port(), free_port()
+    prometheus_port, metrics_port = free_ports(2)
     gateway = f"http://127.0.0.1:{port}"
     folders_before = set(Path(tempfile.gettempdir()).glob("ichat-prometheus-*"))
     status_urls = [f"http://127.0.0.1:{status_port + i}" for i in range(2)]
@@ -183,7 +183,7 @@ def count_routable(gateway: str, seen: list[int], stop: threading.Event) -> None
 
 
 def test_a_worker_that_fails_to_boot_gives_ichat_up_its_exit_code(model_dir: Path) -> None:
-    port, worker_port = free_port(), free_port()
+    port, worker_port = free_ports(2)
     # the gateway's metrics port too: by default port + 1, which another process may hold
     args = ["--port", str(port), "--worker-port", str(worker_port),
             "--prometheus-port", str(free_port()),
@@ -215,7 +215,7 @@ def test_ichat_gateway_on_a_busy_port_names_the_port_and_exits_3() -> None:
 
 def start_gateway() -> tuple[subprocess.Popen[str], OutputFollower, int, int]:
     """``ichat gateway`` on free ports: the process, its output, its port and metrics port."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     gateway = subprocess.Popen(
         ichat_cmd("gateway", "--port", str(port), "--prometheus-port", str(metrics_port)),
         stdout=subprocess.PIPE,

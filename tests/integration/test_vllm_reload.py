@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from ichat.commands.make_test_model import SHAPES, make_test_model
-from ichat.process.processes import free_port, port_is_free, title
+from ichat.process.processes import free_ports, port_is_free, title
 from tests.integration.test_gateway import KEY, start_gateway, wait_for
 from tests.support import (
     CONTEXT_LENGTH,
@@ -78,7 +78,7 @@ def setup(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     tmp = tmp_path_factory.mktemp("reload")
     served = Path(shutil.copytree(model_dir, tmp / "served"))
     shm_before = set(os.listdir("/dev/shm"))
-    port, status_port = free_port(), free_port()
+    port, status_port = free_ports(2)
     gateway_url = f"http://127.0.0.1:{port}"
     gateway = start_gateway(port, tmp / "gateway.log")
     args = [

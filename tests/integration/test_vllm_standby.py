@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from ichat.process.processes import free_port, port_is_free, title
+from ichat.process.processes import free_ports, port_is_free, title
 from tests.probe import OutputFollower
 from tests.support import (
     CONTEXT_LENGTH,
@@ -71,7 +71,7 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    port, worker_port, status_port = free_port(), free_port(), free_port()
+    port, worker_port, status_port, prometheus_port = free_ports(4)
     model = tmp_path_factory.mktemp("standby") / "model"
     shutil.copytree(model_dir, model)
     shm_before = set(os.listdir("/dev/shm"))
@@ -88,7 +88,7 @@ def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "--status-port",
             str(status_port),
             "--prometheus-port",
-            str(free_port()),
+            str(prometheus_port),
             "--model-path",
             str(model),
             "--served-model-name",

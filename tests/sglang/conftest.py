@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ichat.process.processes import free_port
+from ichat.process.processes import free_ports
 from tests.probe import OutputFollower
 from tests.support import become_subreaper, engine_env_set
 
@@ -81,7 +81,7 @@ def gateway_python() -> str:
 def running_gateway(key: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A real SMG (`ichat gateway`, one API key) run by ``gateway_python()``; the
     process and its URL."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     gateway = subprocess.Popen(
         [gateway_python(), "-m", "ichat", "gateway", "--port", str(port),
          "--prometheus-port", str(metrics_port), "--api-key", key],

@@ -28,7 +28,7 @@ import httpx
 import psutil
 import pytest
 
-from ichat.process.processes import free_port, port_is_free, title
+from ichat.process.processes import free_ports, port_is_free, title
 from tests.support import (
     MODEL_NAME,
     Stream,
@@ -77,12 +77,12 @@ def worker(
     wide_margin_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StandbyWorker]:
     pytest.importorskip("smg", reason="`ichat up` needs smg (ichat[gateway])")
-    port, worker_port, status_port = free_port(), free_port(), free_port()
+    port, worker_port, status_port, prometheus_port = free_ports(4)
     shm_before = frozenset(os.listdir("/dev/shm"))
     log = tmp_path_factory.mktemp("sglang-standby") / "up.log"
     args = ("--backend", "sglang", "--standby", "--continuation-limit", "2", "--api-key", KEY,
             "--port", str(port), "--worker-port", str(worker_port),
-            "--status-port", str(status_port), "--prometheus-port", str(free_port()),
+            "--status-port", str(status_port), "--prometheus-port", str(prometheus_port),
             "--model-path", str(wide_margin_model), "--served-model-name", MODEL_NAME,
             *CPU_FLAGS)  # fmt: skip
     with log.open("w") as out:

@@ -72,3 +72,9 @@ def test_kill_ends_a_process_tree_at_once() -> None:
     parent.wait(5)
     for proc in tree[1:]:
         assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+
+
+def test_free_ports_are_different_and_free() -> None:
+    ports = processes.free_ports(8)
+    assert len(set(ports)) == 8
+    assert all(processes.port_is_free("127.0.0.1", port) for port in ports)
